@@ -1,0 +1,61 @@
+"""create_app: the gogpt application, ready to run or to mount in another aiohttp service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from .auth import auth_middleware, token_handler
+from .config import Settings, load_settings
+from .cors import add_cors_headers, cors_middleware
+from .errors import error_middleware
+from .event import event_handler
+from .keys import HTTP, SETTINGS
+from .openai_api import chat_handler, v1_handler
+
+__all__ = ["create_app"]
+
+_CONNECT_TIMEOUT = 30.0  # seconds to open a TCP (and TLS) connection to an upstream
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    """Build the application; `settings` default to the environment and `.env`."""
+    if settings is None:
+        settings = load_settings()
+    app = web.Application(
+        # errors outermost so every refusal below becomes JSON; CORS before auth for preflights
+        middlewares=[error_middleware, cors_middleware, auth_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_http_client)
+    app.on_response_prepare.append(add_cors_headers)
+
+    router = app.router
+    router.add_get("/token", token_handler)
+    router.add_post("/token", token_handler)
+    router.add_get("/event", event_handler)
+    router.add_post("/chat", chat_handler)
+    router.add_route("*", "/v1/{path:.+}", v1_handler)
+    return app
+
+
+async def _http_client(app: web.Application) -> AsyncIterator[None]:
+    """The one outbound session, sized for thousands of concurrent streams."""
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)  # the default limit of 100 queues stream 101
+    timeout = aiohttp.ClientTimeout(
+        total=None,  # streams may run for many minutes; silence is what is limited
+        sock_connect=min(_CONNECT_TIMEOUT, settings.upstream_timeout),
+        sock_read=settings.upstream_timeout,
+    )
+    async with aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,  # bytes are relayed as the upstream encoded them
+        skip_auto_headers=("Accept-Encoding",),  # only what the client itself accepts
+    ) as session:
+        app[HTTP] = session
+        yield

@@ -1,0 +1,123 @@
+"""Client tokens: minting them at /token and checking every protected request in middleware."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import Any
+
+import jwt
+from aiohttp import web
+
+from .config import Settings
+from .errors import ApiError, Handler
+from .keys import IDENTITY, SETTINGS
+
+__all__ = ["ADMIN", "auth_middleware", "mint_token", "public", "token_handler", "verify_credential"]
+
+ADMIN = "admin"
+_ALGORITHM = "HS256"
+_MAX_HOURS = 24 * 365  # a year: longer-lived tokens are keys by another name
+_MAX_CREDENTIAL_BYTES = 8192
+
+
+def mint_token(secret_key: str, identity: str, hours: int, *, now: float | None = None) -> str:
+    issued = int(time.time() if now is None else now)
+    claims = {"jti": identity, "iat": issued, "exp": issued + hours * 3600}
+    return jwt.encode(claims, secret_key, algorithm=_ALGORITHM)
+
+
+def verify_credential(secret_key: str, authorization: str) -> str:
+    """Return the caller's identity for an `Authorization` value, or raise a 401 `ApiError`.
+
+    Accepted: a gogpt token, raw (as the Go server's clients send it) or as `Bearer <token>`
+    (as SDKs send it), or the raw `SECRET_KEY`, which identifies the admin.
+    """
+    credential = authorization.strip()
+    scheme, _, rest = credential.partition(" ")
+    if scheme.lower() == "bearer":
+        credential = rest.strip()
+    if not credential:
+        raise _unauthorized("Missing credential: send a gogpt token in the Authorization header.")
+    raw = credential.encode("utf-8", "surrogateescape")
+    if len(raw) > _MAX_CREDENTIAL_BYTES:
+        raise _unauthorized("Invalid credential.")
+    if hmac.compare_digest(raw, secret_key.encode()):
+        return ADMIN
+    try:
+        claims = jwt.decode(
+            credential,
+            secret_key,
+            algorithms=[_ALGORITHM],
+            options={"require": ["exp", "jti"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise _unauthorized("The token has expired: mint a new one at /token.") from None
+    except jwt.InvalidTokenError:
+        raise _unauthorized("Invalid token.") from None
+    identity = claims["jti"]
+    if not isinstance(identity, str) or not identity:
+        raise _unauthorized("Invalid token.")
+    return identity
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key")
+
+
+def public(handler: Handler) -> Handler:
+    """Mark a route handler as open to everyone; every other route needs a credential."""
+    handler.__gogpt_public__ = True  # type: ignore[attr-defined]
+    return handler
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse unauthenticated calls before any upstream work; record who the caller is."""
+    match = request.match_info
+    if match.http_exception is not None or getattr(match.handler, "__gogpt_public__", False):
+        return await handler(request)
+    settings = request.app[SETTINGS]
+    request[IDENTITY] = verify_credential(settings.secret_key, request.headers.get("Authorization", ""))
+    return await handler(request)
+
+
+@public
+async def token_handler(request: web.Request) -> web.Response:
+    """GET /token?id=&hour=&key= (as the Go server) or the same fields as a JSON or form POST body."""
+    settings: Settings = request.app[SETTINGS]
+    params = await _token_params(request)
+    missing = [name for name in ("id", "hour", "key") if params.get(name) in (None, "")]
+    if missing:
+        raise ApiError(400, f"Missing parameter: {', '.join(missing)}.", code="missing_parameter")
+    identity, hours, key = params["id"], params["hour"], params["key"]
+    if not isinstance(identity, (str, int)) or len(str(identity)) > 256:
+        raise ApiError(400, "id must be a string of at most 256 characters.", code="invalid_parameter")
+    hour = _positive_hours(hours)
+    if not isinstance(key, str) or not hmac.compare_digest(
+        key.encode("utf-8", "surrogateescape"), settings.secret_key.encode()
+    ):
+        raise ApiError(403, "Wrong key.", code="invalid_key")
+    return web.json_response({"token": mint_token(settings.secret_key, str(identity), hour)})
+
+
+async def _token_params(request: web.Request) -> dict[str, Any]:
+    if request.method != "POST":
+        return dict(request.query)
+    if request.content_type == "application/json":
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
+        return body
+    return dict(await request.post())
+
+
+def _positive_hours(value: Any) -> int:
+    text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
+    if not (text.isascii() and text.isdigit() and len(text) <= 6 and 0 < int(text) <= _MAX_HOURS):
+        raise ApiError(400, f"hour must be a whole number from 1 to {_MAX_HOURS}.", code="invalid_parameter")
+    return int(text)

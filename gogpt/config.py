@@ -1,0 +1,111 @@
+"""Settings: every knob of gogpt, read once from the environment and `.env`, validated, frozen."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from environs import Env, EnvValidationError
+from marshmallow.validate import Range
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable and never its value."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """One immutable bag of settings; secrets are kept out of `repr` so they never reach a log."""
+
+    secret_key: str = field(repr=False)
+    api_proxy: str = "https://api.openai.com"
+    chat_api_key: str = field(default="", repr=False)
+    unofficial_proxy: str = ""
+    access_token: str = field(default="", repr=False)
+    host: str = "0.0.0.0"
+    port: int = 8000
+    max_body_bytes: int = 32 * 1024 * 1024
+    upstream_timeout: float = 600.0
+    shutdown_grace: float = 30.0
+    rate_limit: int = 0
+    redis_url: str = field(default="", repr=False)
+    workers: int = 1
+    multi: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.secret_key:
+            raise ConfigError("SECRET_KEY: must be set (it signs client tokens)")
+        object.__setattr__(self, "api_proxy", normalize_base_url("API_PROXY", self.api_proxy))
+        if self.unofficial_proxy:
+            object.__setattr__(
+                self,
+                "unofficial_proxy",
+                normalize_base_url("UNOFFICIAL_PROXY", self.unofficial_proxy),
+            )
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with command-line overrides applied (None means 'not given')."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def normalize_base_url(name: str, value: str) -> str:
+    """Bare `host[:port]` means `http://host[:port]`, as in the Go original; anything else must be http(s)."""
+    value = value.strip()
+    if "://" not in value:
+        value = "http://" + value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{name}: the URL scheme must be http or https")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise ConfigError(f"{name}: the port is not a number between 0 and 65535") from None
+    if not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"{name}: expected a base URL such as https://api.openai.com")
+    return value.rstrip("/")
+
+
+def load_settings(env_file: str | os.PathLike[str] | None = ".env") -> Settings:
+    """Read settings from the process environment, then `env_file`.
+
+    The environment wins over the file; a missing file is fine. Every problem is reported
+    in one `ConfigError` naming the variables, never their values.
+    """
+    env = Env(eager=False, expand_vars=False)
+    if env_file is not None:
+        env.read_env(Path(env_file), recurse=False)
+    positive = Range(min=1)
+    values: dict[str, Any] = dict(
+        secret_key=env.str("SECRET_KEY", ""),
+        api_proxy=env.str("API_PROXY", "https://api.openai.com") or "https://api.openai.com",
+        chat_api_key=env.str("CHAT_API_KEY", ""),
+        unofficial_proxy=env.str("UNOFFICIAL_PROXY", ""),
+        access_token=env.str("ACCESS_TOKEN", ""),
+        host=env.str("HOST", "0.0.0.0"),
+        port=env.int("PORT", 8000, validate=Range(min=0, max=65535)),
+        max_body_bytes=env.int("MAX_BODY_BYTES", 32 * 1024 * 1024, validate=positive),
+        upstream_timeout=env.float("UPSTREAM_TIMEOUT", 600.0, validate=Range(min=0, min_inclusive=False)),
+        shutdown_grace=env.float("SHUTDOWN_GRACE", 30.0, validate=Range(min=0)),
+        rate_limit=env.int("RATE_LIMIT", 0, validate=Range(min=0)),
+        redis_url=env.str("REDIS_URL", ""),
+        workers=env.int("WORKERS", 1, validate=positive),
+    )
+    try:
+        env.seal()
+    except EnvValidationError as exc:
+        raise ConfigError(_describe(exc.error_messages)) from None  # type: ignore[arg-type]
+    return Settings(**values)
+
+
+def _describe(errors: Mapping[str, Any]) -> str:
+    parts = []
+    for name, messages in errors.items():
+        text = " ".join(messages) if isinstance(messages, list) else str(messages)
+        parts.append(f"{name}: {text}")
+    return "; ".join(parts)

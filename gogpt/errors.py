@@ -1,0 +1,106 @@
+"""Errors in OpenAI's shape, made in one place, so SDK clients show them as they show OpenAI's."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+__all__ = ["ApiError", "error_middleware", "error_response", "upstream_error"]
+
+log = logging.getLogger("gogpt")
+
+# The `type` OpenAI uses for each status; SDKs pick their exception class by status.
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class ApiError(Exception):
+    """Raised by handlers and middlewares; `error_middleware` turns it into a JSON response."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = headers
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = {
+        "error": {
+            "message": message,
+            "type": _ERROR_TYPES.get(status, "invalid_request_error"),
+            "param": None,
+            "code": code,
+        }
+    }
+    return web.json_response(body, status=status, headers=headers)
+
+
+def upstream_error(exc: BaseException) -> ApiError:
+    """Map a failed upstream call to 502 (unreachable, broken) or 504 (silent), without its text.
+
+    Exception texts can carry upstream URLs with credentials in them, so only the kind is told.
+    """
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return ApiError(504, "The upstream did not answer in time.", code="upstream_timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ApiError(502, "The upstream could not be reached.", code="upstream_unreachable")
+    return ApiError(502, "The upstream failed to answer.", code="upstream_error")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost middleware: every refusal and failure leaves as an OpenAI-shaped JSON error."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = (exc.text or exc.reason).removeprefix(f"{exc.status}: ")
+        return error_response(exc.status, message, headers=_allow_header(exc))
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        # The traceback names only our code; request bodies and headers are not in it.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "The gateway failed to handle the request.")
+
+
+def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else None

@@ -1,0 +1,14 @@
+"""Typed keys for what the application and each request carry."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from .config import Settings
+
+__all__ = ["HTTP", "IDENTITY", "SETTINGS"]
+
+SETTINGS = web.AppKey("gogpt.settings", Settings)
+HTTP = web.AppKey("gogpt.http", aiohttp.ClientSession)
+IDENTITY = web.RequestKey("gogpt.identity", str)

@@ -1,0 +1,50 @@
+"""/chat and /v1/{path}: the OpenAI API relays, differing only in URL and body handling."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from yarl import URL
+
+from .errors import ApiError
+from .keys import SETTINGS
+from .relay import relay, request_body, upstream_headers
+
+__all__ = ["chat_handler", "v1_handler"]
+
+
+async def chat_handler(request: web.Request) -> web.StreamResponse:
+    """POST /chat: the body, checked to be a JSON object, goes unchanged to /v1/chat/completions."""
+    settings = request.app[SETTINGS]
+    body = await request.read()  # `client_max_size` turns an oversized body into 413
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
+    headers = upstream_headers(request, _bearer(settings.chat_api_key))
+    headers["Content-Type"] = "application/json"  # browsers may send text/plain to skip a preflight
+    return await relay(
+        request, "POST", settings.api_proxy + "/v1/chat/completions", headers=headers, data=body
+    )
+
+
+async def v1_handler(request: web.Request) -> web.StreamResponse:
+    """Any method on /v1/{path}: a drop-in `base_url` for OpenAI SDKs, query and body passed through."""
+    settings = request.app[SETTINGS]
+    segments = request.match_info["path"].split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise ApiError(400, "Invalid API path.", code="invalid_path")
+    url = URL(settings.api_proxy).joinpath("v1", *segments)
+    if request.query_string:
+        url = URL(f"{url}?{request.rel_url.raw_query_string}", encoded=True)
+    data = await request_body(request, settings.max_body_bytes)
+    headers = upstream_headers(request, _bearer(settings.chat_api_key))
+    return await relay(request, request.method, url, headers=headers, data=data)
+
+
+def _bearer(key: str) -> str:
+    """No key configured means an upstream that needs none (a local model server), not `Bearer `."""
+    return f"Bearer {key}" if key else ""

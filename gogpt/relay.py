@@ -1,0 +1,156 @@
+"""The one relay: a request goes upstream, the answer comes back as it arrives, byte for byte.
+
+/chat, /v1 and /conv differ only in the URL, credential and body they hand to `relay`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable, Iterable, Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .errors import ApiError, upstream_error
+from .keys import HTTP
+
+__all__ = ["relay", "request_body", "upstream_headers"]
+
+log = logging.getLogger("gogpt")
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded upstream: the client's credential and cookies stay with gogpt, and
+# `Host`, `Content-Length` and `Expect` describe this hop, so the client library sets its own.
+_NOT_SENT_UPSTREAM = _HOP_BY_HOP | {"host", "content-length", "authorization", "cookie", "expect"}
+# The gateway's own CORS headers replace the upstream's.
+_NOT_SENT_BACK = _HOP_BY_HOP | {
+    "access-control-allow-origin",
+    "access-control-allow-headers",
+    "access-control-allow-methods",
+    "access-control-allow-credentials",
+    "access-control-expose-headers",
+    "access-control-max-age",
+}
+# Bodies up to this size are read whole and sent with a Content-Length; larger ones stream.
+_READ_WHOLE_BYTES = 1 << 20
+
+
+def _end_to_end(headers: Mapping[str, str], dropped: frozenset[str]) -> CIMultiDict[str]:
+    """Copy `headers` without the `dropped` ones and those the `Connection` header names."""
+    connection = headers.get("Connection", "")
+    named = {token.strip().lower() for token in connection.split(",")} if connection else set()
+    drop = dropped | named if named else dropped
+    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in drop)
+
+
+def upstream_headers(
+    request: web.Request, authorization: str, *, also_drop: Iterable[str] = ()
+) -> CIMultiDict[str]:
+    """The client's end-to-end headers with gogpt's own credential for the upstream."""
+    headers = _end_to_end(request.headers, _NOT_SENT_UPSTREAM | {name.lower() for name in also_drop})
+    if authorization:
+        headers["Authorization"] = authorization
+    return headers
+
+
+async def request_body(request: web.Request, max_bytes: int) -> bytes | AsyncIterable[bytes] | None:
+    """The client's body for the upstream: small ones read whole, large ones streamed.
+
+    Streaming keeps uploads out of memory; the limit is enforced either way.
+    """
+    length = request.content_length
+    if not request.body_exists:
+        return None
+    if length is not None and length > max_bytes:
+        raise _too_large(max_bytes)
+    if length is not None and length <= _READ_WHOLE_BYTES:
+        return await request.read()
+    return _limited(request.content, max_bytes)
+
+
+async def _limited(content: aiohttp.StreamReader, max_bytes: int) -> AsyncIterable[bytes]:
+    received = 0
+    async for chunk in content.iter_any():
+        received += len(chunk)
+        if received > max_bytes:
+            raise _too_large(max_bytes)
+        yield chunk
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"The request body is larger than {max_bytes} bytes.", code="request_too_large")
+
+
+async def relay(
+    request: web.Request,
+    method: str,
+    url: str | URL,
+    *,
+    headers: Mapping[str, str],
+    data: bytes | AsyncIterable[bytes] | None = None,
+) -> web.StreamResponse:
+    """Send one request upstream and stream its answer back unchanged.
+
+    Status, end-to-end headers and body bytes pass through as they arrive (`iter_any`, no
+    re-chunking); `write` waits for a slow client, which is the backpressure. If the client
+    leaves, the upstream connection is closed at once; if the upstream breaks off or falls
+    silent mid-body, the client's connection is cut so a truncated answer never looks whole.
+    """
+    if isinstance(data, AsyncIterable) and "content-length" not in headers:
+        length = request.content_length
+        if length is not None:
+            headers = CIMultiDict(headers)
+            headers["Content-Length"] = str(length)
+    try:
+        upstream = await request.app[HTTP].request(
+            method, url, headers=headers, data=data, allow_redirects=False
+        )
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        if isinstance(exc.__cause__, ApiError):  # the upload outgrew the limit while streaming
+            raise exc.__cause__ from None
+        log.warning("upstream %s %s failed: %s", method, _safe_url(url), type(exc).__name__)
+        raise upstream_error(exc) from None
+
+    response = web.StreamResponse(
+        status=upstream.status,
+        reason=upstream.reason,
+        headers=_end_to_end(upstream.headers, _NOT_SENT_BACK),
+    )
+    try:
+        await response.prepare(request)
+        write = response.write
+        async for chunk in upstream.content.iter_any():
+            await write(chunk)
+    except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+        upstream.close()
+        if not isinstance(exc, ConnectionResetError):  # the client is still there: cut it off
+            log.warning("upstream %s %s broke off mid-answer: %s", method, _safe_url(url), type(exc).__name__)
+            if request.transport is not None:
+                request.transport.close()
+        return response
+    except BaseException:
+        upstream.close()  # cancelled (the client left) or failed: stop paying for tokens now
+        raise
+    upstream.release()
+    await response.write_eof()
+    return response
+
+
+def _safe_url(url: str | URL) -> str:
+    """The URL without credentials or query, fit for a log line."""
+    parsed = URL(url) if isinstance(url, str) else url
+    return str(parsed.with_user(None).with_query(None))
