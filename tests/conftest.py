@@ -1,0 +1,101 @@
+"""Shared fixtures: settings, a real fake upstream on loopback, and a client of gogpt."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDictProxy
+
+from gogpt import Settings, create_app, mint_token
+
+SECRET_KEY = "test-secret-key-0123456789abcdef-0123456789"
+CHAT_API_KEY = "sk-upstream-test-key-000000000000"
+ACCESS_TOKEN = "chatgpt-access-token-000000000000"
+
+Responder = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Recorded:
+    """One request as the fake upstream received it."""
+
+    method: str
+    path: str
+    query_string: str
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+async def _ok(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"ok": True})
+
+
+@dataclass
+class FakeUpstream:
+    """A loopback HTTP server standing in for OpenAI or the ChatGPT backend-api.
+
+    Tests set `respond` to shape the answer. `requests` records what arrived; `disconnected`
+    is set when gogpt closes the connection while a response is still being written.
+    """
+
+    url: str = ""
+    respond: Responder = _ok
+    requests: list[Recorded] = field(default_factory=list)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append(
+            Recorded(request.method, request.path, request.query_string, request.headers, body)
+        )
+        try:
+            return await self.respond(request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnected.set()
+            raise
+
+    @property
+    def last(self) -> Recorded:
+        return self.requests[-1]
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> FakeUpstream:
+    fake = FakeUpstream()
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/{tail:.*}", fake.handle)
+    server = await aiohttp_server(app)
+    fake.url = str(server.make_url("")).rstrip("/")
+    return fake
+
+
+@pytest.fixture
+def settings(upstream: FakeUpstream) -> Settings:
+    return Settings(
+        secret_key=SECRET_KEY,
+        api_proxy=upstream.url,
+        chat_api_key=CHAT_API_KEY,
+        unofficial_proxy=upstream.url + "/backend-api",
+        access_token=ACCESS_TOKEN,
+        upstream_timeout=5,
+    )
+
+
+@pytest.fixture
+async def client(aiohttp_client: Callable[..., Awaitable[TestClient]], settings: Settings) -> TestClient:
+    return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+def token() -> str:
+    return mint_token(SECRET_KEY, "alice", 1)
+
+
+@pytest.fixture
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
