@@ -26,9 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m gogpt", description="The gogpt LLM gateway.")
     parser.add_argument("--host", help="listen address (HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=_port, help="listen port (PORT, default 8000)")
-    parser.add_argument(
-        "--env-file", default=".env", help="settings file (default: .env, may be absent)"
-    )
+    parser.add_argument("--env-file", default=".env", help="settings file (default: .env, may be absent)")
     parser.add_argument("--workers", type=_positive, help="processes sharing the port (WORKERS, default 1)")
     return parser.parse_args(argv)
 

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from yarl import URL
 from conftest import CHAT_API_KEY, FakeUpstream
+from yarl import URL
 
 from gogpt import Settings, create_app
 
