@@ -14,6 +14,7 @@ from .errors import error_middleware
 from .event import event_handler
 from .keys import HTTP, SETTINGS
 from .openai_api import chat_handler, v1_handler
+from .ops import healthz_handler, metrics_handler, metrics_middleware
 
 __all__ = ["create_app"]
 
@@ -25,8 +26,9 @@ def create_app(settings: Settings | None = None) -> web.Application:
     if settings is None:
         settings = load_settings()
     app = web.Application(
-        # errors outermost so every refusal below becomes JSON; CORS before auth for preflights
-        middlewares=[error_middleware, cors_middleware, auth_middleware],
+        # metrics see the final status; errors turn every refusal below into JSON;
+        # CORS answers preflights before auth asks for a credential
+        middlewares=[metrics_middleware, error_middleware, cors_middleware, auth_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -39,6 +41,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     router.add_get("/event", event_handler)
     router.add_post("/chat", chat_handler)
     router.add_route("*", "/v1/{path:.+}", v1_handler)
+    router.add_get("/healthz", healthz_handler)
+    router.add_get("/metrics", metrics_handler)
     return app
 
 

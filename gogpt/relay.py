@@ -15,6 +15,7 @@ from yarl import URL
 
 from .errors import ApiError, upstream_error
 from .keys import HTTP
+from .ops import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
 
 __all__ = ["relay", "request_body", "upstream_headers"]
 
@@ -123,13 +124,16 @@ async def relay(
         if isinstance(exc.__cause__, ApiError):  # the upload outgrew the limit while streaming
             raise exc.__cause__ from None
         log.warning("upstream %s %s failed: %s", method, _safe_url(url), type(exc).__name__)
-        raise upstream_error(exc) from None
+        error = upstream_error(exc)
+        UPSTREAM_ERRORS.labels(error.code).inc()
+        raise error from None
 
     response = web.StreamResponse(
         status=upstream.status,
         reason=upstream.reason,
         headers=_end_to_end(upstream.headers, _NOT_SENT_BACK),
     )
+    STREAMS_ACTIVE.inc()
     try:
         await response.prepare(request)
         write = response.write
@@ -138,15 +142,19 @@ async def relay(
     except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
         upstream.close()
         if not isinstance(exc, ConnectionResetError):  # the client is still there: cut it off
+            UPSTREAM_ERRORS.labels("upstream_broke_off").inc()
             log.warning("upstream %s %s broke off mid-answer: %s", method, _safe_url(url), type(exc).__name__)
             if request.transport is not None:
                 request.transport.close()
-        return response
     except BaseException:
         upstream.close()  # cancelled (the client left) or failed: stop paying for tokens now
         raise
-    upstream.release()
-    await response.write_eof()
+    else:
+        upstream.release()
+        await response.write_eof()
+    finally:
+        STREAMS_ACTIVE.dec()
+        RELAYED_BYTES.inc(upstream.content.total_bytes)  # counted by aiohttp, nothing per chunk here
     return response
 
 

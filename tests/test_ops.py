@@ -1,0 +1,55 @@
+"""/healthz and /metrics."""
+
+from __future__ import annotations
+
+from aiohttp.test_utils import TestClient
+from conftest import SECRET_KEY, FakeUpstream
+from prometheus_client.parser import text_string_to_metric_families
+
+ADMIN = {"Authorization": f"Bearer {SECRET_KEY}"}
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def test_healthz_answers_ok_without_credentials(client: TestClient):
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ok"}
+
+
+async def test_metrics_need_the_admin_credential(client: TestClient, auth):
+    assert (await client.get("/metrics")).status == 401
+    assert (await client.get("/metrics", headers=auth)).status == 401  # a client token is not enough
+
+
+async def test_metrics_count_requests_streams_and_bytes(client: TestClient, upstream: FakeUpstream, auth):
+    before = samples(await (await client.get("/metrics", headers=ADMIN)).text())
+    resp = await client.post("/chat", json={"model": "m"}, headers=auth)
+    relayed = len(await resp.read())
+    after = samples(await (await client.get("/metrics", headers=ADMIN)).text())
+
+    key = ("gogpt_requests_total", (("method", "POST"), ("route", "/chat"), ("status", "200")))
+    assert after[key] == before.get(key, 0) + 1
+    bytes_key = ("gogpt_relayed_bytes_total", ())
+    assert after[bytes_key] == before[bytes_key] + relayed
+    assert after[("gogpt_streams_active", ())] == 0
+    assert ("gogpt_request_duration_seconds_count", (("route", "/chat"),)) in after
+
+
+async def test_metrics_count_upstream_errors(aiohttp_client, settings, auth):
+    from serving import free_port
+
+    from gogpt import create_app
+
+    client = await aiohttp_client(create_app(settings.with_overrides(api_proxy=f"127.0.0.1:{free_port()}")))
+    key = ("gogpt_upstream_errors_total", (("kind", "upstream_unreachable"),))
+    before = samples(await (await client.get("/metrics", headers=ADMIN)).text()).get(key, 0)
+    assert (await client.post("/chat", json={}, headers=auth)).status == 502
+    after = samples(await (await client.get("/metrics", headers=ADMIN)).text())
+    assert after[key] == before + 1
