@@ -1,13 +1,16 @@
-"""The command line: `python -m gogpt [--host H] [--port P] [--env-file F] [--workers N]`."""
+"""The command line: `python -m gogpt [--host H] [--port P] [--env-file F] [--workers N] [--clear] [--multi]`."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
 import sys
 
 from .config import ConfigError, load_settings
-from .serve import serve
+from .conv import hide_all_conversations
+from .serve import configure_logging, serve
 
 
 def _port(text: str) -> int:
@@ -28,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=_port, help="listen port (PORT, default 8000)")
     parser.add_argument("--env-file", default=".env", help="settings file (default: .env, may be absent)")
     parser.add_argument("--workers", type=_positive, help="processes sharing the port (WORKERS, default 1)")
+    parser.add_argument(
+        "--clear", action="store_true", help="hide every conversation of the ChatGPT account before serving"
+    )
+    parser.add_argument(
+        "--multi", action="store_true", help="one /conv reply at a time per conversation, not per account"
+    )
     return parser.parse_args(argv)
 
 
@@ -38,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         settings = load_settings(args.env_file).with_overrides(
-            host=args.host, port=args.port, workers=args.workers
+            host=args.host, port=args.port, workers=args.workers, multi=args.multi or None
         )
     except ConfigError as exc:
         print(f"gogpt: {exc}", file=sys.stderr)
         return 1
+    if args.clear:
+        configure_logging()
+        logging.getLogger("gogpt").info("%s", asyncio.run(hide_all_conversations(settings)))
     serve(settings)
     return 0
 

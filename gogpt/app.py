@@ -9,12 +9,14 @@ from aiohttp import web
 
 from .auth import auth_middleware, token_handler
 from .config import Settings, load_settings
+from .conv import ConvState, conv_handler
 from .cors import add_cors_headers, cors_middleware
 from .errors import error_middleware
 from .event import event_handler
-from .keys import HTTP, SETTINGS
+from .keys import CONV_STATE, HTTP, SETTINGS, STORE
 from .openai_api import chat_handler, v1_handler
 from .ops import healthz_handler, metrics_handler, metrics_middleware
+from .store import MemoryStore
 
 __all__ = ["create_app"]
 
@@ -32,7 +34,9 @@ def create_app(settings: Settings | None = None) -> web.Application:
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[CONV_STATE] = ConvState()
     app.cleanup_ctx.append(_http_client)
+    app.cleanup_ctx.append(_store)
     app.on_response_prepare.append(add_cors_headers)
 
     router = app.router
@@ -41,6 +45,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     router.add_get("/event", event_handler)
     router.add_post("/chat", chat_handler)
     router.add_route("*", "/v1/{path:.+}", v1_handler)
+    router.add_route("*", "/conv", conv_handler)
     router.add_get("/healthz", healthz_handler)
     router.add_get("/metrics", metrics_handler)
     return app
@@ -63,3 +68,11 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
     ) as session:
         app[HTTP] = session
         yield
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    """Caches, session leases and rate-limit counters; in the process unless REDIS_URL is set."""
+    store = MemoryStore()
+    app[STORE] = store
+    yield
+    await store.close()

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-__all__ = ["ApiError", "error_middleware", "error_response", "upstream_error"]
+__all__ = ["ApiError", "UpstreamAnswer", "error_middleware", "error_response", "upstream_error"]
 
 log = logging.getLogger("gogpt")
 
@@ -46,6 +46,16 @@ class ApiError(Exception):
         self.message = message
         self.code = code
         self.headers = headers
+
+
+class UpstreamAnswer(Exception):
+    """An upstream's own error answer, passed to the client as it came (status, body, type)."""
+
+    def __init__(self, status: int, body: bytes, content_type: str | None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+        self.content_type = content_type or "application/octet-stream"
 
 
 def error_response(
@@ -88,6 +98,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers)
+    except UpstreamAnswer as exc:
+        return web.Response(status=exc.status, body=exc.body, headers={"Content-Type": exc.content_type})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, Iterable, Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -17,7 +17,7 @@ from .errors import ApiError, upstream_error
 from .keys import HTTP
 from .ops import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
 
-__all__ = ["relay", "request_body", "upstream_headers"]
+__all__ = ["call_upstream", "relay", "request_body", "upstream_headers"]
 
 log = logging.getLogger("gogpt")
 
@@ -103,6 +103,7 @@ async def relay(
     *,
     headers: Mapping[str, str],
     data: bytes | AsyncIterable[bytes] | None = None,
+    on_chunk: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
     """Send one request upstream and stream its answer back unchanged.
 
@@ -110,24 +111,14 @@ async def relay(
     re-chunking); `write` waits for a slow client, which is the backpressure. If the client
     leaves, the upstream connection is closed at once; if the upstream breaks off or falls
     silent mid-body, the client's connection is cut so a truncated answer never looks whole.
+    `on_chunk` sees each chunk after it has been written, so observing never delays the client.
     """
     if isinstance(data, AsyncIterable) and "content-length" not in headers:
         length = request.content_length
         if length is not None:
             headers = CIMultiDict(headers)
             headers["Content-Length"] = str(length)
-    try:
-        upstream = await request.app[HTTP].request(
-            method, url, headers=headers, data=data, allow_redirects=False
-        )
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        if isinstance(exc.__cause__, ApiError):  # the upload outgrew the limit while streaming
-            raise exc.__cause__ from None
-        log.warning("upstream %s %s failed: %s", method, _safe_url(url), type(exc).__name__)
-        error = upstream_error(exc)
-        UPSTREAM_ERRORS.labels(error.code).inc()
-        raise error from None
-
+    upstream = await call_upstream(request, method, url, headers=headers, data=data)
     response = web.StreamResponse(
         status=upstream.status,
         reason=upstream.reason,
@@ -137,8 +128,13 @@ async def relay(
     try:
         await response.prepare(request)
         write = response.write
-        async for chunk in upstream.content.iter_any():
-            await write(chunk)
+        if on_chunk is None:  # the hot path: nothing but the write per chunk
+            async for chunk in upstream.content.iter_any():
+                await write(chunk)
+        else:
+            async for chunk in upstream.content.iter_any():
+                await write(chunk)
+                on_chunk(chunk)
     except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
         upstream.close()
         if not isinstance(exc, ConnectionResetError):  # the client is still there: cut it off
@@ -156,6 +152,36 @@ async def relay(
         STREAMS_ACTIVE.dec()
         RELAYED_BYTES.inc(upstream.content.total_bytes)  # counted by aiohttp, nothing per chunk here
     return response
+
+
+async def call_upstream(
+    request: web.Request,
+    method: str,
+    url: str | URL,
+    *,
+    headers: Mapping[str, str],
+    data: bytes | AsyncIterable[bytes] | None = None,
+    params: Mapping[str, str] | None = None,
+    auto_decompress: bool = False,
+) -> aiohttp.ClientResponse:
+    """Make the upstream call; a failure before its headers becomes a 502 or 504 `ApiError`."""
+    try:
+        return await request.app[HTTP].request(
+            method,
+            url,
+            headers=headers,
+            data=data,
+            params=params,
+            allow_redirects=False,
+            auto_decompress=auto_decompress,
+        )
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        if isinstance(exc.__cause__, ApiError):  # the upload outgrew the limit while streaming
+            raise exc.__cause__ from None
+        log.warning("upstream %s %s failed: %s", method, _safe_url(url), type(exc).__name__)
+        error = upstream_error(exc)
+        UPSTREAM_ERRORS.labels(error.code).inc()
+        raise error from None
 
 
 def _safe_url(url: str | URL) -> str:

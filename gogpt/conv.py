@@ -1,0 +1,301 @@
+"""/conv: the ChatGPT backend-api relay, with the Go server's caching and one-reply-at-a-time rule.
+
+The `Chat-Type` header picks the call: `conversations` (GET, a list), `conversation/<id>`
+(GET, one conversation reduced to its current node) or `conversation` (POST, a new message
+whose SSE answer is relayed byte for byte while its message id is read off the stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .config import Settings
+from .errors import ApiError, UpstreamAnswer, upstream_error
+from .keys import CONV_STATE, SETTINGS, STORE
+from .relay import call_upstream, relay, upstream_headers
+from .sse_ids import MessageIds
+from .store import Store
+
+__all__ = ["ConvState", "conv_handler", "hide_all_conversations"]
+
+log = logging.getLogger("gogpt")
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_MODEL = "text-davinci-002-render-sha"
+_DEFAULT_LIMIT = 5
+_MULTI_MIN_CONVERSATIONS = 5  # multi mode answers an empty list until the account has this many
+_EMPTY_LIST = {"items": [], "total": 0, "limit": 1, "offset": 0, "has_missing_conversations": False}
+_LIST_TTL = 300.0  # seconds a conversation list is answered from the cache
+_DETAIL_TTL = 86400.0
+_LEASE_TTL = 30.0  # a session lease outlives a dead instance by at most this long
+_NOT_SENT_UPSTREAM = ("Chat-Type", "Accept-Encoding")  # routing header; JSON answers are parsed here
+
+
+@dataclass
+class ConvState:
+    """Per-process state: whether a list has been answered since start-up (the first-boot rule)."""
+
+    listed_since_start: bool = False
+
+
+async def conv_handler(request: web.Request) -> web.StreamResponse:
+    chat_type = request.headers.get("Chat-Type", "")
+    if chat_type == "conversations":
+        _require_method(request, "GET", chat_type)
+        return await _list_conversations(_configured(request), request)
+    if chat_type == "conversation":
+        _require_method(request, "POST", chat_type)
+        return await _post_message(_configured(request), request)
+    prefix, _, conversation_id = chat_type.partition("/")
+    if prefix == "conversation" and _ID.fullmatch(conversation_id):
+        _require_method(request, "GET", "conversation/<id>")
+        return await _get_conversation(_configured(request), request, conversation_id)
+    raise ApiError(
+        400,
+        "Chat-Type must be 'conversations', 'conversation' or 'conversation/<id>' "
+        "(an id is letters, digits, '-' and '_').",
+        code="invalid_chat_type",
+    )
+
+
+def _require_method(request: web.Request, method: str, chat_type: str) -> None:
+    if request.method != method:
+        raise ApiError(
+            405,
+            f"Chat-Type {chat_type} takes {method}.",
+            code="method_not_allowed",
+            headers={"Allow": method},
+        )
+
+
+def _configured(request: web.Request) -> Settings:
+    settings = request.app[SETTINGS]
+    if not (settings.unofficial_proxy and settings.access_token):
+        raise ApiError(
+            503,
+            "The ChatGPT relay is not configured (UNOFFICIAL_PROXY, ACCESS_TOKEN).",
+            code="not_configured",
+        )
+    return settings
+
+
+async def _list_conversations(settings: Settings, request: web.Request) -> web.StreamResponse:
+    offset = _whole_number(request, "offset", 0)
+    limit = _whole_number(request, "limit", _DEFAULT_LIMIT)
+    store = request.app[STORE]
+    key = f"conv:list:{offset}:{limit}"
+    listing = await store.get_json(key)
+    if listing is None:
+        listing = await _upstream_json(
+            settings, request, "/conversations", {"offset": str(offset), "limit": str(limit)}
+        )
+        if not isinstance(listing, dict) or not isinstance(listing.get("items"), list):
+            raise ApiError(502, "The ChatGPT back end answered an unexpected list.", code="upstream_error")
+        if listing.get("total"):
+            await store.set_json(key, listing, _LIST_TTL)
+    state = request.app[CONV_STATE]
+    first_list = not state.listed_since_start
+    state.listed_since_start = True
+    total = listing.get("total")
+    few = not isinstance(total, int) or total < _MULTI_MIN_CONVERSATIONS
+    if first_list or (settings.multi and few):
+        listing = dict(_EMPTY_LIST)  # clients start a new conversation
+    index = await _pick_index(store, listing["items"], settings.multi)
+    return web.json_response({**listing, "index": index, "multi": settings.multi})
+
+
+async def _pick_index(store: Store, items: list[Any], multi: bool) -> int:
+    """Single mode: always 0. Multi mode: a random conversation nobody is replying in, or -1."""
+    if not multi or not items:
+        return 0
+    free = [
+        index
+        for index, item in enumerate(items)
+        if isinstance(item, dict) and not await store.is_held(_session_key(True, str(item.get("id"))))
+    ]
+    return random.choice(free) if free else -1  # noqa: S311 - spreading load, not security
+
+
+async def _get_conversation(
+    settings: Settings, request: web.Request, conversation_id: str
+) -> web.StreamResponse:
+    store = request.app[STORE]
+    key = f"conv:detail:{conversation_id}"
+    reduced = await store.get_json(key)
+    if reduced is None:
+        detail = await _upstream_json(settings, request, f"/conversation/{conversation_id}")
+        if not isinstance(detail, dict):
+            raise ApiError(
+                502, "The ChatGPT back end answered an unexpected conversation.", code="upstream_error"
+            )
+        reduced = {name: detail.get(name) for name in ("current_node", "title", "update_time")}
+        await store.set_json(key, reduced, _DETAIL_TTL)
+    return web.json_response(reduced)
+
+
+async def _post_message(settings: Settings, request: web.Request) -> web.StreamResponse:
+    body = await _json_object(request)
+    content = body.get("content")
+    if not isinstance(content, str) or not content:
+        raise ApiError(400, "content must be a non-empty string.", code="invalid_content")
+    parent_id = _optional_id(body, "parent_message_id")
+    conversation_id = _optional_id(body, "conversation_id")
+    message = {
+        "id": str(uuid.uuid4()),
+        "author": {"role": "user"},
+        "role": "user",
+        "content": {"content_type": "text", "parts": [content]},
+    }
+    upstream_body: dict[str, Any] = {"action": "next", "messages": [message], "model": _MODEL}
+    if parent_id and conversation_id:
+        upstream_body |= {"parent_message_id": parent_id, "conversation_id": conversation_id}
+    else:  # either id missing: a new conversation
+        upstream_body["parent_message_id"] = str(uuid.uuid4())
+        conversation_id = None
+    headers = upstream_headers(request, settings.access_token, also_drop=_NOT_SENT_UPSTREAM)
+    headers["Content-Type"] = "application/json"
+    headers["Accept"] = "text/event-stream"
+    store = request.app[STORE]
+    ids = MessageIds()
+    session = _session_key(settings.multi, conversation_id or str(uuid.uuid4()))
+    async with _session_lease(store, session):
+        try:
+            return await relay(
+                request,
+                "POST",
+                settings.unofficial_proxy + "/conversation",
+                headers=headers,
+                data=json.dumps(upstream_body).encode(),
+                on_chunk=ids.feed,
+            )
+        finally:
+            await _remember_current_node(store, ids.conversation_id or conversation_id, ids.message_id)
+
+
+async def _remember_current_node(store: Store, conversation_id: str | None, message_id: str | None) -> None:
+    """The next `conversation/<id>` read answers the message just streamed, without an upstream call."""
+    if not (conversation_id and message_id and _ID.fullmatch(conversation_id)):
+        return
+    key = f"conv:detail:{conversation_id}"
+    cached = await store.get_json(key)
+    if isinstance(cached, dict):
+        await store.set_json(key, {**cached, "current_node": message_id}, _DETAIL_TTL)
+
+
+def _session_key(multi: bool, conversation_id: str) -> str:
+    """The whole account is one session in single mode; each conversation is one in multi mode."""
+    return f"conv:session:{conversation_id}" if multi else "conv:session:account"
+
+
+@asynccontextmanager
+async def _session_lease(store: Store, key: str) -> AsyncIterator[None]:
+    """Hold the session for one reply; freed when the reply ends, fails or the client leaves."""
+    token = await store.acquire(key, _LEASE_TTL)
+    if token is None:
+        raise ApiError(
+            409,
+            "This ChatGPT session is busy with another reply; try again when it ends.",
+            code="session_busy",
+        )
+    renewing = asyncio.create_task(_keep_renewing(store, key, token))
+    try:
+        yield
+    finally:
+        renewing.cancel()
+        await store.release(key, token)
+
+
+async def _keep_renewing(store: Store, key: str, token: str) -> None:
+    while True:
+        await asyncio.sleep(_LEASE_TTL / 3)
+        try:
+            if not await store.renew(key, token, _LEASE_TTL):
+                log.warning("lost the lease on a ChatGPT session while replying")
+                return
+        except ApiError:
+            log.warning("could not renew a ChatGPT session lease: the store is unavailable")
+
+
+async def _upstream_json(
+    settings: Settings, request: web.Request, path: str, params: dict[str, str] | None = None
+) -> Any:
+    """GET a backend-api JSON answer; a non-200 answer is passed to the client as it came."""
+    headers = upstream_headers(request, settings.access_token, also_drop=_NOT_SENT_UPSTREAM)
+    headers["Accept"] = "application/json"
+    upstream = await call_upstream(
+        request, "GET", settings.unofficial_proxy + path, headers=headers, params=params, auto_decompress=True
+    )
+    async with upstream:
+        try:
+            body = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise upstream_error(exc) from None
+    if upstream.status != 200:
+        raise UpstreamAnswer(upstream.status, body, upstream.headers.get("Content-Type"))
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ApiError(
+            502, "The ChatGPT back end answered something that is not JSON.", code="upstream_error"
+        ) from None
+
+
+def _whole_number(request: web.Request, name: str, default: int) -> int:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    if not (text.isascii() and text.isdigit() and len(text) <= 6):
+        raise ApiError(400, f"{name} must be a whole number.", code="invalid_parameter")
+    return int(text)
+
+
+def _optional_id(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ApiError(400, f"{name} must be letters, digits, '-' and '_' only.", code="invalid_id")
+    return value
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, RecursionError):
+        raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
+    return body
+
+
+async def hide_all_conversations(settings: Settings) -> str:
+    """`--clear`: hide every conversation of the account; the answer says how many, or why not."""
+    if not (settings.unofficial_proxy and settings.access_token):
+        return "--clear: UNOFFICIAL_PROXY and ACCESS_TOKEN are not set; nothing hidden"
+    base = settings.unofficial_proxy
+    headers = {"Authorization": settings.access_token, "Accept": "application/json"}
+    timeout = aiohttp.ClientTimeout(total=min(60.0, settings.upstream_timeout))
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+            async with session.get(f"{base}/conversations", params={"offset": "0", "limit": "1"}) as listed:
+                total = (await listed.json()).get("total") if listed.status == 200 else None
+            async with session.patch(f"{base}/conversations", json={"is_visible": False}) as hidden:
+                if hidden.status >= 300:
+                    return f"--clear: the ChatGPT back end answered {hidden.status}; nothing hidden"
+    except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as exc:
+        return f"--clear: the ChatGPT back end could not be reached ({type(exc).__name__}); nothing hidden"
+    if isinstance(total, int):
+        return f"--clear: hid {total} conversation{'s' if total != 1 else ''}"
+    return "--clear: hid the account's conversations"

@@ -1,0 +1,389 @@
+"""/conv against a fake ChatGPT backend-api on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from conftest import ACCESS_TOKEN, FakeUpstream
+
+from gogpt import Settings, create_app
+from gogpt.conv import hide_all_conversations
+
+LIST = {"Chat-Type": "conversations"}
+POST = {"Chat-Type": "conversation"}
+
+
+@dataclass
+class Backend:
+    """Scripted backend-api: `conversations` to list, and a gate that holds POST answers open."""
+
+    conversations: list[dict] = field(default_factory=list)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    reply_id: str = "assistant-msg-2"
+    hidden: bool = False
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+    async def respond(self, request: web.Request) -> web.StreamResponse:
+        path = request.path.removeprefix("/backend-api")
+        if path == "/conversations" and request.method == "GET":
+            offset, limit = int(request.query["offset"]), int(request.query["limit"])
+            items = self.conversations[offset : offset + limit]
+            return web.json_response(
+                {
+                    "items": items,
+                    "total": len(self.conversations),
+                    "limit": limit,
+                    "offset": offset,
+                    "has_missing_conversations": False,
+                }
+            )
+        if path == "/conversations" and request.method == "PATCH":
+            self.hidden = (await request.json()) == {"is_visible": False}
+            return web.json_response({"success": True})
+        if path.startswith("/conversation/"):
+            if path.endswith("/missing"):
+                return web.json_response({"detail": "Can't load conversation"}, status=404)
+            return web.json_response(
+                {
+                    "current_node": "node-1",
+                    "title": "Greeting",
+                    "update_time": 1700000000.5,
+                    "mapping": {"big": 1},
+                }
+            )
+        if path == "/conversation" and request.method == "POST":
+            return await self.stream_reply(request)
+        return web.json_response({"detail": "unexpected"}, status=418)
+
+    async def stream_reply(self, request: web.Request) -> web.StreamResponse:
+        sent = await request.json()
+        conversation_id = sent.get("conversation_id", "conv-new")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        first = {
+            "message": {"id": "user-echo", "content": {"parts": [""]}},
+            "conversation_id": conversation_id,
+        }
+        await response.write(f"data: {json.dumps(first)}\n\n".encode())
+        self.started.set()
+        await self.gate.wait()
+        event = json.dumps(
+            {
+                "message": {"id": self.reply_id, "content": {"parts": ["Hi 👋"]}},
+                "conversation_id": conversation_id,
+            }
+        ).encode()
+        await response.write(b"data: " + event[:20])  # an event split across chunks
+        await response.write(event[20:] + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+def conversations(count: int) -> list[dict]:
+    return [{"id": f"conv-{n}", "title": f"t{n}"} for n in range(count)]
+
+
+@pytest.fixture
+def backend(upstream: FakeUpstream) -> Backend:
+    fake = Backend(conversations=conversations(7))
+    upstream.respond = fake.respond
+    return fake
+
+
+@pytest.fixture
+async def multi_client(aiohttp_client, settings: Settings) -> TestClient:
+    return await aiohttp_client(create_app(settings.with_overrides(multi=True)))
+
+
+def message(content: str = "hello", **ids: str) -> dict:
+    return {"content": content, **ids}
+
+
+async def list_conv(client: TestClient, auth, query: str = "") -> dict:
+    resp = await client.get(f"/conv{query}", headers={**auth, **LIST})
+    assert resp.status == 200
+    return await resp.json()
+
+
+async def test_first_list_after_start_up_is_empty_so_clients_start_a_new_conversation(
+    client: TestClient, backend: Backend, auth
+):
+    first = await list_conv(client, auth)
+    assert first == {
+        "items": [],
+        "total": 0,
+        "limit": 1,
+        "offset": 0,
+        "has_missing_conversations": False,
+        "index": 0,
+        "multi": False,
+    }
+    second = await list_conv(client, auth)
+    assert [item["id"] for item in second["items"]] == ["conv-0", "conv-1", "conv-2", "conv-3", "conv-4"]
+    assert (second["index"], second["multi"]) == (0, False)
+
+
+async def test_list_goes_upstream_with_the_access_token_and_a_default_limit_of_5(
+    client: TestClient, backend: Backend, upstream: FakeUpstream, auth, token: str
+):
+    await list_conv(client, auth)
+    sent = upstream.last
+    assert (sent.method, sent.path) == ("GET", "/backend-api/conversations")
+    assert "limit=5" in sent.query_string
+    assert sent.headers["Authorization"] == ACCESS_TOKEN
+    assert token not in str(dict(sent.headers))
+    assert "Chat-Type" not in sent.headers
+
+
+async def test_lists_are_cached_per_query(client: TestClient, backend: Backend, upstream: FakeUpstream, auth):
+    await list_conv(client, auth, "?offset=0&limit=2")
+    await list_conv(client, auth, "?offset=0&limit=2")
+    await list_conv(client, auth, "?offset=2&limit=2")
+    assert [r.query_string for r in upstream.requests] == ["offset=0&limit=2", "offset=2&limit=2"]
+
+
+async def test_an_empty_account_list_is_passed_through_and_not_cached(
+    client: TestClient, backend: Backend, upstream: FakeUpstream, auth
+):
+    backend.conversations = []
+    await list_conv(client, auth)
+    assert (await list_conv(client, auth))["total"] == 0
+    assert len(upstream.requests) == 2
+
+
+async def test_multi_mode_lists_empty_while_the_account_has_fewer_than_5(
+    multi_client: TestClient, backend: Backend, auth
+):
+    backend.conversations = conversations(4)
+    await list_conv(multi_client, auth)
+    listing = await list_conv(multi_client, auth, "?limit=4")
+    assert (listing["items"], listing["multi"]) == ([], True)
+
+
+async def test_multi_mode_index_skips_busy_conversations(multi_client: TestClient, backend: Backend, auth):
+    backend.conversations = conversations(5)
+    await list_conv(multi_client, auth)
+    backend.gate.clear()
+    replies = []
+    for busy in ("conv-0", "conv-1", "conv-3", "conv-4"):
+        backend.started.clear()
+        body = message(conversation_id=busy, parent_message_id="p")
+        replies.append(asyncio.ensure_future(multi_client.post("/conv", json=body, headers={**auth, **POST})))
+        await backend.started.wait()
+    listing = await list_conv(multi_client, auth)
+    assert listing["index"] == 2
+    backend.gate.set()
+    for reply in replies:
+        await (await reply).read()
+    assert (await list_conv(multi_client, auth))["index"] in range(5)
+
+
+async def test_conversation_read_is_reduced_and_cached(
+    client: TestClient, backend: Backend, upstream: FakeUpstream, auth
+):
+    for _ in range(2):
+        resp = await client.get("/conv", headers={**auth, "Chat-Type": "conversation/conv-1"})
+        assert await resp.json() == {
+            "current_node": "node-1",
+            "title": "Greeting",
+            "update_time": 1700000000.5,
+        }
+    assert [r.path for r in upstream.requests] == ["/backend-api/conversation/conv-1"]
+
+
+async def test_upstream_errors_pass_through(client: TestClient, backend: Backend, auth):
+    resp = await client.get("/conv", headers={**auth, "Chat-Type": "conversation/missing"})
+    assert resp.status == 404
+    assert await resp.json() == {"detail": "Can't load conversation"}
+
+
+async def test_post_builds_the_upstream_body_as_json_and_relays_every_event(
+    client: TestClient, backend: Backend, upstream: FakeUpstream, auth
+):
+    text = 'He said "hi"\nthen left 🙂 \\ </script>'
+    resp = await client.post(
+        "/conv",
+        json=message(text, conversation_id="conv-1", parent_message_id="node-1"),
+        headers={**auth, **POST},
+    )
+    assert resp.status == 200
+    body = await resp.read()
+    assert body.count(b"data: ") == 3  # the first event, the split one, [DONE]
+    assert b'"user-echo"' in body  # the first event is not swallowed
+    sent = json.loads(upstream.last.body)
+    assert upstream.last.path == "/backend-api/conversation"
+    assert sent["action"] == "next"
+    assert sent["model"] == "text-davinci-002-render-sha"
+    assert (sent["conversation_id"], sent["parent_message_id"]) == ("conv-1", "node-1")
+    [sent_message] = sent["messages"]
+    assert sent_message["content"] == {"content_type": "text", "parts": [text]}
+    assert sent_message["author"] == {"role": "user"}
+    assert upstream.last.headers["Authorization"] == ACCESS_TOKEN
+
+
+@pytest.mark.parametrize("ids", [{}, {"conversation_id": "conv-1"}, {"parent_message_id": "node-1"}])
+async def test_post_without_both_ids_starts_a_new_conversation(
+    client: TestClient, backend: Backend, upstream: FakeUpstream, auth, ids: dict
+):
+    resp = await client.post("/conv", json=message(**ids), headers={**auth, **POST})
+    await resp.read()
+    sent = json.loads(upstream.last.body)
+    assert "conversation_id" not in sent
+    assert len(sent["parent_message_id"]) == 36
+
+
+async def test_post_updates_the_cached_current_node(
+    client: TestClient, backend: Backend, upstream: FakeUpstream, auth
+):
+    read = {**auth, "Chat-Type": "conversation/conv-1"}
+    assert (await (await client.get("/conv", headers=read)).json())["current_node"] == "node-1"
+    resp = await client.post(
+        "/conv", json=message(conversation_id="conv-1", parent_message_id="node-1"), headers={**auth, **POST}
+    )
+    await resp.read()
+    calls = len(upstream.requests)
+    assert (await (await client.get("/conv", headers=read)).json())["current_node"] == "assistant-msg-2"
+    assert len(upstream.requests) == calls  # answered from the cache
+
+
+async def test_a_second_post_while_one_streams_gets_409(client: TestClient, backend: Backend, auth):
+    backend.gate.clear()
+    first = await client.post("/conv", json=message(), headers={**auth, **POST})
+    await backend.started.wait()
+    second = await client.post("/conv", json=message(), headers={**auth, **POST})
+    assert second.status == 409
+    assert (await second.json())["error"]["code"] == "session_busy"
+    backend.gate.set()
+    await first.read()
+
+
+async def test_the_session_is_freed_when_the_stream_ends(client: TestClient, backend: Backend, auth):
+    for _ in range(2):
+        resp = await client.post("/conv", json=message(), headers={**auth, **POST})
+        assert resp.status == 200
+        await resp.read()
+
+
+async def test_the_session_is_freed_when_the_upstream_fails(
+    aiohttp_client, settings: Settings, backend: Backend, auth
+):
+    from serving import free_port
+
+    broken = await aiohttp_client(
+        create_app(settings.with_overrides(unofficial_proxy=f"127.0.0.1:{free_port()}"))
+    )
+    for _ in range(2):
+        resp = await broken.post("/conv", json=message(), headers={**auth, **POST})
+        assert resp.status == 502
+
+
+async def test_the_session_is_freed_when_the_client_leaves(
+    client: TestClient, backend: Backend, upstream: FakeUpstream, auth
+):
+    backend.gate.clear()
+    resp = await client.post("/conv", json=message(), headers={**auth, **POST})
+    await backend.started.wait()
+    resp.close()
+    await asyncio.wait_for(upstream.disconnected.wait(), 2)
+    backend.gate.set()
+    again = await client.post("/conv", json=message(), headers={**auth, **POST})
+    assert again.status == 200
+    await again.read()
+
+
+async def test_multi_mode_serves_two_conversations_at_once(multi_client: TestClient, backend: Backend, auth):
+    backend.gate.clear()
+    one = await multi_client.post(
+        "/conv", json=message(conversation_id="conv-1", parent_message_id="a"), headers={**auth, **POST}
+    )
+    two = await multi_client.post(
+        "/conv", json=message(conversation_id="conv-2", parent_message_id="b"), headers={**auth, **POST}
+    )
+    assert (one.status, two.status) == (200, 200)
+    same = await multi_client.post(
+        "/conv", json=message(conversation_id="conv-1", parent_message_id="a"), headers={**auth, **POST}
+    )
+    assert same.status == 409
+    backend.gate.set()
+    assert b"assistant-msg-2" in await one.read()
+    assert b"assistant-msg-2" in await two.read()
+
+
+@pytest.mark.parametrize(
+    "chat_type",
+    [
+        "",
+        "conversation/",
+        "conversation/../admin",
+        "conversation/a/b",
+        "conversation/%2e%2e",
+        "conversation/a b",
+        "conversation/ä",
+        "conversations/x",
+        "Conversations",
+        "conversation//x",
+    ],
+)
+async def test_odd_chat_types_are_400_and_never_reach_the_upstream(
+    client: TestClient, backend: Backend, upstream: FakeUpstream, auth, chat_type: str
+):
+    resp = await client.get("/conv", headers={**auth, "Chat-Type": chat_type})
+    assert resp.status == 400
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"content": "hi", "conversation_id": "../x", "parent_message_id": "p"},
+        {"content": "hi", "conversation_id": "c", "parent_message_id": "p/../q"},
+        {"content": ""},
+        {"content": 5},
+        ["not", "an", "object"],
+    ],
+)
+async def test_bad_post_bodies_are_400(
+    client: TestClient, backend: Backend, upstream: FakeUpstream, auth, body
+):
+    resp = await client.post("/conv", json=body, headers={**auth, **POST})
+    assert resp.status == 400
+    assert upstream.requests == []
+
+
+async def test_the_wrong_method_for_a_chat_type_is_405(client: TestClient, backend: Backend, auth):
+    resp = await client.get("/conv", headers={**auth, **POST})
+    assert resp.status == 405
+
+
+async def test_conv_needs_a_credential(client: TestClient, backend: Backend, upstream: FakeUpstream):
+    resp = await client.get("/conv", headers=LIST)
+    assert resp.status == 401
+    assert upstream.requests == []
+
+
+async def test_conv_without_configuration_is_503(aiohttp_client, settings: Settings, auth):
+    client = await aiohttp_client(create_app(settings.with_overrides(access_token="")))
+    resp = await client.get("/conv", headers={**auth, **LIST})
+    assert resp.status == 503
+
+
+async def test_clear_hides_the_conversations_and_says_how_many(settings: Settings, backend: Backend):
+    said = await hide_all_conversations(settings)
+    assert backend.hidden
+    assert said == "--clear: hid 7 conversations"
+    assert ACCESS_TOKEN not in said
+
+
+async def test_clear_says_why_it_could_not(settings: Settings):
+    from serving import free_port
+
+    said = await hide_all_conversations(settings.with_overrides(unofficial_proxy=f"127.0.0.1:{free_port()}"))
+    assert "could not be reached" in said
