@@ -44,8 +44,13 @@ install() {
   local stamp=.venv/.gogpt-installed
   if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
     echo "==> installing gogpt into .venv (first use only)"
-    "$python" -m pip install --quiet --upgrade pip
-    "$python" -m pip install --quiet -e "$repo"
+    # the build backend is chatty on stderr: keep it in a file unless the install fails
+    if ! { "$python" -m pip install --quiet --upgrade pip && "$python" -m pip install --quiet -e "$repo"; } \
+        2> .venv/install.log; then
+      cat .venv/install.log
+      echo "installing gogpt failed (see above)"
+      exit 1
+    fi
     touch "$stamp"
   fi
 }
