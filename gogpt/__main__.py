@@ -10,7 +10,8 @@ import sys
 
 from .config import ConfigError, load_settings
 from .conv import hide_all_conversations
-from .serve import configure_logging, serve
+from .logs import configure_logging
+from .serve import serve
 
 
 def _port(text: str) -> int:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gogpt: {exc}", file=sys.stderr)
         return 1
     if args.clear:
-        configure_logging()
+        configure_logging(settings.log_format)
         logging.getLogger("gogpt").info("%s", asyncio.run(hide_all_conversations(settings)))
     serve(settings)
     return 0

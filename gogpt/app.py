@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -15,10 +16,13 @@ from .errors import error_middleware
 from .event import event_handler
 from .keys import CONV_STATE, HTTP, SETTINGS, STORE
 from .openai_api import chat_handler, v1_handler
-from .ops import healthz_handler, metrics_handler, metrics_middleware
-from .store import MemoryStore
+from .ops import healthz_handler, metrics_handler, metrics_middleware, rate_limit_middleware
+from .redis_store import RedisStore
+from .store import MemoryStore, Store
 
 __all__ = ["create_app"]
+
+log = logging.getLogger("gogpt")
 
 _CONNECT_TIMEOUT = 30.0  # seconds to open a TCP (and TLS) connection to an upstream
 
@@ -30,7 +34,13 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app = web.Application(
         # metrics see the final status; errors turn every refusal below into JSON;
         # CORS answers preflights before auth asks for a credential
-        middlewares=[metrics_middleware, error_middleware, cors_middleware, auth_middleware],
+        middlewares=[
+            metrics_middleware,
+            error_middleware,
+            cors_middleware,
+            auth_middleware,
+            rate_limit_middleware,
+        ],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -72,7 +82,14 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     """Caches, session leases and rate-limit counters; in the process unless REDIS_URL is set."""
-    store = MemoryStore()
+    settings = app[SETTINGS]
+    store: Store
+    if settings.redis_url:
+        store = RedisStore(settings.redis_url)
+        if not await store.ping():  # serve anyway: calls needing it answer 503 until it is back
+            log.error("Redis is not reachable at start-up; limits and /conv answer 503 until it is")
+    else:
+        store = MemoryStore()
     app[STORE] = store
     yield
     await store.close()

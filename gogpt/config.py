@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from environs import Env, EnvValidationError
-from marshmallow.validate import Range
+from marshmallow.validate import OneOf, Range
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
@@ -36,6 +36,7 @@ class Settings:
     rate_limit: int = 0
     redis_url: str = field(default="", repr=False)
     workers: int = 1
+    log_format: str = "text"
     multi: bool = False
 
     def __post_init__(self) -> None:
@@ -48,6 +49,9 @@ class Settings:
                 "unofficial_proxy",
                 normalize_base_url("UNOFFICIAL_PROXY", self.unofficial_proxy),
             )
+
+        if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError("REDIS_URL: expected redis://, rediss:// or unix://")
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with command-line overrides applied (None means 'not given')."""
@@ -95,6 +99,7 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env") -> Settings:
         rate_limit=env.int("RATE_LIMIT", 0, validate=Range(min=0)),
         redis_url=env.str("REDIS_URL", ""),
         workers=env.int("WORKERS", 1, validate=positive),
+        log_format=env.str("LOG_FORMAT", "text", validate=OneOf(("text", "json"))),
     )
     try:
         env.seal()

@@ -24,7 +24,7 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 
 from .auth import ADMIN, public
 from .errors import ApiError, Handler
-from .keys import IDENTITY
+from .keys import IDENTITY, SETTINGS, STORE
 
 __all__ = [
     "RELAYED_BYTES",
@@ -33,6 +33,7 @@ __all__ = [
     "healthz_handler",
     "metrics_handler",
     "metrics_middleware",
+    "rate_limit_middleware",
 ]
 
 REQUESTS = Counter("gogpt_requests_total", "Requests answered.", ["route", "method", "status"])
@@ -46,6 +47,8 @@ STREAMS_ACTIVE = Gauge(
     "gogpt_streams_active", "Upstream answers being relayed now.", multiprocess_mode="livesum"
 )
 UPSTREAM_ERRORS = Counter("gogpt_upstream_errors_total", "Failed upstream calls.", ["kind"])
+RATE_WINDOW = 60  # seconds: RATE_LIMIT counts requests per minute
+
 RELAYED_BYTES = Counter("gogpt_relayed_bytes_total", "Bytes of upstream answers relayed to clients.")
 
 
@@ -79,3 +82,20 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         REQUESTS.labels(name, request.method, str(status)).inc()
         DURATION.labels(name).observe(time.perf_counter() - started)
+
+
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """`RATE_LIMIT` requests per minute per caller (`jti`); the admin and public routes are not counted."""
+    limit = request.app[SETTINGS].rate_limit
+    identity = request.get(IDENTITY)
+    if limit and identity is not None and identity != ADMIN:
+        count, reset_in = await request.app[STORE].count_hit(f"rate:{identity}", RATE_WINDOW)
+        if count > limit:
+            raise ApiError(
+                429,
+                f"Rate limit of {limit} requests per minute reached; retry in {reset_in} s.",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(reset_in)},
+            )
+    return await handler(request)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
-import sys
+import tempfile
+import time
 from types import FrameType
 
 from aiohttp import web
+from prometheus_client import multiprocess as prometheus_multiprocess
 
-from .access_log import AccessLogger
 from .app import create_app
 from .config import Settings
+from .logs import AccessLogger, configure_logging
 
 __all__ = ["serve"]
 
@@ -22,14 +25,7 @@ log = logging.getLogger("gogpt")
 
 # aiohttp's default of 128 pending connections stalls connects at a few hundred clients.
 LISTEN_BACKLOG = 4096
-
-
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+_MIN_WORKER_LIFE = 2.0  # seconds: a worker dying sooner (port taken, bad setting) will not get better
 
 
 def _install_uvloop() -> None:
@@ -42,7 +38,7 @@ def _install_uvloop() -> None:
 
 def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then give running streams `shutdown_grace` seconds to finish."""
-    configure_logging()
+    configure_logging(settings.log_format)
     _install_uvloop()
     web.run_app(
         create_app(settings),
@@ -59,29 +55,60 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
 
 
 def serve(settings: Settings) -> None:
-    """Serve in this process, or in `settings.workers` processes sharing the port."""
+    """Serve in this process, or supervise `settings.workers` processes sharing the port."""
     if settings.workers <= 1:
         run_worker(settings)
         return
-    configure_logging()
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=run_worker, args=(settings,), kwargs={"reuse_port": True}, name=f"gogpt-{n}")
-        for n in range(settings.workers)
-    ]
+    configure_logging(settings.log_format)
+    with tempfile.TemporaryDirectory(prefix="gogpt-metrics-") as metrics_dir:
+        # Each worker writes its metrics here, so any worker's /metrics reports all of them.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        code = _supervise(settings)
+    if code:
+        raise SystemExit(code)
 
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        for worker in workers:
-            if worker.is_alive() and worker.pid is not None:
-                os.kill(worker.pid, signum)  # each worker shuts down gracefully on its own
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for worker in workers:
+def _supervise(settings: Settings) -> int:
+    """Keep N workers running: restart one that dies, stop all on SIGTERM/SIGINT and wait for them."""
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited loop or sockets
+    stopping = False
+
+    def start(number: int) -> multiprocessing.process.BaseProcess:
+        worker = context.Process(
+            target=run_worker, args=(settings,), kwargs={"reuse_port": True}, name=f"gogpt-worker-{number}"
+        )
         worker.start()
-    log.info("started %d workers", len(workers))
-    for worker in workers:
-        worker.join()
-    failed = [worker.name for worker in workers if worker.exitcode not in (0, None)]
+        return worker
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers.values():
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signum)  # each worker drains its streams for SHUTDOWN_GRACE
+
+    workers = {number: start(number) for number in range(settings.workers)}
+    started = {number: time.monotonic() for number in workers}
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("supervising %d workers on %s:%d", len(workers), settings.host, settings.port)
+    while True:
+        alive = [worker for worker in workers.values() if worker.is_alive()]
+        if not alive:
+            break
+        multiprocessing.connection.wait([worker.sentinel for worker in alive])
+        for number, worker in list(workers.items()):
+            if worker.is_alive() or stopping:
+                continue
+            prometheus_multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+            if time.monotonic() - started[number] < _MIN_WORKER_LIFE:
+                log.error("worker %d exited with %s right after starting; stopping", number, worker.exitcode)
+                stop(signal.SIGTERM, None)
+                return 1
+            log.warning("worker %d exited with %s; starting a new one", number, worker.exitcode)
+            workers[number], started[number] = start(number), time.monotonic()
+    failed = [worker.name for worker in workers.values() if worker.exitcode not in (0, None)]
     if failed:
-        raise SystemExit(f"gogpt: workers failed: {', '.join(failed)}")
+        log.error("workers failed to stop cleanly: %s", ", ".join(failed))
+        return 1
+    return 0

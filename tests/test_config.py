@@ -82,6 +82,8 @@ def test_api_proxy_bare_host_means_http(monkeypatch: pytest.MonkeyPatch, given: 
         ("API_PROXY", "ftp://files.example.com"),
         ("API_PROXY", "http://host:notaport"),
         ("UNOFFICIAL_PROXY", "gopher://x"),
+        ("LOG_FORMAT", "xml"),
+        ("REDIS_URL", "http://cache:6379"),
     ],
 )
 def test_a_malformed_variable_is_refused_by_name_without_its_value(

@@ -1,0 +1,90 @@
+"""The Store protocol on Redis, so any number of gogpt instances share limits, caches and leases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from .store import StoreUnavailable
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger("gogpt")
+T = TypeVar("T")
+
+# Only the holder of a lease may extend or drop it: compare the token and act in one step.
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+class RedisStore:
+    """Every call fails fast (2 s) with `StoreUnavailable` when Redis is down, which callers turn into 503."""
+
+    def __init__(self, url: str, *, prefix: str = "gogpt:") -> None:
+        self._redis = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2, health_check_interval=15
+        )
+        self._prefix = prefix
+        self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
+        self._down = False
+
+    async def _call(self, operation: Awaitable[T]) -> T:
+        try:
+            result = await operation
+        except (RedisError, OSError) as exc:
+            if not self._down:  # say it once per outage, not once per request
+                log.error("Redis is unavailable (%s): answering 503 until it returns", type(exc).__name__)
+                self._down = True
+            raise StoreUnavailable() from None
+        if self._down:
+            log.warning("Redis is available again")
+            self._down = False
+        return result
+
+    async def ping(self) -> bool:
+        try:
+            await self._call(self._redis.ping())
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def get_json(self, key: str) -> Any | None:
+        text = await self._call(self._redis.get(self._prefix + key))
+        return None if text is None else json.loads(text)
+
+    async def set_json(self, key: str, value: Any, ttl: float) -> None:
+        await self._call(self._redis.set(self._prefix + key, json.dumps(value), px=int(ttl * 1000)))
+
+    async def acquire(self, key: str, ttl: float) -> str | None:
+        token = secrets.token_hex(8)
+        taken = await self._call(self._redis.set(self._prefix + key, token, nx=True, px=int(ttl * 1000)))
+        return token if taken else None
+
+    async def renew(self, key: str, token: str, ttl: float) -> bool:
+        return bool(await self._call(self._renew(keys=[self._prefix + key], args=[token, int(ttl * 1000)])))
+
+    async def release(self, key: str, token: str) -> None:
+        await self._call(self._release(keys=[self._prefix + key], args=[token]))
+
+    async def is_held(self, key: str) -> bool:
+        return bool(await self._call(self._redis.exists(self._prefix + key)))
+
+    async def count_hit(self, key: str, window: int) -> tuple[int, int]:
+        now = int(time.time())
+        window_key = f"{self._prefix}{key}:{now // window}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(window_key)
+            pipe.expire(window_key, window + 1)
+            count, _ = await self._call(pipe.execute())
+        return int(count), window - now % window
+
+    async def close(self) -> None:
+        await self._redis.aclose()
