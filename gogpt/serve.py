@@ -107,7 +107,9 @@ def _supervise(settings: Settings) -> int:
                 return 1
             log.warning("worker %d exited with %s; starting a new one", number, worker.exitcode)
             workers[number], started[number] = start(number), time.monotonic()
-    failed = [worker.name for worker in workers.values() if worker.exitcode not in (0, None)]
+    # A worker still starting when the signal came ends by it, with no stream to drain: that is clean.
+    clean = (0, None, -signal.SIGTERM, -signal.SIGINT)
+    failed = [worker.name for worker in workers.values() if worker.exitcode not in clean]
     if failed:
         log.error("workers failed to stop cleanly: %s", ", ".join(failed))
         return 1
