@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m gogpt", description="The gogpt LLM gateway.")
     parser.add_argument("--host", help="listen address (HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=_port, help="listen port (PORT, default 8000)")
-    parser.add_argument("--env-file", default=".env", help="settings file (default: .env, may be absent)")
+    parser.add_argument("--env-file", help="settings file, which must exist (default: .env, may be absent)")
     parser.add_argument("--workers", type=_positive, help="processes sharing the port (WORKERS, default 1)")
     parser.add_argument(
         "--clear", action="store_true", help="hide every conversation of the ChatGPT account before serving"
@@ -43,11 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.env_file != ".env" and not os.path.isfile(args.env_file):
+    if args.env_file is not None and not os.path.isfile(args.env_file):
         print(f"gogpt: --env-file: no such file: {args.env_file}", file=sys.stderr)
         return 1
     try:
-        settings = load_settings(args.env_file).with_overrides(
+        settings = load_settings(args.env_file or ".env").with_overrides(
             host=args.host, port=args.port, workers=args.workers, multi=args.multi or None
         )
     except ConfigError as exc:

@@ -6,6 +6,7 @@ import asyncio
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
@@ -101,6 +102,34 @@ def token() -> str:
 @pytest.fixture
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+# Every variable gogpt reads (SPEC "Configuration" plus LOG_FORMAT).
+GOGPT_VARIABLES = (
+    "API_PROXY",
+    "CHAT_API_KEY",
+    "UNOFFICIAL_PROXY",
+    "ACCESS_TOKEN",
+    "SECRET_KEY",
+    "HOST",
+    "PORT",
+    "MAX_BODY_BYTES",
+    "UPSTREAM_TIMEOUT",
+    "SHUTDOWN_GRACE",
+    "RATE_LIMIT",
+    "REDIS_URL",
+    "WORKERS",
+    "LOG_FORMAT",
+)
+
+
+@pytest.fixture
+def bare_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No gogpt variable set, in an empty working directory (returned)."""
+    for name in GOGPT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 class RedisServer:

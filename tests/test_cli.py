@@ -1,75 +1,167 @@
-"""The command line: `python -m gogpt` refuses bad settings clearly and stops gracefully."""
+"""The command line: `python -m gogpt` refuses bad settings in one line, serves, and stops cleanly."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import SECRET_KEY
+from conftest import CHAT_API_KEY, SECRET_KEY, FakeUpstream
 from serving import free_port, start_gogpt, wait_until_listening
+
+Process = asyncio.subprocess.Process
+ExitWaiter = Callable[..., Awaitable[tuple[int, str]]]  # (process, signum=SIGTERM) -> (status, stderr)
 
 
 async def _run_to_exit(env: dict[str, str], cwd: Path, *args: str) -> tuple[int, list[str]]:
+    """Run gogpt when it is expected to refuse to start; its exit status and stderr lines."""
     process = await start_gogpt(env, cwd, *args)
-    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
     assert process.returncode is not None
     return process.returncode, stderr.decode().splitlines()
+
+
+@pytest.fixture
+async def stop() -> AsyncIterator[ExitWaiter]:
+    """Send SIGTERM (or the signal given) and wait for the exit; kill any server a test leaves behind."""
+    started: list[Process] = []
+
+    async def stop_with(process: Process, signum: int = signal.SIGTERM) -> tuple[int, str]:
+        started.append(process)
+        process.send_signal(signum)
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode is not None
+        return process.returncode, stderr.decode()
+
+    yield stop_with
+    for process in started:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def _serve(env: dict[str, str], cwd: Path, port: int, *args: str) -> Process:
+    process = await start_gogpt(env, cwd, *args)
+    try:
+        await wait_until_listening(port, process)
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+        _, stderr = await process.communicate()
+        raise AssertionError(stderr.decode()) from None
+    return process
 
 
 @pytest.mark.parametrize(
     ("env", "named"),
     [
         ({}, "SECRET_KEY"),
+        ({"SECRET_KEY": ""}, "SECRET_KEY"),
         ({"SECRET_KEY": SECRET_KEY, "PORT": "eighty"}, "PORT"),
-        ({"SECRET_KEY": SECRET_KEY, "API_PROXY": "ftp://x"}, "API_PROXY"),
+        ({"SECRET_KEY": SECRET_KEY, "API_PROXY": "ftp://files.example.com"}, "API_PROXY"),
+        ({"SECRET_KEY": SECRET_KEY, "MAX_BODY_BYTES": "-4096"}, "MAX_BODY_BYTES"),
         ({"SECRET_KEY": SECRET_KEY, "UPSTREAM_TIMEOUT": "soon"}, "UPSTREAM_TIMEOUT"),
     ],
+    ids=["missing SECRET_KEY", "empty SECRET_KEY", "PORT", "API_PROXY", "MAX_BODY_BYTES", "UPSTREAM_TIMEOUT"],
 )
-async def test_bad_or_missing_setting_exits_1_with_one_line_naming_it(
+async def test_a_bad_or_missing_variable_exits_1_with_one_line_naming_it(
     tmp_path: Path, env: dict[str, str], named: str
-):
+) -> None:
     code, lines = await _run_to_exit(env, tmp_path)
     assert code == 1
-    assert len(lines) == 1
+    assert len(lines) == 1, lines
     assert named in lines[0]
     assert "Traceback" not in lines[0]
 
 
-async def test_a_bad_setting_in_the_env_file_is_refused_too(tmp_path: Path):
-    (tmp_path / ".env").write_text(f"SECRET_KEY={SECRET_KEY}\nMAX_BODY_BYTES=-5\n")
+async def test_a_bad_variable_in_the_env_file_exits_1_with_one_line_naming_it(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(f"SECRET_KEY={SECRET_KEY}\nWORKERS=none\n")
     code, lines = await _run_to_exit({}, tmp_path)
-    assert (code, len(lines)) == (1, 1)
-    assert "MAX_BODY_BYTES" in lines[0]
+    assert (code, len(lines)) == (1, 1), lines
+    assert "WORKERS" in lines[0]
 
 
-async def test_missing_env_file_option_is_refused(tmp_path: Path):
-    code, lines = await _run_to_exit({"SECRET_KEY": SECRET_KEY}, tmp_path, "--env-file", "nope.env")
+@pytest.mark.parametrize("name", ["nope.env", ".env"])
+async def test_a_missing_env_file_option_exits_1(tmp_path: Path, name: str) -> None:
+    code, lines = await _run_to_exit({"SECRET_KEY": SECRET_KEY}, tmp_path, "--env-file", name)
     assert code == 1
-    assert "--env-file" in lines[-1]
+    assert len(lines) == 1, lines
+    assert "--env-file" in lines[0]
 
 
-async def test_serves_on_the_given_port_logs_no_secrets_and_exits_0_on_sigterm(tmp_path: Path):
-    port, closed = free_port(), free_port()
-    (tmp_path / ".env").write_text(
-        f"SECRET_KEY={SECRET_KEY}\nPORT=1\nCHAT_API_KEY=sk-never-logged\nAPI_PROXY=127.0.0.1:{closed}\n"
-    )
-    process = await start_gogpt({}, tmp_path, "--host", "127.0.0.1", "--port", str(port))
-    await wait_until_listening(port, process)
-    async with aiohttp.ClientSession() as session:
-        url = f"http://127.0.0.1:{port}"
-        async with session.get(f"{url}/token", params={"id": "u", "hour": "1", "key": SECRET_KEY}) as resp:
-            assert resp.status == 200
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_the_server_answers_token_and_exits_0_on_a_stop_signal(
+    tmp_path: Path, stop: ExitWaiter, signum: int
+) -> None:
+    port = free_port()
+    process = await _serve({"SECRET_KEY": SECRET_KEY, "HOST": "127.0.0.1", "PORT": str(port)}, tmp_path, port)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"http://127.0.0.1:{port}/token", params={"id": "u", "hour": "1", "key": SECRET_KEY}
+        ) as resp,
+    ):
+        assert resp.status == 200
+        assert (await resp.json())["token"]
+    code, _ = await stop(process, signum)
+    assert code == 0
+
+
+async def test_the_access_log_never_holds_a_key_or_a_token(
+    tmp_path: Path, stop: ExitWaiter, upstream: FakeUpstream
+) -> None:
+    port = free_port()
+    env = {
+        "SECRET_KEY": SECRET_KEY,
+        "CHAT_API_KEY": CHAT_API_KEY,
+        "API_PROXY": upstream.url,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+    }
+    process = await _serve(env, tmp_path, port)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+        async with session.get("/token", params={"id": "dora", "hour": "1", "key": SECRET_KEY}) as resp:
             token = (await resp.json())["token"]
-        async with session.get(f"{url}/v1/models", headers={"Authorization": token}) as resp:
-            assert resp.status == 502  # nothing listens on API_PROXY
-    process.send_signal(signal.SIGTERM)
-    _, stderr = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0
-    log = stderr.decode()
-    assert "GET /token" in log
-    assert "id=u" in log
-    for secret in (SECRET_KEY, token, "sk-never-logged"):
+        async with session.post("/token", json={"id": "dora", "hour": 1, "key": SECRET_KEY}) as resp:
+            assert resp.status == 200
+        async with session.post("/chat", json={"model": "m"}, headers={"Authorization": token}) as resp:
+            assert resp.status == 200
+        async with session.get("/v1/models", headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert resp.status == 200
+        async with session.get("/v1/models", headers={"Authorization": SECRET_KEY}) as resp:
+            assert resp.status == 200
+    code, log = await stop(process)
+    assert code == 0
+    assert "/token" in log
+    assert "/chat" in log
+    assert "dora" in log  # the caller is identified by the token's id ...
+    for secret in (SECRET_KEY, token, CHAT_API_KEY):  # ... and never by the token itself
         assert secret not in log
+
+
+async def test_port_and_host_options_override_the_environment(tmp_path: Path, stop: ExitWaiter) -> None:
+    port = free_port()
+    env = {
+        "SECRET_KEY": SECRET_KEY,
+        "HOST": "192.0.2.1",  # TEST-NET-1: no local interface has it, so binding it would fail
+        "PORT": str(free_port()),
+    }
+    process = await _serve(env, tmp_path, port, "--host", "127.0.0.1", "--port", str(port))
+    code, _ = await stop(process)
+    assert code == 0
+
+
+async def test_env_file_option_reads_the_named_file(tmp_path: Path, stop: ExitWaiter) -> None:
+    port = free_port()
+    (tmp_path / "gateway.env").write_text(f"SECRET_KEY={SECRET_KEY}\nHOST=127.0.0.1\nPORT={port}\n")
+    process = await _serve({}, tmp_path, port, "--env-file", "gateway.env")
+    code, _ = await stop(process)
+    assert code == 0

@@ -1,59 +1,65 @@
-"""Settings from the environment and .env: defaults, precedence, and clear refusals."""
+"""Settings from the environment and `.env`: defaults, precedence, and clear refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from gogpt import ConfigError, Settings, load_settings
 
-VARIABLES = [
-    "API_PROXY",
-    "CHAT_API_KEY",
-    "UNOFFICIAL_PROXY",
-    "ACCESS_TOKEN",
-    "SECRET_KEY",
-    "HOST",
-    "PORT",
-    "MAX_BODY_BYTES",
-    "UPSTREAM_TIMEOUT",
-    "SHUTDOWN_GRACE",
-    "RATE_LIMIT",
-    "REDIS_URL",
-    "WORKERS",
-    "LOG_FORMAT",
-]
+KEY = "k" * 40
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SECRET_KEY", "k" * 40)
+def environment(bare_environment: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Only SECRET_KEY set, in an empty working directory."""
+    monkeypatch.setenv("SECRET_KEY", KEY)
+    return bare_environment
 
 
-def test_defaults_match_the_spec() -> None:
+def test_defaults_are_the_documented_ones() -> None:
     settings = load_settings()
-    assert settings.api_proxy == "https://api.openai.com"
-    assert (settings.host, settings.port) == ("0.0.0.0", 8000)
-    assert settings.max_body_bytes == 32 * 1024 * 1024
-    assert settings.upstream_timeout == 600
-    assert settings.shutdown_grace == 30
-    assert (settings.rate_limit, settings.workers) == (0, 1)
+    assert settings == Settings(
+        secret_key=KEY,
+        api_proxy="https://api.openai.com",
+        chat_api_key="",
+        unofficial_proxy="",
+        access_token="",
+        host="0.0.0.0",
+        port=8000,
+        max_body_bytes=33554432,
+        upstream_timeout=600,
+        shutdown_grace=30,
+        rate_limit=0,
+        redis_url="",
+        workers=1,
+    )
 
 
-def test_environment_wins_over_the_env_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    (tmp_path / ".env").write_text("PORT=9001\nCHAT_API_KEY=from-file\n")
+def test_the_environment_wins_over_the_env_file(environment: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (environment / ".env").write_text("PORT=9001\nAPI_PROXY=https://from-file.example\n")
     monkeypatch.setenv("PORT", "9002")
+    monkeypatch.setenv("API_PROXY", "https://from-env.example")
     settings = load_settings()
-    assert settings.port == 9002
-    assert settings.chat_api_key == "from-file"
+    assert (settings.port, settings.api_proxy) == (9002, "https://from-env.example")
 
 
-def test_a_missing_env_file_is_fine() -> None:
-    assert load_settings(".env").port == 8000
+def test_the_env_file_supplies_what_the_environment_does_not(environment: Path) -> None:
+    (environment / ".env").write_text("CHAT_API_KEY=sk-from-file\nMAX_BODY_BYTES=1024\n")
+    settings = load_settings()
+    assert (settings.chat_api_key, settings.max_body_bytes) == ("sk-from-file", 1024)
+
+
+def test_a_missing_env_file_is_fine(environment: Path) -> None:
+    assert not (environment / ".env").exists()
+    assert load_settings().port == 8000
+
+
+def test_a_named_env_file_is_read(environment: Path) -> None:
+    (environment / "prod.env").write_text("PORT=9004\n")
+    assert load_settings(environment / "prod.env").port == 9004
 
 
 @pytest.mark.parametrize(
@@ -61,60 +67,151 @@ def test_a_missing_env_file_is_fine() -> None:
     [
         ("127.0.0.1:3000", "http://127.0.0.1:3000"),
         ("proxy.internal", "http://proxy.internal"),
-        ("https://api.openai.com/", "https://api.openai.com"),
-        ("https://gw.example.com/openai", "https://gw.example.com/openai"),
+        ("proxy.internal:8080/openai", "http://proxy.internal:8080/openai"),
     ],
 )
-def test_api_proxy_bare_host_means_http(monkeypatch: pytest.MonkeyPatch, given: str, expected: str) -> None:
+def test_a_bare_host_and_port_means_http(monkeypatch: pytest.MonkeyPatch, given: str, expected: str) -> None:
     monkeypatch.setenv("API_PROXY", given)
     assert load_settings().api_proxy == expected
 
 
 @pytest.mark.parametrize(
-    ("name", "value"),
+    "url", ["https://api.openai.com", "http://10.0.0.2:8080", "https://gw.example.com/openai"]
+)
+def test_a_full_url_is_used_as_given(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("API_PROXY", url)
+    assert load_settings().api_proxy == url
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
     [
-        ("PORT", "eighty"),
-        ("PORT", "70000"),
-        ("MAX_BODY_BYTES", "0"),
-        ("UPSTREAM_TIMEOUT", "-1"),
-        ("WORKERS", "0"),
-        ("RATE_LIMIT", "lots"),
-        ("API_PROXY", "ftp://files.example.com"),
-        ("API_PROXY", "http://host:notaport"),
-        ("UNOFFICIAL_PROXY", "gopher://x"),
-        ("LOG_FORMAT", "xml"),
-        ("REDIS_URL", "http://cache:6379"),
+        ("https://api.openai.com/", "https://api.openai.com"),
+        ("127.0.0.1:3000/", "http://127.0.0.1:3000"),
+        ("https://gw.example.com/openai/", "https://gw.example.com/openai"),
     ],
 )
-def test_a_malformed_variable_is_refused_by_name_without_its_value(
+def test_a_trailing_slash_is_stripped(monkeypatch: pytest.MonkeyPatch, given: str, expected: str) -> None:
+    monkeypatch.setenv("API_PROXY", given)
+    assert load_settings().api_proxy == expected
+
+
+def test_unofficial_proxy_follows_the_same_rule_and_keeps_its_path_prefix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("UNOFFICIAL_PROXY", "127.0.0.1:3040/backend-api/")
+    assert load_settings().unofficial_proxy == "http://127.0.0.1:3040/backend-api"
+
+
+def test_an_empty_api_proxy_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_PROXY", "")
+    assert load_settings().api_proxy == "https://api.openai.com"
+
+
+# Values chosen so that finding one in the message means the message quoted it.
+MALFORMED = [
+    ("PORT", "eighty"),
+    ("PORT", "70000"),
+    ("PORT", "-8080"),
+    ("MAX_BODY_BYTES", "-4096"),
+    ("MAX_BODY_BYTES", "lots"),
+    ("MAX_BODY_BYTES", "1e3"),
+    ("UPSTREAM_TIMEOUT", "soon"),
+    ("UPSTREAM_TIMEOUT", "-30"),
+    ("SHUTDOWN_GRACE", "-5"),
+    ("RATE_LIMIT", "lots"),
+    ("RATE_LIMIT", "-60"),
+    ("WORKERS", "-2"),
+    ("WORKERS", "many"),
+    ("API_PROXY", "ftp://files.example.com"),
+    ("API_PROXY", "ftp://user:hunter2@files.example.com"),
+    ("API_PROXY", "http://proxy.example.com:port"),
+    ("API_PROXY", "http://proxy.example.com:99999"),
+    ("UNOFFICIAL_PROXY", "gopher://chat.example.com"),
+    ("LOG_FORMAT", "xml"),
+    ("REDIS_URL", "http://cache.example.com:6379"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        *MALFORMED,
+        ("MAX_BODY_BYTES", "0"),
+        ("WORKERS", "0"),
+        ("UPSTREAM_TIMEOUT", "0"),
+        ("UPSTREAM_TIMEOUT", "nan"),
+        ("SHUTDOWN_GRACE", "inf"),
+    ],
+)
+def test_a_malformed_variable_is_refused_naming_it(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as refused:
         load_settings()
-    assert name in str(refused.value)
+    assert str(refused.value).startswith(f"{name}:")
+
+
+@pytest.mark.parametrize(("name", "value"), MALFORMED)
+def test_a_malformed_variable_is_refused_without_its_value(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
     assert value not in str(refused.value)
+
+
+def test_a_malformed_variable_in_the_env_file_is_refused(environment: Path) -> None:
+    (environment / ".env").write_text("PORT=eighty\n")
+    with pytest.raises(ConfigError, match=r"^PORT:"):
+        load_settings()
 
 
 def test_a_missing_secret_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SECRET_KEY")
-    with pytest.raises(ConfigError, match="SECRET_KEY"):
+    with pytest.raises(ConfigError, match=r"^SECRET_KEY:"):
         load_settings()
 
 
-def test_settings_never_show_secrets_in_repr() -> None:
-    settings = Settings(
-        secret_key="s3cret-signing",
-        chat_api_key="sk-paid",
-        access_token="at-account",
-        redis_url="redis://:pw@h",
-    )
-    text = repr(settings)
-    for secret in ("s3cret-signing", "sk-paid", "at-account", "pw@h"):
+def test_the_empty_secret_key_of_env_example_is_refused(
+    environment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SECRET_KEY")
+    example = Path(__file__).parent.parent / ".env.example"
+    (environment / ".env").write_text(example.read_text())
+    with pytest.raises(ConfigError, match=r"^SECRET_KEY:"):
+        load_settings()
+
+
+def test_repr_never_shows_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECRET_KEY", "signing-secret-4f1c9a")
+    monkeypatch.setenv("CHAT_API_KEY", "sk-paid-key-77b2e0")
+    monkeypatch.setenv("ACCESS_TOKEN", "account-token-9d3a51")
+    monkeypatch.setenv("REDIS_URL", "redis://:redis-password-5e8c@cache:6379/0")
+    text = repr(load_settings())
+    for secret in (
+        "signing-secret-4f1c9a",
+        "sk-paid-key-77b2e0",
+        "account-token-9d3a51",
+        "redis-password-5e8c",
+    ):
         assert secret not in text
 
 
 def test_settings_are_frozen() -> None:
-    settings = Settings(secret_key="x" * 40)
-    with pytest.raises(AttributeError):
+    settings = load_settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
         settings.port = 1  # type: ignore[misc]
+
+
+def test_env_example_lists_every_variable_with_a_comment() -> None:
+    """Each variable sits in a block of lines under a `#` comment (HOST and PORT share one)."""
+    lines = (Path(__file__).parent.parent / ".env.example").read_text().splitlines()
+    variables = {field.name.upper() for field in dataclasses.fields(Settings)} - {"MULTI"}  # --multi only
+    for name in variables:
+        [index] = [n for n, line in enumerate(lines) if line.startswith(f"{name}=")]
+        while index > 0 and "=" in lines[index - 1] and not lines[index - 1].startswith("#"):
+            index -= 1
+        assert lines[index - 1].startswith("# "), name

@@ -1,43 +1,96 @@
-"""create_app() mounted as a sub-application of another aiohttp service."""
+"""create_app(): mounted as a sub-application of another aiohttp service, or built from the environment."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
 from aiohttp import web
-from conftest import SECRET_KEY, FakeUpstream
+from aiohttp.test_utils import TestClient
+from conftest import CHAT_API_KEY, SECRET_KEY, FakeUpstream
 
-from gogpt import create_app
-from gogpt.keys import HTTP
+from gogpt import Settings, create_app
+from gogpt.keys import HTTP, SETTINGS
+
+ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
 
 
-async def home(request: web.Request) -> web.Response:
+async def _home(request: web.Request) -> web.Response:
     return web.Response(text="host")
 
 
-def host_app(settings) -> tuple[web.Application, web.Application]:
-    gateway = create_app(settings)
+def _host_with(gateway: web.Application) -> web.Application:
     host = web.Application()
-    host.router.add_get("/", home)
+    host.router.add_get("/", _home)
     host.add_subapp("/gw/", gateway)
-    return host, gateway
+    return host
 
 
-async def test_a_mounted_gateway_mints_tokens_and_relays(aiohttp_client, settings, upstream: FakeUpstream):
-    host, _ = host_app(settings)
-    client = await aiohttp_client(host)
-    assert await (await client.get("/")).text() == "host"
+@pytest.fixture
+async def mounted(aiohttp_client: ClientFactory, settings: Settings) -> TestClient:
+    return await aiohttp_client(_host_with(create_app(settings)))
+
+
+async def _token(client: TestClient) -> str:
     resp = await client.get("/gw/token", params={"id": "u", "hour": "1", "key": SECRET_KEY})
-    token = (await resp.json())["token"]
-    resp = await client.post("/gw/chat", json={"model": "m"}, headers={"Authorization": token})
     assert resp.status == 200
+    token: str = (await resp.json())["token"]
+    return token
+
+
+async def test_a_mounted_gateway_mints_tokens_under_its_prefix(mounted: TestClient) -> None:
+    assert await _token(mounted)
+
+
+async def test_a_mounted_gateway_relays_chat_to_the_upstream(
+    mounted: TestClient, upstream: FakeUpstream
+) -> None:
+    token = await _token(mounted)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2}
+    resp = await mounted.post("/gw/chat", json=body, headers={"Authorization": token})
+    assert (resp.status, await resp.json()) == (200, {"ok": True})
     assert upstream.last.path == "/v1/chat/completions"
-    resp = await client.get("/gw/v1/models", headers={"Authorization": token})
-    assert upstream.last.path == "/v1/models"
+    assert upstream.last.headers["Authorization"] == f"Bearer {CHAT_API_KEY}"
+    assert json.loads(upstream.last.body) == body
 
 
-async def test_the_outbound_session_closes_with_the_application(aiohttp_client, settings):
-    host, gateway = host_app(settings)
-    client = await aiohttp_client(host)
+async def test_a_mounted_gateway_still_refuses_unauthenticated_calls(
+    mounted: TestClient, upstream: FakeUpstream
+) -> None:
+    resp = await mounted.post("/gw/chat", json={"model": "m"})
+    assert resp.status == 401
+    assert upstream.requests == []
+
+
+async def test_a_mounted_gateway_adds_its_cors_headers(mounted: TestClient) -> None:
+    resp = await mounted.options("/gw/chat", headers={"Origin": "http://page.test"})
+    assert resp.status == 204
+    assert resp.headers.getall("Access-Control-Allow-Origin") == ["http://page.test"]
+
+
+async def test_the_host_apps_own_routes_are_left_alone(mounted: TestClient) -> None:
+    resp = await mounted.get("/", headers={"Origin": "http://page.test"})
+    assert (resp.status, await resp.text()) == (200, "host")
+    assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_the_outbound_session_lives_and_dies_with_the_host_app(settings: Settings) -> None:
+    gateway = create_app(settings)
+    runner = web.AppRunner(_host_with(gateway))
+    await runner.setup()  # startup: the gateway's cleanup_ctx opens its session
     session = gateway[HTTP]
     assert not session.closed
-    await client.close()
+    await runner.cleanup()  # shutdown and cleanup
     assert session.closed
+
+
+async def test_create_app_without_settings_reads_the_environment(
+    bare_environment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SECRET_KEY", SECRET_KEY)
+    (bare_environment / ".env").write_text("API_PROXY=127.0.0.1:9\n")
+    app = create_app()
+    assert app[SETTINGS].secret_key == SECRET_KEY
+    assert app[SETTINGS].api_proxy == "http://127.0.0.1:9"

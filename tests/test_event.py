@@ -1,34 +1,75 @@
-"""/event: the Go server's SSE demo."""
+"""/event: the Go server's Server-Sent Events demo."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from aiohttp import StreamReader
 from aiohttp.test_utils import TestClient
 
 import gogpt.event
 
+PARAMS = {"appId": "A", "page": "P", "pageSize": "S"}
 
-@pytest.fixture(autouse=True)
-def fast_events(monkeypatch: pytest.MonkeyPatch) -> None:
+
+@pytest.fixture
+def interval(monkeypatch: pytest.MonkeyPatch) -> float:
+    """No waiting between the two events unless a test sets the interval itself."""
     monkeypatch.setattr(gogpt.event, "EVENT_INTERVAL", 0)
+    return 0
 
 
-async def test_event_sends_two_events_then_close_then_ends(client: TestClient):
-    resp = await client.get("/event", params={"appId": "1", "page": "4", "pageSize": "5"})
+def _events(text: str) -> list[list[str]]:
+    """The stream as a list of events, each a list of its field lines."""
+    blocks = text.replace("\r\n", "\n").split("\n\n")
+    assert blocks[-1] == "", "the stream ends after a complete event"
+    return [block.split("\n") for block in blocks[:-1]]
+
+
+async def _next_data_line(content: StreamReader) -> bytes:
+    while not (line := await content.readline()).startswith(b"data:"):
+        assert line, "the stream ended early"
+    return line.rstrip()
+
+
+async def test_event_sends_0aps_then_1aps_then_close_and_ends(client: TestClient, interval: float) -> None:
+    resp = await client.get("/event", params=PARAMS)
     assert resp.status == 200
+    events = _events((await resp.read()).decode())
+    assert events == [["data: 0APS"], ["data: 1APS"], ["event: close", "data: close"]]
+
+
+async def test_event_answers_as_text_event_stream(client: TestClient, interval: float) -> None:
+    resp = await client.get("/event", params=PARAMS)
     assert resp.headers["Content-Type"].startswith("text/event-stream")
-    body = (await resp.read()).decode()
-    assert body.replace("\r\n", "\n") == "data: 0145\n\ndata: 1145\n\nevent: close\ndata: close\n\n"
+
+
+async def test_event_sends_the_first_event_at_once_and_the_second_after_the_interval(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gogpt.event, "EVENT_INTERVAL", 0.5)
+    clock = asyncio.get_running_loop().time
+    started = clock()
+    resp = await client.get("/event", params=PARAMS)
+    first = await _next_data_line(resp.content)
+    first_at = clock() - started
+    second = await _next_data_line(resp.content)
+    second_at = clock() - started
+    assert (first, second) == (b"data: 0APS", b"data: 1APS")
+    assert first_at < 0.5 <= second_at
 
 
 @pytest.mark.parametrize("missing", ["appId", "page", "pageSize"])
-async def test_event_missing_parameter_is_400(client: TestClient, missing: str):
-    params = {name: "1" for name in ("appId", "page", "pageSize") if name != missing}
+async def test_event_missing_parameter_is_400(client: TestClient, interval: float, missing: str) -> None:
+    params = {name: value for name, value in PARAMS.items() if name != missing}
     resp = await client.get("/event", params=params)
     assert resp.status == 400
-    assert missing in (await resp.json())["error"]["message"]
+    error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert missing in error["message"]
 
 
-async def test_event_needs_no_credential(client: TestClient):
-    resp = await client.get("/event?appId=a&page=b&pageSize=c")
+async def test_event_needs_no_credential(client: TestClient, interval: float) -> None:
+    resp = await client.get("/event", params=PARAMS)
     assert resp.status == 200
