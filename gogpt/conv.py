@@ -24,7 +24,7 @@ from aiohttp import web
 from .config import Settings
 from .errors import ApiError, UpstreamAnswer, upstream_error
 from .keys import CONV_STATE, SETTINGS, STORE
-from .relay import call_upstream, relay, upstream_headers
+from .relay import call_upstream, read_body, relay, upstream_headers
 from .sse_ids import MessageIds
 from .store import Store
 
@@ -272,7 +272,7 @@ def _optional_id(body: dict[str, Any], name: str) -> str | None:
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
-        body = json.loads(await request.read())
+        body = json.loads(await read_body(request, request.app[SETTINGS].max_body_bytes))
     except (ValueError, RecursionError):
         raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):

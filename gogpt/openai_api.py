@@ -9,7 +9,7 @@ from yarl import URL
 
 from .errors import ApiError
 from .keys import SETTINGS
-from .relay import relay, request_body, upstream_headers
+from .relay import read_body, relay, request_body, upstream_headers
 
 __all__ = ["chat_handler", "v1_handler"]
 
@@ -17,7 +17,7 @@ __all__ = ["chat_handler", "v1_handler"]
 async def chat_handler(request: web.Request) -> web.StreamResponse:
     """POST /chat: the body, checked to be a JSON object, goes unchanged to /v1/chat/completions."""
     settings = request.app[SETTINGS]
-    body = await request.read()  # `client_max_size` turns an oversized body into 413
+    body = await read_body(request, settings.max_body_bytes)
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):

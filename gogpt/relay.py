@@ -17,7 +17,7 @@ from .errors import ApiError, upstream_error
 from .keys import HTTP
 from .ops import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
 
-__all__ = ["call_upstream", "relay", "request_body", "upstream_headers"]
+__all__ = ["call_upstream", "read_body", "relay", "request_body", "upstream_headers"]
 
 log = logging.getLogger("gogpt")
 
@@ -79,8 +79,20 @@ async def request_body(request: web.Request, max_bytes: int) -> bytes | AsyncIte
     if length is not None and length > max_bytes:
         raise _too_large(max_bytes)
     if length is not None and length <= _READ_WHOLE_BYTES:
-        return await request.read()
+        return await read_body(request, max_bytes)
     return _limited(request.content, max_bytes)
+
+
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The whole body, refused with 413 past `max_bytes`.
+
+    Checked here rather than by `client_max_size`, which aiohttp takes from the outermost
+    application: a gateway mounted with `add_subapp` would get its host's limit instead.
+    """
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _too_large(max_bytes)
+    chunks = [chunk async for chunk in _limited(request.content, max_bytes)]
+    return b"".join(chunks)
 
 
 async def _limited(content: aiohttp.StreamReader, max_bytes: int) -> AsyncIterable[bytes]:

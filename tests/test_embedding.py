@@ -94,3 +94,14 @@ async def test_create_app_without_settings_reads_the_environment(
     app = create_app()
     assert app[SETTINGS].secret_key == SECRET_KEY
     assert app[SETTINGS].api_proxy == "http://127.0.0.1:9"
+
+
+async def test_a_mounted_gateway_keeps_its_own_body_limit(
+    aiohttp_client, settings, upstream: FakeUpstream, auth
+):
+    host = web.Application()  # the host's own limit (1 MiB by default) must not replace gogpt's
+    host.add_subapp("/gw/", create_app(settings.with_overrides(max_body_bytes=1000)))
+    client = await aiohttp_client(host)
+    resp = await client.post("/gw/chat", json={"content": "x" * 5000}, headers=auth)
+    assert resp.status == 413
+    assert upstream.requests == []
