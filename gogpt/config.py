@@ -70,6 +70,10 @@ def normalize_base_url(name: str, value: str) -> str:
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError:
         raise ConfigError(f"{name}: the port is not a number between 0 and 65535") from None
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            f"{name}: credentials in the URL are not supported (the upstream key has its own variable)"
+        )
     if not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(f"{name}: expected a base URL such as https://api.openai.com")
     return value.rstrip("/")

@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import ApiError, upstream_error
-from .keys import HTTP
+from .keys import HTTP, SETTINGS
 from .ops import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
 
 __all__ = ["call_upstream", "read_body", "relay", "request_body", "upstream_headers"]
@@ -131,6 +131,8 @@ async def relay(
             headers = CIMultiDict(headers)
             headers["Content-Length"] = str(length)
     upstream = await call_upstream(request, method, url, headers=headers, data=data)
+    if upstream.status >= 400 and _is_plain_answer(upstream):
+        return await _error_answer(request, upstream)
     response = web.StreamResponse(
         status=upstream.status,
         reason=upstream.reason,
@@ -164,6 +166,36 @@ async def relay(
         STREAMS_ACTIVE.dec()
         RELAYED_BYTES.inc(upstream.content.total_bytes)  # counted by aiohttp, nothing per chunk here
     return response
+
+
+def _is_plain_answer(upstream: aiohttp.ClientResponse) -> bool:
+    """A small, unencoded, non-streamed answer that can be read whole and checked."""
+    length = upstream.content_length
+    return (
+        "Content-Encoding" not in upstream.headers
+        and upstream.content_type != "text/event-stream"
+        and (length is None or length <= _READ_WHOLE_BYTES)
+    )
+
+
+async def _error_answer(request: web.Request, upstream: aiohttp.ClientResponse) -> web.Response:
+    """An upstream error, passed on with any of gogpt's own secrets that it echoes blanked out.
+
+    Upstreams quote credentials in their errors ("Incorrect API key provided: ..."); the
+    client must never learn the key that way.
+    """
+    async with upstream:
+        try:
+            body = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise upstream_error(exc) from None
+    settings = request.app[SETTINGS]
+    for secret in (settings.chat_api_key, settings.access_token, settings.secret_key):
+        if secret:
+            body = body.replace(secret.encode(), b"[redacted]")
+    headers = _end_to_end(upstream.headers, _NOT_SENT_BACK)
+    headers.popall("Content-Length", None)
+    return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
 
 
 async def call_upstream(
