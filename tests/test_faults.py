@@ -158,3 +158,18 @@ async def test_upstream_faults_leave_no_task_or_socket_behind(
         else:
             assert resp.status == outcome
     await settle(lambda: len(asyncio.all_tasks()) <= tasks and open_fds() <= fds + 2)
+
+
+async def test_a_chunked_upload_over_the_limit_is_413_and_never_completes_upstream(
+    aiohttp_client, settings: Settings, upstream: FakeUpstream, auth
+):
+    client = await aiohttp_client(create_app(settings.with_overrides(max_body_bytes=2 << 20)))
+
+    async def three_mebibytes():  # no Content-Length: the limit must hold while streaming
+        for _ in range(48):
+            yield b"x" * 65536
+
+    resp = await client.post("/v1/files", data=three_mebibytes(), headers=auth)
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "request_too_large"
+    assert upstream.requests == []  # the upstream never got a whole request
