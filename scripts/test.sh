@@ -17,6 +17,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+for program in redis-server chromium; do
+  command -v "$program" >/dev/null || { echo "scripts/test.sh needs $program: apt-get install redis-server chromium"; exit 1; }
+done
+
 echo "==> ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
