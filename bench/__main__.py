@@ -1,0 +1,290 @@
+"""The relay benchmark: direct, nginx and gogpt (1 and 2 workers) on the same fake upstream.
+
+    python -m bench                      # every profile and candidate, a table and bench/results/latest.json
+    python -m bench --quick              # smaller counts, a smoke run of a minute
+    python -m bench --profiles burst,wide --candidates direct,nginx,gogpt
+
+Loopback only; every run is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+
+from .client import Tally, run_load
+
+SECRET_KEY = "bench-secret-key-0123456789abcdef0123456789"
+PATH = "/v1/chat/completions"
+ROOT = Path(__file__).parent.parent
+
+
+@dataclass(frozen=True)
+class Profile:
+    streams: int
+    count: int
+    interval: float
+    size: int = 64
+    stream: bool = True
+    repeat: int = 1
+
+
+PROFILES = {
+    "burst": Profile(streams=32, count=3000, interval=0),
+    "slow": Profile(streams=500, count=100, interval=0.02),
+    "wide": Profile(streams=2000, count=40, interval=0.05),
+    "json": Profile(streams=32, count=1, interval=0, size=512, stream=False, repeat=300),
+}
+QUICK = {
+    "burst": Profile(streams=8, count=300, interval=0),
+    "slow": Profile(streams=50, count=20, interval=0.02),
+    "wide": Profile(streams=200, count=10, interval=0.05),
+    "json": Profile(streams=8, count=1, interval=0, size=512, stream=False, repeat=30),
+}
+CANDIDATES = ("direct", "nginx", "gogpt", "gogpt-2w")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def process_tree(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    found = [pid]
+    with contextlib.suppress(OSError):
+        for child in children.read_text().split():
+            found += process_tree(int(child))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, StopIteration):
+            status = Path(f"/proc/{pid}/status").read_text()
+            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return total / 1024
+
+
+def wait_for_port(port: int, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {within} s")
+
+
+NGINX_CONF = """
+worker_processes 1;
+worker_rlimit_nofile 65536;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream fake {{ server 127.0.0.1:{upstream}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def candidate(name: str, upstream_port: int) -> Iterator[tuple[int, list[int]]]:
+    """Start a proxy (or none, for direct); yield its port and the pids whose CPU and memory count."""
+    if name == "direct":
+        yield upstream_port, []
+        return
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="gogpt-bench-") as workdir:
+        if name == "nginx":
+            conf = Path(workdir, "nginx.conf")
+            conf.write_text(NGINX_CONF.format(dir=workdir, upstream=upstream_port, port=port))
+            command = [shutil.which("nginx") or "nginx", "-p", workdir, "-c", str(conf)]
+            env = dict(os.environ)
+        else:
+            command = [sys.executable, "-m", "gogpt"]
+            env = {
+                "PATH": os.environ.get("PATH", ""),
+                "PYTHONPATH": str(ROOT),
+                "SECRET_KEY": SECRET_KEY,
+                "API_PROXY": f"127.0.0.1:{upstream_port}",
+                "HOST": "127.0.0.1",
+                "PORT": str(port),
+                "WORKERS": "2" if name == "gogpt-2w" else "1",
+            }
+        process = subprocess.Popen(
+            command, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for_port(port)
+            time.sleep(0.5 if name == "gogpt-2w" else 0)  # let the second worker bind too
+            yield port, process_tree(process.pid)
+        finally:
+            process.send_signal(signal.SIGTERM if name != "nginx" else signal.SIGQUIT)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def percentile(values: list[int], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] / 1000 if ordered else float("nan")
+
+
+async def measure(name: str, profile: Profile, upstream_port: int, token: str) -> dict:
+    spec = {"count": profile.count, "interval": profile.interval, "size": profile.size}
+    with candidate(name, upstream_port) as (port, pids):
+        auth = token if name.startswith("gogpt") else ""
+        await run_load(
+            port, PATH, auth, 4, {**spec, "count": min(profile.count, 10)}, profile.stream, 1
+        )  # warm up
+        pids = sorted({pid for root in pids for pid in process_tree(root)})
+        cpu_before = cpu_seconds(pids)
+        started = time.perf_counter()
+        tally: Tally = await asyncio.wait_for(
+            run_load(port, PATH, auth, profile.streams, spec, profile.stream, profile.repeat), 600
+        )
+        wall = time.perf_counter() - started
+        cpu = cpu_seconds(pids) - cpu_before
+        rss = peak_rss_mb(pids)
+    expected = profile.streams * profile.repeat * (profile.count if profile.stream else 1)
+    return {
+        "candidate": name,
+        "events": tally.events,
+        "expected_events": expected,
+        "errors": len(tally.errors),
+        "first_errors": tally.errors[:3],
+        "wall_s": round(wall, 3),
+        "events_per_s": round(tally.events / wall, 1),
+        "streams_per_s": round(tally.streams / wall, 1),
+        "latency_ms": {
+            "p50": percentile(tally.latencies_us, 0.5),
+            "p99": percentile(tally.latencies_us, 0.99),
+            "max": percentile(tally.latencies_us, 1.0),
+        },
+        "ttfb_ms_p50": round(statistics.median(tally.first_byte_ms), 2) if tally.first_byte_ms else None,
+        "cpu_s_per_10k_events": round(cpu / tally.events * 10_000, 3) if pids and tally.events else None,
+        "peak_rss_mb": round(rss, 1) if pids else None,
+    }
+
+
+def print_table(profile: str, rows: list[dict]) -> None:
+    direct = next((row for row in rows if row["candidate"] == "direct"), None)
+    nginx = next((row for row in rows if row["candidate"] == "nginx"), None)
+    print(f"\n{profile}")
+    print(
+        f"{'candidate':<10} {'events/s':>10} {'vs nginx':>8} {'streams/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'max ms':>7} {'added p50':>9} {'added p99':>9} {'ttfb ms':>7} {'cpu/10k':>8} {'RSS MB':>7} {'ok':>4}"
+    )
+    for row in rows:
+        latency = row["latency_ms"]
+        added50 = latency["p50"] - direct["latency_ms"]["p50"] if direct else float("nan")
+        added99 = latency["p99"] - direct["latency_ms"]["p99"] if direct else float("nan")
+        ratio = row["events_per_s"] / nginx["events_per_s"] if nginx else float("nan")
+        ok = "yes" if row["errors"] == 0 and row["events"] == row["expected_events"] else "NO"
+        cpu = row["cpu_s_per_10k_events"]
+        rss = row["peak_rss_mb"]
+        print(
+            f"{row['candidate']:<10} {row['events_per_s']:>10.0f} {ratio:>8.2f} {row['streams_per_s']:>9.1f} "
+            f"{latency['p50']:>7.2f} {latency['p99']:>7.2f} {latency['max']:>7.1f} {added50:>9.2f} {added99:>9.2f} "
+            f"{row['ttfb_ms_p50'] or 0:>7.2f} {cpu if cpu is not None else '-':>8} {rss if rss is not None else '-':>7} "
+            f"{ok:>4}"
+        )
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    from gogpt import mint_token
+
+    profiles = QUICK if args.quick else PROFILES
+    upstream_port = free_port()
+    upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream", str(upstream_port)], cwd=ROOT)
+    token = mint_token(SECRET_KEY, "bench", 1)
+    results: dict[str, list[dict]] = {}
+    failed = False
+    try:
+        wait_for_port(upstream_port)
+        for profile_name in args.profiles.split(","):
+            rows = []
+            for name in args.candidates.split(","):
+                if name == "nginx" and shutil.which("nginx") is None:
+                    print(
+                        "nginx is not installed (apt-get install nginx-light): skipping its row",
+                        file=sys.stderr,
+                    )
+                    continue
+                row = await measure(name, profiles[profile_name], upstream_port, token)
+                failed |= row["errors"] > 0 or row["events"] != row["expected_events"]
+                rows.append(row)
+            results[profile_name] = rows
+            print_table(profile_name, rows)
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"quick": args.quick, "cpus": os.cpu_count(), "results": results}, indent=2))
+    print(f"\nJSON: {out}")
+    return 1 if failed else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--profiles", default=",".join(PROFILES))
+    parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2000 streams need 4000+ descriptors
+    sys.exit(uvloop.run(main_async(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The benchmark's load client and fake upstream still agree on every byte (no timing asserted)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bench.client import run_load
+from bench.upstream import UpstreamProtocol
+
+
+async def test_the_load_client_verifies_streams_and_json_from_the_fake_upstream():
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(UpstreamProtocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        streamed = await run_load(
+            port, "/v1/chat/completions", "", 4, {"count": 50, "interval": 0, "size": 100}, True, 2
+        )
+        answered = await run_load(
+            port, "/v1/chat/completions", "", 2, {"count": 1, "interval": 0, "size": 30}, False, 5
+        )
+    assert (streamed.errors, streamed.events, streamed.streams) == ([], 4 * 2 * 50, 8)
+    assert (answered.errors, answered.events) == ([], 10)
+
+
+async def test_the_load_client_notices_a_stream_cut_short():
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        event = b"data: 0 1 xx\n\n"
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))  # one event of the three asked for
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(cut, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        tally = await run_load(port, "/", "", 1, {"count": 3, "interval": 0, "size": 2}, True, 1)
+    assert tally.errors == ["stream ended after 1 of 3 events"]
