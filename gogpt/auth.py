@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import time
 from typing import Any
 
@@ -11,7 +10,7 @@ import jwt
 from aiohttp import web
 
 from .config import Settings
-from .errors import ApiError, Handler
+from .errors import ApiError, Handler, json_object
 from .keys import IDENTITY, SETTINGS
 
 __all__ = ["ADMIN", "auth_middleware", "mint_token", "public", "token_handler", "verify_credential"]
@@ -106,13 +105,7 @@ async def _token_params(request: web.Request) -> dict[str, Any]:
     if request.method != "POST":
         return dict(request.query)
     if request.content_type == "application/json":
-        try:
-            body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
-        return body
+        return json_object(await request.read())
     return dict(await request.post())
 
 

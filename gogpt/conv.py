@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from .config import Settings
-from .errors import ApiError, UpstreamAnswer, upstream_error
+from .errors import ApiError, UpstreamAnswer, json_object, upstream_error
 from .keys import CONV_STATE, SETTINGS, STORE
 from .relay import call_upstream, read_body, relay, upstream_headers
 from .sse_ids import MessageIds
@@ -146,7 +146,7 @@ async def _get_conversation(
 
 
 async def _post_message(settings: Settings, request: web.Request) -> web.StreamResponse:
-    body = await _json_object(request)
+    body = json_object(await read_body(request, settings.max_body_bytes))
     content = body.get("content")
     if not isinstance(content, str) or not content:
         raise ApiError(400, "content must be a non-empty string.", code="invalid_content")
@@ -268,16 +268,6 @@ def _optional_id(body: dict[str, Any], name: str) -> str | None:
     if not isinstance(value, str) or not _ID.fullmatch(value):
         raise ApiError(400, f"{name} must be letters, digits, '-' and '_' only.", code="invalid_id")
     return value
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await read_body(request, request.app[SETTINGS].max_body_bytes))
-    except (ValueError, RecursionError):
-        raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
-    return body
 
 
 async def hide_all_conversations(settings: Settings) -> str:

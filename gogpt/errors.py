@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-__all__ = ["ApiError", "UpstreamAnswer", "error_middleware", "error_response", "upstream_error"]
+__all__ = [
+    "ApiError",
+    "UpstreamAnswer",
+    "error_middleware",
+    "error_response",
+    "json_object",
+    "upstream_error",
+]
 
 log = logging.getLogger("gogpt")
 
@@ -74,6 +83,17 @@ def error_response(
         }
     }
     return web.json_response(body, status=status, headers=headers)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body parsed as a JSON object, or a 400 saying why it is not one."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
+        raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(parsed, dict):
+        raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
+    return parsed
 
 
 def upstream_error(exc: BaseException) -> ApiError:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 from yarl import URL
 
-from .errors import ApiError
+from .errors import ApiError, json_object
 from .keys import SETTINGS
 from .relay import read_body, relay, request_body, upstream_headers
 
@@ -18,12 +16,7 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
     """POST /chat: the body, checked to be a JSON object, goes unchanged to /v1/chat/completions."""
     settings = request.app[SETTINGS]
     body = await read_body(request, settings.max_body_bytes)
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
+    json_object(body)  # checked, then forwarded as the client wrote it
     headers = upstream_headers(request, _bearer(settings.chat_api_key))
     headers["Content-Type"] = "application/json"  # browsers may send text/plain to skip a preflight
     return await relay(
