@@ -12,7 +12,7 @@ from .auth import auth_middleware, token_handler
 from .config import Settings, load_settings
 from .conv import ConvState, conv_handler
 from .cors import add_cors_headers, cors_middleware
-from .errors import error_middleware
+from .errors import error_middleware, expect_continue
 from .event import event_handler
 from .keys import CONV_STATE, HTTP, SETTINGS, STORE
 from .openai_api import chat_handler, v1_handler
@@ -50,14 +50,14 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.on_response_prepare.append(add_cors_headers)
 
     router = app.router
-    router.add_get("/token", token_handler)
-    router.add_post("/token", token_handler)
-    router.add_get("/event", event_handler)
-    router.add_post("/chat", chat_handler)
-    router.add_route("*", "/v1/{path:.+}", v1_handler)
-    router.add_route("*", "/conv", conv_handler)
-    router.add_get("/healthz", healthz_handler)
-    router.add_get("/metrics", metrics_handler)
+    router.add_get("/token", token_handler, expect_handler=expect_continue)
+    router.add_post("/token", token_handler, expect_handler=expect_continue)
+    router.add_get("/event", event_handler, expect_handler=expect_continue)
+    router.add_post("/chat", chat_handler, expect_handler=expect_continue)
+    router.add_route("*", "/v1/{path:.+}", v1_handler, expect_handler=expect_continue)
+    router.add_route("*", "/conv", conv_handler, expect_handler=expect_continue)
+    router.add_get("/healthz", healthz_handler, expect_handler=expect_continue)
+    router.add_get("/metrics", metrics_handler, expect_handler=expect_continue)
     return app
 
 

@@ -39,11 +39,13 @@ def verify_credential(secret_key: str, authorization: str) -> str:
         credential = rest.strip()
     if not credential:
         raise _unauthorized("Missing credential: send a gogpt token in the Authorization header.")
-    raw = credential.encode("utf-8", "surrogateescape")
+    raw = credential.encode("utf-8", "surrogatepass")  # header bytes that were not UTF-8 stay comparable
     if len(raw) > _MAX_CREDENTIAL_BYTES:
         raise _unauthorized("Invalid credential.")
     if hmac.compare_digest(raw, secret_key.encode()):
         return ADMIN
+    if not credential.isascii():  # tokens are base64url; PyJWT fails on what it cannot encode
+        raise _unauthorized("Invalid token.")
     try:
         claims = jwt.decode(
             credential,
@@ -95,7 +97,7 @@ async def token_handler(request: web.Request) -> web.Response:
         raise ApiError(400, "id must be a string of at most 256 characters.", code="invalid_parameter")
     hour = _positive_hours(hours)
     if not isinstance(key, str) or not hmac.compare_digest(
-        key.encode("utf-8", "surrogateescape"), settings.secret_key.encode()
+        key.encode("utf-8", "surrogatepass"), settings.secret_key.encode()
     ):
         raise ApiError(403, "Wrong key.", code="invalid_key")
     return web.json_response({"token": mint_token(settings.secret_key, str(identity), hour)})
@@ -106,7 +108,10 @@ async def _token_params(request: web.Request) -> dict[str, Any]:
         return dict(request.query)
     if request.content_type == "application/json":
         return json_object(await request.read())
-    return dict(await request.post())
+    try:
+        return dict(await request.post())
+    except (ValueError, LookupError):  # a multipart body without its boundary, an unknown charset
+        raise ApiError(400, "The body is not a valid form.", code="invalid_form") from None
 
 
 def _positive_hours(value: Any) -> int:

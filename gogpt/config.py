@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from environs import Env, EnvValidationError
 from marshmallow.validate import OneOf, Range
@@ -50,7 +50,7 @@ class Settings:
                 normalize_base_url("UNOFFICIAL_PROXY", self.unofficial_proxy),
             )
 
-        if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+        if self.redis_url and _split_url("REDIS_URL", self.redis_url).scheme not in _REDIS_SCHEMES:
             raise ConfigError("REDIS_URL: expected redis://, rediss:// or unix://")
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -58,12 +58,22 @@ class Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _split_url(name: str, value: str) -> SplitResult:
+    try:
+        return urlsplit(value)
+    except ValueError:  # an unclosed "[" of an IPv6 address, say
+        raise ConfigError(f"{name}: not a valid URL") from None
+
+
 def normalize_base_url(name: str, value: str) -> str:
     """Bare `host[:port]` means `http://host[:port]`, as in the Go original; anything else must be http(s)."""
     value = value.strip()
     if "://" not in value:
         value = "http://" + value
-    parts = urlsplit(value)
+    parts = _split_url(name, value)
     if parts.scheme not in ("http", "https"):
         raise ConfigError(f"{name}: the URL scheme must be http or https")
     try:
@@ -87,7 +97,10 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env") -> Settings:
     """
     env = Env(eager=False, expand_vars=False)
     if env_file is not None:
-        env.read_env(Path(env_file), recurse=False)
+        try:
+            env.read_env(Path(env_file), recurse=False)
+        except (OSError, ValueError):  # a directory, unreadable, or not UTF-8
+            raise ConfigError(f"{env_file}: not a readable UTF-8 settings file") from None
     positive = Range(min=1)
     values: dict[str, Any] = dict(
         secret_key=env.str("SECRET_KEY", ""),

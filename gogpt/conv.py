@@ -24,7 +24,7 @@ from aiohttp import web
 from .config import Settings
 from .errors import ApiError, UpstreamAnswer, json_object, upstream_error
 from .keys import CONV_STATE, SETTINGS, STORE
-from .relay import call_upstream, read_body, relay, upstream_headers
+from .relay import call_upstream, read_body, redact_secrets, relay, upstream_headers
 from .sse_ids import MessageIds
 from .store import Store
 
@@ -243,6 +243,7 @@ async def _upstream_json(
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise upstream_error(exc) from None
     if upstream.status != 200:
+        body = redact_secrets(settings, body)  # "token ... expired" answers may quote ACCESS_TOKEN
         raise UpstreamAnswer(upstream.status, body, upstream.headers.get("Content-Type"))
     try:
         return json.loads(body)

@@ -16,6 +16,7 @@ __all__ = [
     "UpstreamAnswer",
     "error_middleware",
     "error_response",
+    "expect_continue",
     "json_object",
     "upstream_error",
 ]
@@ -111,6 +112,19 @@ def upstream_error(exc: BaseException) -> ApiError:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` as aiohttp answers it; any other expectation is a 417 in the OpenAI shape.
+
+    aiohttp's own 417 quotes the header back, and fails with a 500 on bytes that are not UTF-8.
+    """
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return error_response(417, "Only 'Expect: 100-continue' is supported.", code="expectation_failed")
+    if request.version == aiohttp.HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer does not count as the response started
+    return None
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost middleware: every refusal and failure leaves as an OpenAI-shaped JSON error."""
@@ -120,6 +134,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers)
     except UpstreamAnswer as exc:
         return web.Response(status=exc.status, body=exc.body, headers={"Content-Type": exc.content_type})
+    except web.RequestPayloadError:  # a broken chunked or compressed body, e.g. on a /token form
+        return error_response(400, "The request body could not be read.", code="invalid_body")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http import HttpProcessingError
 
 from .keys import IDENTITY
 
@@ -33,7 +34,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class _QuietBadRequests(logging.Filter):
+    """aiohttp logs each malformed request at ERROR with a traceback that quotes the raw line,
+    which may hold a token or `/token?key=...`: keep one line naming the kind of fault, at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fault = record.exc_info[1] if record.exc_info else None
+        if isinstance(fault, (HttpProcessingError, web.RequestPayloadError)):
+            record.msg, record.args = f"{record.getMessage()}: {type(fault).__name__}", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_QUIET_BAD_REQUESTS = _QuietBadRequests()
+
+
 def configure_logging(log_format: str = "text") -> None:
+    logging.getLogger("aiohttp.server").addFilter(_QUIET_BAD_REQUESTS)
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())

@@ -28,7 +28,8 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
     """Any method on /v1/{path}: a drop-in `base_url` for OpenAI SDKs, query and body passed through."""
     settings = request.app[SETTINGS]
     segments = request.match_info["path"].split("/")
-    if any(segment in ("", ".", "..") for segment in segments):
+    # a backslash is a separator to some servers: "..\\x" would climb out of /v1 there
+    if "\\" in request.match_info["path"] or any(segment in ("", ".", "..") for segment in segments):
         raise ApiError(400, "Invalid API path.", code="invalid_path")
     url = URL(settings.api_proxy).joinpath("v1", *segments)
     if request.query_string:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 
 import aiohttp
@@ -13,11 +14,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from .config import Settings
 from .errors import ApiError, upstream_error
 from .keys import HTTP, SETTINGS
 from .ops import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
 
-__all__ = ["call_upstream", "read_body", "relay", "request_body", "upstream_headers"]
+__all__ = ["call_upstream", "read_body", "redact_secrets", "relay", "request_body", "upstream_headers"]
 
 log = logging.getLogger("gogpt")
 
@@ -48,6 +50,11 @@ _NOT_SENT_BACK = _HOP_BY_HOP | {
 }
 # Bodies up to this size are read whole and sent with a Content-Length; larger ones stream.
 _READ_WHOLE_BYTES = 1 << 20
+# aiohttp's server decodes request bodies in these encodings (its parser's list), so what gogpt
+# passes on is the decoded body: its Content-Encoding and Content-Length no longer describe it.
+_DECODED_BY_AIOHTTP = frozenset({"gzip", "deflate", "br", "zstd"})
+# Error answers in these encodings are decoded here so that a quoted secret can be blanked out.
+_READABLE_ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate"})
 
 
 def _end_to_end(headers: Mapping[str, str], dropped: frozenset[str]) -> CIMultiDict[str]:
@@ -63,9 +70,17 @@ def upstream_headers(
 ) -> CIMultiDict[str]:
     """The client's end-to-end headers with gogpt's own credential for the upstream."""
     headers = _end_to_end(request.headers, _NOT_SENT_UPSTREAM | {name.lower() for name in also_drop})
+    if _body_was_decoded(request):
+        headers.popall("Content-Encoding", None)
     if authorization:
         headers["Authorization"] = authorization
     return headers
+
+
+def _body_was_decoded(request: web.BaseRequest) -> bool:
+    return any(
+        value.lower() in _DECODED_BY_AIOHTTP for value in request.headers.getall("Content-Encoding", ())
+    )
 
 
 async def request_body(request: web.Request, max_bytes: int) -> bytes | AsyncIterable[bytes] | None:
@@ -97,11 +112,14 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
 
 async def _limited(content: aiohttp.StreamReader, max_bytes: int) -> AsyncIterable[bytes]:
     received = 0
-    async for chunk in content.iter_any():
-        received += len(chunk)
-        if received > max_bytes:
-            raise _too_large(max_bytes)
-        yield chunk
+    try:
+        async for chunk in content.iter_any():
+            received += len(chunk)
+            if received > max_bytes:
+                raise _too_large(max_bytes)
+            yield chunk
+    except web.RequestPayloadError:  # a broken chunk or compressed body: the client's fault
+        raise ApiError(400, "The request body could not be read.", code="invalid_body") from None
 
 
 def _too_large(max_bytes: int) -> ApiError:
@@ -127,7 +145,7 @@ async def relay(
     """
     if isinstance(data, AsyncIterable) and "content-length" not in headers:
         length = request.content_length
-        if length is not None:
+        if length is not None and not _body_was_decoded(request):
             headers = CIMultiDict(headers)
             headers["Content-Length"] = str(length)
     upstream = await call_upstream(request, method, url, headers=headers, data=data)
@@ -169,10 +187,10 @@ async def relay(
 
 
 def _is_plain_answer(upstream: aiohttp.ClientResponse) -> bool:
-    """A small, unencoded, non-streamed answer that can be read whole and checked."""
+    """A small, non-streamed answer in an encoding gogpt reads, so it can be read whole and checked."""
     length = upstream.content_length
     return (
-        "Content-Encoding" not in upstream.headers
+        upstream.headers.get("Content-Encoding", "identity").lower() in _READABLE_ENCODINGS
         and upstream.content_type != "text/event-stream"
         and (length is None or length <= _READ_WHOLE_BYTES)
     )
@@ -186,16 +204,38 @@ async def _error_answer(request: web.Request, upstream: aiohttp.ClientResponse) 
     """
     async with upstream:
         try:
-            body = await upstream.read()
+            body = _decoded(await upstream.read(), upstream.headers.get("Content-Encoding", "identity"))
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise upstream_error(exc) from None
-    settings = request.app[SETTINGS]
+    headers = _end_to_end(upstream.headers, _NOT_SENT_BACK)
+    headers.popall("Content-Length", None)
+    headers.popall("Content-Encoding", None)  # sent back decoded, as every client accepts
+    body = redact_secrets(request.app[SETTINGS], body)
+    return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+
+
+def _decoded(body: bytes, encoding: str) -> bytes:
+    """An error answer's body without its gzip or deflate encoding, within the read-whole size."""
+    if encoding.lower() == "identity":
+        return body
+    for window in (47, -15):  # gzip or zlib framing (auto-detected), then the raw deflate some servers send
+        decompressor = zlib.decompressobj(window)
+        try:
+            decoded = decompressor.decompress(body, _READ_WHOLE_BYTES)
+        except zlib.error:
+            continue
+        if not decompressor.unconsumed_tail:
+            return decoded
+        break
+    raise ApiError(502, "The upstream sent an error answer that could not be decoded.", code="upstream_error")
+
+
+def redact_secrets(settings: Settings, body: bytes) -> bytes:
+    """Blank out gogpt's own secrets wherever an upstream quotes them back."""
     for secret in (settings.chat_api_key, settings.access_token, settings.secret_key):
         if secret:
             body = body.replace(secret.encode(), b"[redacted]")
-    headers = _end_to_end(upstream.headers, _NOT_SENT_BACK)
-    headers.popall("Content-Length", None)
-    return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+    return body
 
 
 async def call_upstream(

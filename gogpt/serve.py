@@ -40,18 +40,22 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then give running streams `shutdown_grace` seconds to finish."""
     configure_logging(settings.log_format)
     _install_uvloop()
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        backlog=LISTEN_BACKLOG,
-        reuse_port=reuse_port or None,
-        shutdown_timeout=settings.shutdown_grace,
-        handler_cancellation=True,  # a client hang-up cancels its relay and closes the upstream at once
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger("gogpt.access"),
-        print=lambda _: log.info("serving on http://%s:%d", settings.host, settings.port),
-    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            backlog=LISTEN_BACKLOG,
+            reuse_port=reuse_port or None,
+            shutdown_timeout=max(settings.shutdown_grace, 0.001),  # aiohttp reads 0 as "wait for ever"
+            handler_cancellation=True,  # a client hang-up cancels its relay and closes the upstream at once
+            access_log_class=AccessLogger,
+            access_log=logging.getLogger("gogpt.access"),
+            print=lambda _: log.info("serving on http://%s:%d", settings.host, settings.port),
+        )
+    except OSError as exc:  # the address is taken or does not resolve: one line, not a traceback
+        log.error("HOST, PORT: cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+        raise SystemExit(1) from None
 
 
 def serve(settings: Settings) -> None:

@@ -1,29 +1,47 @@
-"""Faults at scale: mass hang-ups and upstream failures leave no stream, lock, task or socket behind."""
+"""Faults and limits: upstream failures, mass hang-ups and oversized or broken uploads.
+
+None of them leaves a stream, lock, task, socket or object behind, and none reaches the upstream
+as a whole request when the client's side was at fault.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import gzip
 import os
+import signal
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import FakeUpstream
-from serving import free_port
+from conftest import SECRET_KEY, FakeUpstream
+from serving import free_port, start_gogpt, wait_until_listening
 from test_conv import POST, Backend, message
 
 from gogpt import Settings, create_app
 from gogpt.keys import STORE
 
 STREAMS = 200
+Fault = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def settle(condition, within: float = 10) -> None:
+def live_objects() -> int:
+    """Requests and responses alive on either side of gogpt: what a leaked stream would keep."""
+    gc.collect()
+    kinds = (web.BaseRequest, web.StreamResponse, aiohttp.ClientResponse)
+    return sum(isinstance(obj, kinds) for obj in gc.get_objects())
+
+
+async def settle(condition: Callable[[], bool], within: float = 10) -> None:
     """Wait until `condition()` holds: sockets close on the loop's schedule, not on an event we hold."""
     async with asyncio.timeout(within):
         while not condition():  # noqa: ASYNC110 - fd counts and task sets have no event to await
@@ -31,58 +49,78 @@ async def settle(condition, within: float = 10) -> None:
 
 
 class HeldStreams:
-    """An upstream that sends one event per stream, then holds it open; counts the closed ones."""
+    """Wraps an upstream answer: counts the streams opened and those closed before they ended."""
 
-    def __init__(self, expected: int) -> None:
+    def __init__(self, expected: int, respond: Fault | None = None) -> None:
         self.opened = 0
         self.closed = 0
         self.all_open = asyncio.Event()
         self.all_closed = asyncio.Event()
         self.expected = expected
+        self.inner = respond or self.first_event_then_silence
 
-    async def respond(self, request: web.Request) -> web.StreamResponse:
+    async def first_event_then_silence(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b"data: first\n\n")
         self.opened += 1
         if self.opened == self.expected:
             self.all_open.set()
+        await asyncio.Event().wait()  # a model that never finishes
+        return response
+
+    async def respond(self, request: web.Request) -> web.StreamResponse:
         try:
-            await asyncio.Event().wait()  # a model that never finishes
+            return await self.inner(request)
         finally:
             self.closed += 1
             if self.closed == self.expected:
                 self.all_closed.set()
-        return response
 
 
-async def test_hundreds_of_hang_ups_close_every_upstream_stream_and_free_their_sockets(
+# ---- hang-ups --------------------------------------------------------------------------------
+
+
+async def test_hundreds_of_hang_ups_close_every_upstream_stream_and_free_sockets_and_memory(
     client: TestClient, upstream: FakeUpstream, auth
 ):
     held = HeldStreams(STREAMS)
     upstream.respond = held.respond
-    baseline = open_fds()
+    await client.post("/chat", json={}, headers=auth)  # warm up: pools and lazy imports
+    held.opened = held.closed = 0
+    held.all_open.clear()
+    tasks, fds, objects = len(asyncio.all_tasks()), open_fds(), live_objects()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        responses = [session.post(client.make_url("/chat"), json={}, headers=auth) for _ in range(STREAMS)]
-        opened = await asyncio.gather(*responses)
+        opened = await asyncio.gather(
+            *(session.post(client.make_url("/chat"), json={}, headers=auth) for _ in range(STREAMS))
+        )
         await asyncio.wait_for(held.all_open.wait(), 30)
         for resp in opened:
-            await resp.content.readline()
-        for resp in opened:
-            resp.close()  # every client hangs up at once
-        await asyncio.wait_for(held.all_closed.wait(), 10)
-    await settle(lambda: open_fds() <= baseline + 5)
+            assert await resp.content.readline() == b"data: first\n"
+        gc.disable()  # so only gogpt's own closing, not the collector, can end the upstream streams
+        try:
+            for resp in opened:
+                resp.close()  # every client hangs up at once
+            await asyncio.wait_for(held.all_closed.wait(), 5)
+        finally:
+            gc.enable()
+        del opened, resp
+    await settle(lambda: open_fds() <= fds + 2 and len(asyncio.all_tasks()) <= tasks)
+    assert live_objects() <= objects
 
 
-async def test_hundreds_of_hang_ups_free_every_conv_session(
+async def test_hundreds_of_hang_ups_free_every_conv_session_and_close_every_upstream(
     aiohttp_client, settings: Settings, upstream: FakeUpstream, auth
 ):
     backend = Backend()
-    backend.gate.clear()
-    upstream.respond = backend.respond
+    backend.gate.clear()  # replies stay open until the clients leave
+    held = HeldStreams(100, backend.respond)
+    upstream.respond = held.respond
     app = create_app(settings.with_overrides(multi=True))
     client = await aiohttp_client(app)
+    store = app[STORE]
     ids = [f"conv-{n}" for n in range(100)]
+    fds = open_fds()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         opened = await asyncio.gather(
             *(
@@ -97,20 +135,79 @@ async def test_hundreds_of_hang_ups_free_every_conv_session(
         for resp in opened:
             assert resp.status == 200
             await resp.content.readline()
-        store = app[STORE]
         assert all([await store.is_held(f"conv:session:{i}") for i in ids])
         for resp in opened:
             resp.close()
-        await settle(lambda: len(upstream.requests) == 100)
+        await asyncio.wait_for(held.all_closed.wait(), 10)  # every upstream reply was closed
         async with asyncio.timeout(10):
             while any([await store.is_held(f"conv:session:{i}") for i in ids]):  # noqa: ASYNC110 - freed by cancelled handlers
                 await asyncio.sleep(0.02)
-    backend.gate.set()
+        del opened, resp
+    await settle(lambda: open_fds() <= fds + 2)
+
+
+async def test_hang_ups_on_a_real_gogpt_close_every_upstream_and_return_its_fds(
+    tmp_path: Path, upstream: FakeUpstream, token: str
+):
+    held = HeldStreams(100)
+    upstream.respond = held.respond
+    port = free_port()
+    env = {"SECRET_KEY": SECRET_KEY, "API_PROXY": upstream.url, "HOST": "127.0.0.1", "PORT": str(port)}
+    process = await start_gogpt(env, tmp_path)
+    try:
+        await wait_until_listening(port, process)
+        url, headers = f"http://127.0.0.1:{port}/chat", {"Authorization": token}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            async with session.post(url, json={}, headers=headers) as resp:  # warm up the pools
+                await resp.content.readline()
+            await settle(lambda: held.closed == 1)
+            held.opened = held.closed = 0
+            fds = len(os.listdir(f"/proc/{process.pid}/fd"))
+            opened = await asyncio.gather(*(session.post(url, json={}, headers=headers) for _ in range(100)))
+            await asyncio.wait_for(held.all_open.wait(), 30)
+            for resp in opened:
+                resp.close()
+            # closed only when gogpt cancels its relays on hang-up (handler_cancellation): the
+            # upstream is silent, so no failed write would ever tell the relay the client left
+            await asyncio.wait_for(held.all_closed.wait(), 10)
+        await settle(lambda: len(os.listdir(f"/proc/{process.pid}/fd")) <= fds + 2)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0
+
+
+# ---- upstream faults -------------------------------------------------------------------------
 
 
 async def _silent_before_answering(request: web.Request) -> web.StreamResponse:
     await asyncio.Event().wait()
     raise AssertionError("unreachable")
+
+
+async def _closes_before_answering(request: web.Request) -> web.StreamResponse:
+    assert request.transport is not None
+    request.transport.close()
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+async def _answers_garbage(request: web.Request) -> web.StreamResponse:
+    assert request.transport is not None
+    request.transport.write(b"THIS IS NOT HTTP\r\n\r\n")
+    request.transport.close()
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+async def _error_answer_cut_short(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(status=500, headers={"Content-Type": "application/json"})
+    response.content_length = 1000
+    await response.prepare(request)
+    await response.write(b'{"error": ')
+    assert request.transport is not None
+    request.transport.close()
+    return response
 
 
 async def _silent_mid_stream(request: web.Request) -> web.StreamResponse:
@@ -130,46 +227,163 @@ async def _cut_mid_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-@pytest.mark.parametrize(
-    ("fault", "outcome"),
-    [
-        (_silent_before_answering, 504),
-        (_silent_mid_stream, "cut"),
-        (_cut_mid_stream, "cut"),
-        (None, 502),  # connection refused
-    ],
-    ids=["slow first byte", "silence mid-stream", "abrupt close mid-stream", "refused connection"],
-)
-async def test_upstream_faults_leave_no_task_or_socket_behind(
-    aiohttp_client, settings: Settings, upstream: FakeUpstream, auth, fault, outcome
+FAULTS = {
+    "slow first byte": (_silent_before_answering, 504),
+    "closed before answering": (_closes_before_answering, 502),
+    "garbage instead of HTTP": (_answers_garbage, 502),
+    "error answer cut short": (_error_answer_cut_short, 502),
+    "silence mid-stream": (_silent_mid_stream, "cut"),
+    "abrupt close mid-stream": (_cut_mid_stream, "cut"),
+    "refused connection": (None, 502),
+}
+
+
+async def _expect(resp: aiohttp.ClientResponse, outcome: int | str) -> None:
+    if outcome == "cut":  # the headers went out; only a cut connection can say the answer is partial
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    else:
+        assert resp.status == outcome
+        error = (await resp.json())["error"]
+        assert error["code"] in ("upstream_timeout", "upstream_unreachable", "upstream_error")
+
+
+@pytest.mark.parametrize(("fault", "outcome"), FAULTS.values(), ids=FAULTS.keys())
+async def test_upstream_faults_on_chat_leave_no_task_or_socket_behind(
+    aiohttp_client, settings: Settings, upstream: FakeUpstream, auth, fault: Fault | None, outcome: int | str
 ):
     proxy = upstream.url if fault else f"127.0.0.1:{free_port()}"
     if fault:
         upstream.respond = fault
     client = await aiohttp_client(create_app(settings.with_overrides(api_proxy=proxy, upstream_timeout=0.3)))
-    await client.post("/chat", json={}, headers=auth)  # warm up: connection pools, lazy imports
+    await _expect(await client.post("/chat", json={}, headers=auth), outcome)  # warm up: pools, lazy imports
     tasks, fds = len(asyncio.all_tasks()), open_fds()
     for _ in range(5):
-        resp = await client.post("/chat", json={}, headers=auth)
-        if outcome == "cut":
-            assert resp.status == 200
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await resp.read()
-        else:
-            assert resp.status == outcome
+        await _expect(await client.post("/chat", json={}, headers=auth), outcome)
     await settle(lambda: len(asyncio.all_tasks()) <= tasks and open_fds() <= fds + 2)
 
 
-async def test_a_chunked_upload_over_the_limit_is_413_and_never_completes_upstream(
-    aiohttp_client, settings: Settings, upstream: FakeUpstream, auth
+@pytest.mark.parametrize(("fault", "outcome"), FAULTS.values(), ids=FAULTS.keys())
+async def test_upstream_faults_on_conv_free_the_session(
+    aiohttp_client, settings: Settings, upstream: FakeUpstream, auth, fault: Fault | None, outcome: int | str
 ):
-    client = await aiohttp_client(create_app(settings.with_overrides(max_body_bytes=2 << 20)))
+    proxy = upstream.url if fault else f"127.0.0.1:{free_port()}"
+    if fault:
+        upstream.respond = fault
+    app = create_app(settings.with_overrides(unofficial_proxy=proxy + "/backend-api", upstream_timeout=0.3))
+    client = await aiohttp_client(app)
+    await _expect(await client.post("/conv", json=message(), headers={**auth, **POST}), outcome)  # warm up
+    tasks, fds = len(asyncio.all_tasks()), open_fds()
+    for _ in range(3):  # single mode: a lease left behind would make the next one 409
+        await _expect(await client.post("/conv", json=message(), headers={**auth, **POST}), outcome)
+    assert not await app[STORE].is_held("conv:session:account")
+    await settle(lambda: len(asyncio.all_tasks()) <= tasks and open_fds() <= fds + 2)
 
-    async def three_mebibytes():  # no Content-Length: the limit must hold while streaming
-        for _ in range(48):
-            yield b"x" * 65536
 
-    resp = await client.post("/v1/files", data=three_mebibytes(), headers=auth)
+# ---- limits and broken uploads ---------------------------------------------------------------
+
+LIMIT = 1 << 20
+ROUTES = {
+    "/chat": {},
+    "/conv": POST,
+    "/v1/files": {},
+    "/token": {"Content-Type": "application/x-www-form-urlencoded"},
+}
+
+
+@pytest.fixture
+async def limited(aiohttp_client, settings: Settings) -> TestClient:
+    return await aiohttp_client(create_app(settings.with_overrides(max_body_bytes=LIMIT)))
+
+
+async def _over_the_limit() -> AsyncIterator[bytes]:
+    """No Content-Length: the limit must hold while the body streams in."""
+    for _ in range(LIMIT // 65536 + 2):
+        yield b"x" * 65536
+
+
+@pytest.mark.parametrize("path", ROUTES)
+@pytest.mark.parametrize("declared", [True, False], ids=["Content-Length", "chunked"])
+async def test_a_body_over_the_limit_is_413_in_the_openai_shape_and_nothing_reaches_the_upstream(
+    limited: TestClient, upstream: FakeUpstream, auth, path: str, declared: bool
+):
+    data = b"x" * (LIMIT + 1) if declared else _over_the_limit()
+    resp = await limited.post(path, data=data, headers={**auth, **ROUTES[path]})
     assert resp.status == 413
-    assert (await resp.json())["error"]["code"] == "request_too_large"
-    assert upstream.requests == []  # the upstream never got a whole request
+    error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("path", ["/chat", "/conv", "/v1/files", "/token"])
+async def test_a_compressed_body_that_expands_past_the_limit_is_413(
+    limited: TestClient, upstream: FakeUpstream, auth, path: str
+):
+    bomb = gzip.compress(b"{" + b" " * (64 * LIMIT) + b"}", compresslevel=9)  # 64 MiB in ~64 KiB
+    assert len(bomb) < LIMIT
+    headers = {**auth, **ROUTES[path], "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    resp = await limited.post(path, data=bomb, headers=headers)
+    assert resp.status == 413
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("size", [100, 3 << 20], ids=["read whole", "streamed"])
+async def test_a_compressed_upload_reaches_the_upstream_decoded_and_labelled_so(
+    client: TestClient, upstream: FakeUpstream, auth, size: int
+):
+    body = b"0123456789abcdef" * (size // 16)
+    resp = await client.post(
+        "/v1/files", data=gzip.compress(body), headers={**auth, "Content-Encoding": "gzip"}
+    )
+    assert resp.status == 200
+    assert upstream.last.body == body
+    assert "Content-Encoding" not in upstream.last.headers
+
+
+@pytest.mark.parametrize("path", ["/chat", "/conv", "/v1/files", "/token"])
+async def test_a_compressed_body_that_does_not_decode_is_400(
+    client: TestClient, upstream: FakeUpstream, auth, path: str
+):
+    headers = {**auth, **ROUTES[path], "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    resp = await client.post(path, data=b"this is not gzip" * 100, headers=headers)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    assert upstream.requests == []
+
+
+async def test_a_chunked_upload_broken_mid_stream_is_400_and_never_completes_upstream(
+    client: TestClient, upstream: FakeUpstream, token: str
+):
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    head = (
+        f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    writer.write(head.encode() + b"10000\r\n" + b"x" * 65536 + b"\r\n")
+    await writer.drain()
+    writer.write(b"zz-not-a-chunk-size\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    assert answer.split(b" ", 2)[1] == b"400"
+    assert b"upstream" not in answer.partition(b"\r\n\r\n")[2]  # the client's fault, not the upstream's
+    assert upstream.requests == []
+
+
+async def test_an_upstream_error_answer_is_relayed_decoded_whatever_its_deflate_framing(
+    client: TestClient, upstream: FakeUpstream, auth
+):
+    text = b'{"error": {"message": "bad model"}}'
+    raw = zlib.compressobj(wbits=-15)
+
+    async def deflated(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            status=400, body=raw.compress(text) + raw.flush(), headers={"Content-Encoding": "deflate"}
+        )
+
+    upstream.respond = deflated
+    resp = await client.post("/chat", json={}, headers={**auth, "Accept-Encoding": "deflate"})
+    assert resp.status == 400
+    assert "Content-Encoding" not in resp.headers
+    assert await resp.read() == text

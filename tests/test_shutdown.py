@@ -1,9 +1,12 @@
-"""SIGTERM/SIGINT on a real `python -m gogpt`: stop accepting, let streams finish, exit 0."""
+"""A real `python -m gogpt` starting and stopping: a setting it cannot use stops it in one line;
+SIGTERM/SIGINT stop accepting, let streams finish, and exit 0."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +17,8 @@ from serving import free_port, start_gogpt, wait_until_listening
 
 from gogpt import mint_token
 
+TAIL_EVENTS = 10
+
 
 def gated_stream(gate: asyncio.Event, started: asyncio.Event):
     async def respond(request: web.Request) -> web.StreamResponse:
@@ -22,7 +27,10 @@ def gated_stream(gate: asyncio.Event, started: asyncio.Event):
         await response.write(b"data: first\n\n")
         started.set()
         await gate.wait()
-        await response.write(b"data: last\n\ndata: [DONE]\n\n")
+        for n in range(TAIL_EVENTS):  # a model still writing: the stream outlasts a short grace
+            await asyncio.sleep(0.1)
+            await response.write(b"data: %d\n\n" % n)
+        await response.write(b"data: [DONE]\n\n")
         return response
 
     return respond
@@ -40,29 +48,54 @@ async def _refusing(port: int) -> None:
         await asyncio.sleep(0.02)  # polling a socket's state: there is no event to await
 
 
-async def _start(
-    tmp_path: Path, upstream: FakeUpstream, grace: float
-) -> tuple[asyncio.subprocess.Process, int]:
-    port = free_port()
-    env = {
-        "SECRET_KEY": SECRET_KEY,
-        "API_PROXY": upstream.url,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "SHUTDOWN_GRACE": str(grace),
-    }
-    process = await start_gogpt(env, tmp_path)
-    await wait_until_listening(port, process)
-    return process, port
+Process = asyncio.subprocess.Process
+Starter = Callable[..., Awaitable[tuple[Process, int]]]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.fixture
+async def start(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Starter]:
+    """Start gogpt against the fake upstream: `await start(grace, *args)` -> (process, port).
+
+    A process a failing test leaves running is stopped, and killed if it will not stop.
+    """
+    started: list[Process] = []
+
+    async def start_with(grace: float, *args: str) -> tuple[Process, int]:
+        port = free_port()
+        env = {
+            "SECRET_KEY": SECRET_KEY,
+            "API_PROXY": upstream.url,
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "SHUTDOWN_GRACE": str(grace),
+        }
+        process = await start_gogpt(env, tmp_path, *args)
+        started.append(process)
+        await wait_until_listening(port, process)
+        return process, port
+
+    yield start_with
+    for process in started:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.communicate(), 5)
+            except TimeoutError:
+                process.kill()
+                await process.communicate()
+
+
+@pytest.mark.parametrize(
+    ("signum", "workers"),
+    [(signal.SIGTERM, "1"), (signal.SIGINT, "1"), (signal.SIGTERM, "2")],
+    ids=["SIGTERM", "SIGINT", "SIGTERM to 2 workers"],
+)
 async def test_a_running_stream_finishes_after_the_stop_signal_and_gogpt_exits_0(
-    tmp_path: Path, upstream: FakeUpstream, signum: int
+    start: Starter, upstream: FakeUpstream, signum: int, workers: str
 ):
     gate, started = asyncio.Event(), asyncio.Event()
     upstream.respond = gated_stream(gate, started)
-    process, port = await _start(tmp_path, upstream, grace=20)
+    process, port = await start(20, "--workers", workers)
     headers = {"Authorization": mint_token(SECRET_KEY, "u", 1)}
     async with (
         aiohttp.ClientSession() as session,
@@ -73,17 +106,18 @@ async def test_a_running_stream_finishes_after_the_stop_signal_and_gogpt_exits_0
         await asyncio.wait_for(_refusing(port), 10)  # no new connections once stopping
         gate.set()
         rest = await asyncio.wait_for(resp.read(), 10)
-    assert rest == b"\ndata: last\n\ndata: [DONE]\n\n"
+    assert rest == b"\n" + b"".join(b"data: %d\n\n" % n for n in range(TAIL_EVENTS)) + b"data: [DONE]\n\n"
     await asyncio.wait_for(process.wait(), 20)
     assert process.returncode == 0
 
 
+@pytest.mark.parametrize("grace", [0.5, 0], ids=["SHUTDOWN_GRACE=0.5", "SHUTDOWN_GRACE=0"])
 async def test_streams_still_running_after_the_grace_period_are_closed(
-    tmp_path: Path, upstream: FakeUpstream
+    start: Starter, upstream: FakeUpstream, grace: float
 ):
     gate, started = asyncio.Event(), asyncio.Event()
     upstream.respond = gated_stream(gate, started)
-    process, port = await _start(tmp_path, upstream, grace=0.5)
+    process, port = await start(grace)
     headers = {"Authorization": mint_token(SECRET_KEY, "u", 1)}
     async with (
         aiohttp.ClientSession() as session,
@@ -97,3 +131,49 @@ async def test_streams_still_running_after_the_grace_period_are_closed(
     assert process.returncode == 0
     await asyncio.wait_for(upstream.disconnected.wait(), 5)  # and the upstream was closed too
     gate.set()
+
+
+async def test_idle_keep_alive_connections_do_not_hold_up_the_exit(start: Starter):
+    process, port = await start(20)
+    async with aiohttp.ClientSession() as session:  # its pooled connection stays open, idle
+        async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 200
+        started = asyncio.get_running_loop().time()
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 10)
+    assert process.returncode == 0
+    assert asyncio.get_running_loop().time() - started < 5  # far less than the 20 s of grace
+
+
+async def _refused_start(tmp_path: Path, env: dict[str, str], *args: str) -> list[str]:
+    process = await start_gogpt({"SECRET_KEY": SECRET_KEY, **env}, tmp_path, *args)
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    text = stderr.decode()
+    assert "Traceback" not in text
+    return text.splitlines()
+
+
+async def test_a_port_already_taken_stops_start_up_in_one_line(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        [line] = await _refused_start(tmp_path, {"HOST": "127.0.0.1", "PORT": str(port)})
+    assert "PORT" in line
+    assert str(port) in line
+
+
+async def test_a_host_that_does_not_resolve_stops_start_up_in_one_line(tmp_path: Path):
+    [line] = await _refused_start(tmp_path, {"HOST": "no such host", "PORT": str(free_port())})
+    assert "HOST" in line
+
+
+@pytest.mark.parametrize("kind", ["not UTF-8", "a directory"])
+async def test_an_unreadable_env_file_stops_start_up_in_one_line_naming_it(tmp_path: Path, kind: str):
+    if kind == "a directory":
+        (tmp_path / ".env").mkdir()
+    else:
+        (tmp_path / ".env").write_bytes(b"SECRET_KEY=\xff\xfe\n")
+    [line] = await _refused_start(tmp_path, {})
+    assert ".env" in line
