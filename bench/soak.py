@@ -2,10 +2,12 @@
 
     python -m bench.soak --minutes 3 --concurrency 200
 
-Starts a fake upstream in this process and `python -m gogpt` as a child on loopback, keeps
-`--concurrency` clients busy with a mix of whole streams, clients hanging up mid-stream,
-upstreams cutting off or falling silent mid-stream, and refused /chat bodies, and prints
-gogpt's open file descriptors and RSS every few seconds. Both must stay flat.
+Starts a fake upstream (OpenAI and ChatGPT backend-api) in this process and `python -m gogpt
+--multi` as a child on loopback, keeps `--concurrency` clients busy with a mix of whole streams,
+clients hanging up mid-stream, upstreams cutting off, falling silent mid-stream or before their
+first byte, refused /chat bodies, and /conv replies (some abandoned) on a small pool of
+conversations, and prints gogpt's open file descriptors and RSS every few seconds. Both must
+stay flat. At the end every /conv session must be free again, and SIGTERM must end gogpt with 0.
 Not part of the test suite: it runs for minutes. Loopback only; it stops by itself.
 """
 
@@ -17,6 +19,7 @@ import json
 import os
 import random
 import resource
+import signal
 import socket
 import sys
 import time
@@ -27,26 +30,50 @@ import aiohttp
 from aiohttp import web
 
 SECRET_KEY = "soak-secret-key-0123456789abcdef0123456789"
-MODES = ("whole", "hang_up", "cut", "silent", "refused")
+ACCESS_TOKEN = "soak-access-token-0123456789"
+UPSTREAM_TIMEOUT = 1.0  # seconds: gogpt gives up on a silent upstream after this
+MODES = ("whole", "hang_up", "cut", "silent", "slow_start", "refused", "conv", "conv_hang_up")
+CONVERSATIONS = [f"soak-conv-{n}" for n in range(20)]  # few, so replies contend for sessions
+EVENTS = 20
 
 
-async def fake_upstream(request: web.Request) -> web.StreamResponse:
-    """Streams 20 events, or cuts off or falls silent after 5, as the request's `mode` says."""
+async def fake_openai(request: web.Request) -> web.StreamResponse:
+    """Streams EVENTS events, or cuts off or falls silent after 5, or waits before answering."""
     body = await request.json()
+    mode = body["mode"]
+    if mode == "slow_start":
+        await asyncio.sleep(UPSTREAM_TIMEOUT * 3)  # gogpt answers 504 and closes this first
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     try:
         await response.prepare(request)
     except ConnectionResetError:  # gogpt gave up waiting (UPSTREAM_TIMEOUT) while we were busy
         return response
-    for n in range(body.get("events", 20)):
+    for n in range(EVENTS):
         await response.write(f'data: {{"n": {n}, "pad": "{"x" * 64}"}}\n\n'.encode())
         await asyncio.sleep(0.01)
-        if body["mode"] == "cut" and n == 5:
+        if mode == "cut" and n == 5:
             assert request.transport is not None
             request.transport.close()
             return response
-        if body["mode"] == "silent" and n == 5:
-            await asyncio.sleep(3600)  # gogpt's UPSTREAM_TIMEOUT (1 s here) cuts it
+        if mode == "silent" and n == 5:
+            await asyncio.sleep(3600)  # gogpt's UPSTREAM_TIMEOUT cuts it
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+async def fake_backend_api(request: web.Request) -> web.StreamResponse:
+    """A ChatGPT reply: EVENTS events carrying the message and conversation ids."""
+    sent = await request.json()
+    conversation_id = sent.get("conversation_id", "soak-new")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for n in range(EVENTS):
+        event = {
+            "message": {"id": f"m-{n}", "content": {"parts": ["x" * n]}},
+            "conversation_id": conversation_id,
+        }
+        await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await asyncio.sleep(0.01)
     await response.write(b"data: [DONE]\n\n")
     return response
 
@@ -64,30 +91,53 @@ def sample(pid: int) -> tuple[int, float]:
     return fds, rss_kb / 1024
 
 
+def conv_message(conversation_id: str) -> dict[str, str]:
+    return {"content": "hello", "conversation_id": conversation_id, "parent_message_id": "p"}
+
+
 async def one_request(session: aiohttp.ClientSession, base: str, token: str, outcomes: Counter[str]) -> None:
     mode = random.choice(MODES)
     headers = {"Authorization": token}
-    body = {"mode": mode, "events": 20} if mode != "refused" else ["not", "an", "object"]
+    body: object
+    if mode.startswith("conv"):
+        url, body = f"{base}/conv", conv_message(random.choice(CONVERSATIONS))
+        headers["Chat-Type"] = "conversation"
+    else:
+        url, body = f"{base}/chat", {"mode": mode} if mode != "refused" else ["not", "an", "object"]
     try:
-        async with session.post(f"{base}/chat", json=body, headers=headers) as resp:
-            if mode == "hang_up":
+        async with session.post(url, json=body, headers=headers) as resp:
+            if mode.startswith("conv") and resp.status == 409:
+                outcomes["conv_busy"] += 1  # another client is replying in that conversation: expected
+                return
+            if mode.endswith("hang_up") and resp.status == 200:
                 await resp.content.readline()
-                outcomes["hang_up"] += 1
+                outcomes[mode] += 1
                 return  # leaving the block closes the connection mid-stream
             data = await resp.read()
-            ok = (mode == "whole" and data.endswith(b"data: [DONE]\n\n")) or (
-                mode == "refused" and resp.status == 400
-            )
+            expected = {"refused": 400, "slow_start": 504}.get(mode, 200)
+            ok = resp.status == expected and (resp.status != 200 or data.endswith(b"data: [DONE]\n\n"))
             outcomes[mode if ok else f"{mode}:unexpected {resp.status}"] += 1
     except aiohttp.ClientPayloadError:
         outcomes[mode if mode in ("cut", "silent") else f"{mode}:cut"] += 1
+
+
+async def sessions_free(session: aiohttp.ClientSession, base: str, token: str) -> bool:
+    """Every conversation takes a new reply: no /conv lease was left behind."""
+    headers = {"Authorization": token, "Chat-Type": "conversation"}
+    for conversation_id in CONVERSATIONS:
+        async with session.post(f"{base}/conv", json=conv_message(conversation_id), headers=headers) as resp:
+            await resp.read()
+            if resp.status != 200:
+                return False
+    return True
 
 
 async def soak(minutes: float, concurrency: int, every: float) -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     upstream_app = web.Application()
-    upstream_app.router.add_post("/v1/chat/completions", fake_upstream)
+    upstream_app.router.add_post("/v1/chat/completions", fake_openai)
+    upstream_app.router.add_post("/backend-api/conversation", fake_backend_api)
     runner = web.AppRunner(upstream_app, handler_cancellation=True, access_log=None)
     await runner.setup()
     upstream_port, gogpt_port = free_port(), free_port()
@@ -97,18 +147,23 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
         "PYTHONPATH": str(Path(__file__).parent.parent),
         "SECRET_KEY": SECRET_KEY,
         "API_PROXY": f"127.0.0.1:{upstream_port}",
+        "UNOFFICIAL_PROXY": f"127.0.0.1:{upstream_port}/backend-api",
+        "ACCESS_TOKEN": ACCESS_TOKEN,
         "HOST": "127.0.0.1",
         "PORT": str(gogpt_port),
-        "UPSTREAM_TIMEOUT": "1",
+        "UPSTREAM_TIMEOUT": str(UPSTREAM_TIMEOUT),
+        "SHUTDOWN_GRACE": "5",
     }
     gogpt = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gogpt", env=env, stderr=asyncio.subprocess.DEVNULL
+        sys.executable, "-m", "gogpt", "--multi", env=env, stderr=asyncio.subprocess.DEVNULL
     )
     base = f"http://127.0.0.1:{gogpt_port}"
     outcomes: Counter[str] = Counter()
+    samples: list[tuple[int, float]] = []
+    locks_free = False
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            for _ in range(200):
+            for _ in range(200):  # up to 10 s for gogpt to listen
                 try:
                     async with session.get(f"{base}/healthz") as resp:
                         if resp.status == 200:
@@ -118,6 +173,7 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
             from gogpt import mint_token
 
             token = mint_token(SECRET_KEY, "soak", 1)
+            before = sample(gogpt.pid)
             deadline = time.monotonic() + minutes * 60
 
             async def client_loop() -> None:
@@ -127,9 +183,8 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
             clients = [asyncio.create_task(client_loop()) for _ in range(concurrency)]
             print(f"{'t (s)':>6} {'requests':>9} {'fds':>5} {'RSS MB':>7}")
             started = time.monotonic()
-            samples = []
             while not all(task.done() for task in clients):
-                await asyncio.sleep(every)
+                await asyncio.wait(clients, timeout=every)
                 fds, rss = sample(gogpt.pid)
                 samples.append((fds, rss))
                 print(
@@ -137,11 +192,21 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
                     flush=True,
                 )
             await asyncio.gather(*clients)
-        await asyncio.sleep(2)  # let the last sockets close before the final reading
-        fds, rss = sample(gogpt.pid)
+            locks_free = await sessions_free(session, base, token)
+        settle_started = time.monotonic()
+        for _ in range(60):  # up to 30 s: idle upstream connections close on their keep-alive timer
+            fds, rss = sample(gogpt.pid)
+            if fds <= before[0] + 2:
+                break
+            await asyncio.sleep(0.5)
+        settled_in = time.monotonic() - settle_started
     finally:
-        gogpt.terminate()
-        await gogpt.wait()
+        gogpt.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(gogpt.wait(), 30)
+        except TimeoutError:
+            gogpt.kill()
+            await gogpt.wait()
         await runner.cleanup()
     warm = samples[len(samples) // 4 :] or samples
     print(
@@ -149,21 +214,29 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
             {
                 "requests": sum(outcomes.values()),
                 "outcomes": dict(sorted(outcomes.items())),
-                "fds": {"first": samples[0][0], "max": max(s[0] for s in samples), "after_load": fds},
+                "fds": {
+                    "before_load": before[0],
+                    "first": samples[0][0],
+                    "max": max(s[0] for s in samples),
+                    "after_load": fds,
+                    "settled_in_s": round(settled_in, 1),
+                },
                 "rss_mb": {
+                    "before_load": round(before[1], 1),
                     "first": round(samples[0][1], 1),
                     "after_warm_up": round(warm[0][1], 1),
                     "last": round(samples[-1][1], 1),
                     "max": round(max(s[1] for s in samples), 1),
                     "after_load": round(rss, 1),
                 },
-                "exit": gogpt.returncode,
+                "conv_sessions_free_after_load": locks_free,
+                "exit_status_after_sigterm": gogpt.returncode,
             },
             indent=2,
         )
     )
     unexpected = sum(count for name, count in outcomes.items() if ":" in name)
-    return 1 if unexpected else 0
+    return 1 if unexpected or not locks_free or gogpt.returncode != 0 else 0
 
 
 def main() -> None:
