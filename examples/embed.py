@@ -1,8 +1,10 @@
 """An aiohttp service of its own that mounts gogpt under /gogpt/ and runs both.
 
-    SECRET_KEY=... CHAT_API_KEY=sk-... python examples/embed.py
+    SECRET_KEY=... CHAT_API_KEY=sk-... HOST=127.0.0.1 PORT=8080 python examples/embed.py
 
 Its own route answers at /, gogpt's at /gogpt/token, /gogpt/chat, /gogpt/v1/..., and so on.
+gogpt reads its settings from the environment and `.env` as usual; HOST and PORT (defaults
+127.0.0.1 and 8080) are this service's.
 """
 
 from __future__ import annotations

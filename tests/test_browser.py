@@ -1,4 +1,7 @@
-"""The example pages in a real headless Chromium, served from another origin than gogpt."""
+"""The example pages in a real headless Chromium, served from another origin than gogpt.
+
+Each test asserts what a user sees, and leaves a screenshot in its tmp_path.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +9,21 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from conftest import SECRET_KEY, FakeUpstream
-from playwright.async_api import Browser, Page, async_playwright
-from playwright.async_api import expect as playwright_expect
-from test_conv import Backend, conversations
+from playwright.async_api import Browser, Page, async_playwright, expect
 
 import gogpt.event
 from gogpt import Settings, create_app, mint_token
 
 PAGES = Path(__file__).parent.parent / "examples" / "html"
-CHROMIUM_ARGS = [  # a closed network: no background connections, no sandbox as root in CI
+CHROMIUM_ARGS = [  # a closed network: no background connections; no sandbox as root in CI
     "--no-sandbox",
     "--disable-gpu",
     "--disable-background-networking",
@@ -28,6 +31,9 @@ CHROMIUM_ARGS = [  # a closed network: no background connections, no sandbox as 
     "--disable-sync",
     "--no-first-run",
 ]
+SEEN = 10_000  # ms for something to show in the page
+
+OpenPage = Callable[..., Awaitable[Page]]
 
 
 @pytest.fixture
@@ -42,7 +48,7 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 @pytest.fixture
-async def pages_url(aiohttp_server) -> str:
+async def pages_url(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> str:
     """The pages on their own loopback port: every call to gogpt is cross-origin."""
     app = web.Application()
     app.router.add_static("/", PAGES)
@@ -50,31 +56,44 @@ async def pages_url(aiohttp_server) -> str:
 
 
 @pytest.fixture
-async def gateway_url(aiohttp_server, settings: Settings) -> str:
+async def gateway_url(aiohttp_server: Callable[..., Awaitable[TestServer]], settings: Settings) -> str:
     return str((await aiohttp_server(create_app(settings))).make_url("")).rstrip("/")
 
 
-async def open_page(browser: Browser, pages_url: str, gateway_url: str, name: str, token: str = "") -> Page:
-    page = await browser.new_page()
-    page.set_default_timeout(10_000)
-    await page.goto(f"{pages_url}/{name}")
-    await page.fill("#gateway", gateway_url)
-    if token:
-        await page.fill("#token", token)
-    return page
+@pytest.fixture
+async def open_page(browser: Browser, pages_url: str, gateway_url: str) -> AsyncIterator[OpenPage]:
+    """Open an example page with the gateway's URL (and a token) filled in; no script may fail."""
+    script_errors: list[str] = []
+
+    async def open_(name: str, token: str = "") -> Page:
+        page = await browser.new_page()
+        page.set_default_timeout(SEEN)
+        page.on("pageerror", lambda error: script_errors.append(str(error)))
+        await page.goto(f"{pages_url}/{name}")
+        await page.fill("#gateway", gateway_url)
+        if token:
+            await page.fill("#token", token)
+        return page
+
+    yield open_
+    assert script_errors == []
 
 
-def chunk(delta: str) -> bytes:
+def chat_chunk(delta: str) -> bytes:
     return f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': delta}}]})}\n\n".encode()
 
 
-def gated_deltas(deltas: list[str], gates: list[asyncio.Event]):
+def gated_deltas(
+    deltas: list[str], gates: list[asyncio.Event]
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """An OpenAI stream that sends each delta only once its gate is set."""
+
     async def respond(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for delta, gate in zip(deltas, gates, strict=True):
             await gate.wait()
-            await response.write(chunk(delta))
+            await response.write(chat_chunk(delta))
         await response.write(b"data: [DONE]\n\n")
         return response
 
@@ -82,98 +101,251 @@ def gated_deltas(deltas: list[str], gates: list[asyncio.Event]):
 
 
 async def test_chat_page_shows_the_answer_token_by_token_before_the_stream_ends(
-    browser: Browser, pages_url: str, gateway_url: str, upstream: FakeUpstream, tmp_path: Path
-):
+    open_page: OpenPage, upstream: FakeUpstream, tmp_path: Path
+) -> None:
     deltas = ["Hel", "lo ", "wor", "ld"]
     gates = [asyncio.Event() for _ in deltas]
     gates[0].set()
     upstream.respond = gated_deltas(deltas, gates)
-    page = await open_page(browser, pages_url, gateway_url, "chat.html")
+    page = await open_page("chat.html")
     await page.click("summary")  # "Get a token"
     await page.fill("#token-key", SECRET_KEY)
-    await page.click("#get-token")  # minted through POST /token, from the page's own origin
-    await playwright_expect(page.locator("#status")).to_have_text("Got a token.")
+    await page.click("#get-token")  # POST /token, from the page's own origin
+    await expect(page.locator("#status")).to_have_text("Got a token.")
     await page.click("#send")
     shown = ""
-    for index, delta in enumerate(deltas):
+    for delta, next_gate in zip(deltas[:-1], gates[1:], strict=True):
         shown += delta
-        await playwright_expect(page.locator("#output")).to_have_text(shown)  # before the next is sent
-        if index + 1 < len(gates):
-            gates[index + 1].set()
-    await playwright_expect(page.locator("#status")).to_have_text("Done.")
+        await expect(page.locator("#output")).to_have_text(shown)  # before the upstream sends more
+        await expect(page.locator("#status")).to_have_text("Streaming…")
+        next_gate.set()
+    await expect(page.locator("#output")).to_have_text("Hello world")
+    await expect(page.locator("#status")).to_have_text("Done.")
     await page.screenshot(path=tmp_path / "chat.png", full_page=True)
-    assert json.loads(upstream.last.body)["messages"][0]["content"] == "Say hello"
+    assert json.loads(upstream.last.body)["messages"] == [{"role": "user", "content": "Say hello"}]
 
 
 async def test_chat_page_stop_aborts_the_upstream_stream(
-    browser: Browser, pages_url: str, gateway_url: str, upstream: FakeUpstream, tmp_path: Path
-):
+    open_page: OpenPage, upstream: FakeUpstream, tmp_path: Path
+) -> None:
     gates = [asyncio.Event(), asyncio.Event()]
     gates[0].set()
     upstream.respond = gated_deltas(["Thinking", " forever"], gates)
-    page = await open_page(browser, pages_url, gateway_url, "chat.html", mint_token(SECRET_KEY, "u", 1))
+    page = await open_page("chat.html", mint_token(SECRET_KEY, "u", 1))
     await page.click("#send")
-    await playwright_expect(page.locator("#output")).to_have_text("Thinking")
+    await expect(page.locator("#output")).to_have_text("Thinking")
     await page.click("#stop")
     await asyncio.wait_for(upstream.disconnected.wait(), 5)
-    await playwright_expect(page.locator("#status")).to_have_text("Stopped.")
+    await expect(page.locator("#status")).to_have_text("Stopped.")
+    await expect(page.locator("#output")).to_have_text("Thinking")
     await page.screenshot(path=tmp_path / "chat-stopped.png", full_page=True)
 
 
 async def test_chat_page_shows_that_an_expired_token_expired(
-    browser: Browser, pages_url: str, gateway_url: str, upstream: FakeUpstream, tmp_path: Path
-):
+    open_page: OpenPage, upstream: FakeUpstream, tmp_path: Path
+) -> None:
     expired = mint_token(SECRET_KEY, "u", 1, now=time.time() - 7200)
-    page = await open_page(browser, pages_url, gateway_url, "chat.html", expired)
+    page = await open_page("chat.html", expired)
     await page.click("#send")
-    await playwright_expect(page.locator("#status")).to_have_text(
-        "The token has expired: mint a new one at /token."
-    )
+    await expect(page.locator("#status")).to_have_text("The token has expired: mint a new one at /token.")
+    await expect(page.locator("#status")).to_have_class("error")
     await page.screenshot(path=tmp_path / "chat-expired.png", full_page=True)
     assert upstream.requests == []
 
 
-async def test_event_page_shows_both_events_and_the_close(
-    browser: Browser, pages_url: str, gateway_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-):
-    monkeypatch.setattr(gogpt.event, "EVENT_INTERVAL", 0.1)
-    page = await open_page(browser, pages_url, gateway_url, "event.html")
-    await page.click("#start")
-    await playwright_expect(page.locator("#events li")).to_have_text(
-        ["message: 0145", "message: 1145", "close: close"]
+async def test_chat_page_says_when_the_answer_was_cut_off(
+    open_page: OpenPage, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    shown = asyncio.Event()
+
+    async def break_off(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chat_chunk("Half an ans"))
+        await shown.wait()
+        assert request.transport is not None
+        request.transport.close()  # no [DONE], no terminating chunk
+        return response
+
+    upstream.respond = break_off
+    page = await open_page("chat.html", mint_token(SECRET_KEY, "u", 1))
+    await page.click("#send")
+    await expect(page.locator("#output")).to_have_text("Half an ans")
+    shown.set()
+    await expect(page.locator("#status")).to_have_text(
+        "The answer was cut off: the connection broke before it finished."
     )
-    await playwright_expect(page.locator("#status")).to_have_text("Closed.")
+    await page.screenshot(path=tmp_path / "chat-cut-off.png", full_page=True)
+
+
+async def test_the_pages_event_reader_joins_events_split_anywhere_across_chunks(open_page: OpenPage) -> None:
+    page = await open_page("chat.html")
+    chunks = [
+        'data: {"a":',
+        " 1}\r",
+        "\n\r\n: a comment\n",
+        "data:b\n\ndata: c\ndata:  d\n",
+        "\n",
+        "data: [DONE]\n\n",
+    ]
+    seen = await page.evaluate(
+        """async (chunks) => {
+            const encoder = new TextEncoder();
+            const body = new ReadableStream({
+                start(controller) {
+                    for (const chunk of chunks) controller.enqueue(encoder.encode(chunk));
+                    controller.close();
+                },
+            });
+            const seen = [];
+            const finished = await readEvents(new Response(body), (data) => seen.push(data));
+            return [...seen, finished];
+        }""",
+        chunks,
+    )
+    assert seen == ['{"a": 1}', "b", "c\n d", True]
+
+
+async def test_event_page_shows_both_events_and_the_close(
+    open_page: OpenPage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(gogpt.event, "EVENT_INTERVAL", 0.1)
+    page = await open_page("event.html")
+    await page.click("#start")
+    await expect(page.locator("#events li")).to_have_text(["message: 0145", "message: 1145", "close: close"])
+    await expect(page.locator("#status")).to_have_text("Closed.")
     await page.screenshot(path=tmp_path / "event.png", full_page=True)
 
 
-async def test_conv_page_continues_a_conversation_and_shows_busy(
-    browser: Browser, pages_url: str, gateway_url: str, upstream: FakeUpstream, tmp_path: Path
-):
-    backend = Backend(conversations=conversations(7))
-    upstream.respond = backend.respond
-    page = await open_page(browser, pages_url, gateway_url, "conv.html", mint_token(SECRET_KEY, "u", 1))
-    await page.click("#list")  # the first list after start-up is empty: a new conversation
-    await playwright_expect(page.locator("#status")).to_have_text("Starting a new conversation.")
-    await page.click("#list")
-    await playwright_expect(page.locator("#status")).to_have_text("Continuing conversation 0.")
-    await playwright_expect(page.locator("#parent")).to_have_value("node-1")
-    await page.click("#send")
-    await playwright_expect(page.locator("#output")).to_have_text("Hi 👋")
-    await playwright_expect(page.locator("#parent")).to_have_value("assistant-msg-2")
-    sent = json.loads(upstream.last.body)
-    assert (sent["conversation_id"], sent["parent_message_id"]) == ("conv-0", "node-1")
-    await page.screenshot(path=tmp_path / "conv.png", full_page=True)
+@dataclass
+class ChatGPTBackend:
+    """The ChatGPT backend-api as far as /conv uses it.
 
-    backend.gate.clear()  # a reply held open by another tab: this one is told it is busy
-    backend.started.clear()
-    other = await browser.new_page()
-    await other.goto(page.url)
-    await other.fill("#gateway", gateway_url)
-    await other.fill("#token", mint_token(SECRET_KEY, "v", 1))
+    Replies stream the way ChatGPT's do: each event carries the whole text so far, the user's
+    own message may be echoed first, some events carry no message. A reply stops after its first
+    part until `gate` is set; `started` is set once a reply has begun.
+    """
+
+    conversations: list[dict[str, str]] = field(default_factory=list)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    posted: list[dict[str, object]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+    async def respond(self, request: web.Request) -> web.StreamResponse:
+        path = request.path.removeprefix("/backend-api")
+        if request.method == "GET" and path == "/conversations":
+            offset, limit = int(request.query["offset"]), int(request.query["limit"])
+            return web.json_response(
+                {
+                    "items": self.conversations[offset : offset + limit],
+                    "total": len(self.conversations),
+                    "limit": limit,
+                    "offset": offset,
+                    "has_missing_conversations": False,
+                }
+            )
+        if request.method == "GET" and path.startswith("/conversation/"):
+            return web.json_response(
+                {"current_node": f"node-of-{path.rsplit('/', 1)[1]}", "title": "t", "update_time": 1.5}
+            )
+        if request.method == "POST" and path == "/conversation":
+            return await self.reply(request)
+        return web.json_response({"detail": "not here"}, status=404)
+
+    async def reply(self, request: web.Request) -> web.StreamResponse:
+        sent = await request.json()
+        self.posted.append(sent)
+        conversation_id = sent.get("conversation_id", "conv-new")
+        reply_id = f"reply-{len(self.posted)}"
+
+        def event(message_id: str, role: str, text: str) -> bytes:
+            message = {"id": message_id, "author": {"role": role}, "content": {"parts": [text]}}
+            body = json.dumps({"message": message, "conversation_id": conversation_id, "error": None})
+            return f"data: {body}\n\n".encode()
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        (asked,) = sent["messages"]
+        await response.write(event(asked["id"], "user", asked["content"]["parts"][0]))  # the echo
+        await response.write(event(reply_id, "assistant", "Hi"))
+        self.started.set()
+        await self.gate.wait()
+        whole = event(reply_id, "assistant", "Hi 👋 there")
+        await response.write(whole[:25])  # an event split across chunks
+        await response.write(whole[25:])
+        await response.write(f"data: {json.dumps({'type': 'title_generation', 'title': 'Hi'})}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+@pytest.fixture
+def backend(upstream: FakeUpstream) -> ChatGPTBackend:
+    fake = ChatGPTBackend(conversations=[{"id": f"conv-{n}", "title": f"Chat {n}"} for n in range(7)])
+    upstream.respond = fake.respond
+    return fake
+
+
+async def test_conv_page_starts_a_conversation_and_continues_it_with_the_streamed_ids(
+    open_page: OpenPage, backend: ChatGPTBackend, tmp_path: Path
+) -> None:
+    page = await open_page("conv.html", mint_token(SECRET_KEY, "u", 1))
+    await page.click("#list")  # the first list after start-up is empty: start a conversation
+    await expect(page.locator("#status")).to_have_text("Starting a new conversation.")
+    backend.gate.clear()
+    await page.click("#send")
+    await expect(page.locator("#output")).to_have_text("Hi")  # while the reply is held open
+    backend.gate.set()
+    await expect(page.locator("#output")).to_have_text("Hi 👋 there")
+    await expect(page.locator("#status")).to_have_text("Done.")
+    await expect(page.locator("#conversation")).to_have_value("conv-new")
+    await expect(page.locator("#parent")).to_have_value("reply-1")
+
+    await page.fill("#message", 'And now say "bye"')
+    await page.click("#send")
+    await expect(page.locator("#parent")).to_have_value("reply-2")
+    await expect(page.locator("#status")).to_have_text("Done.")
+    await page.screenshot(path=tmp_path / "conv-continued.png", full_page=True)
+    first, second = backend.posted
+    assert "conversation_id" not in first
+    assert (second["conversation_id"], second["parent_message_id"]) == ("conv-new", "reply-1")
+    assert second["messages"][0]["content"]["parts"] == ['And now say "bye"']  # type: ignore[index]
+
+
+async def test_conv_page_continues_the_conversation_the_list_picks(
+    open_page: OpenPage, backend: ChatGPTBackend, tmp_path: Path
+) -> None:
+    page = await open_page("conv.html", mint_token(SECRET_KEY, "u", 1))
+    await page.click("#list")
+    await expect(page.locator("#status")).to_have_text("Starting a new conversation.")
+    await page.click("#list")  # now the account's conversations, and the one to use
+    await expect(page.locator("#status")).to_have_text("Continuing conversation 0.")
+    await expect(page.locator("#conversation option")).to_have_count(6)  # "(new)" and five listed
+    await expect(page.locator("#conversation")).to_have_value("conv-0")
+    await expect(page.locator("#parent")).to_have_value("node-of-conv-0")
+    await page.click("#send")
+    await expect(page.locator("#output")).to_have_text("Hi 👋 there")
+    await expect(page.locator("#parent")).to_have_value("reply-1")
+    await page.screenshot(path=tmp_path / "conv.png", full_page=True)
+    (sent,) = backend.posted
+    assert (sent["conversation_id"], sent["parent_message_id"]) == ("conv-0", "node-of-conv-0")
+
+
+async def test_conv_page_shows_409_as_busy(
+    open_page: OpenPage, backend: ChatGPTBackend, tmp_path: Path
+) -> None:
+    backend.gate.clear()  # another tab's reply is held open: the account's one session is taken
+    other = await open_page("conv.html", mint_token(SECRET_KEY, "v", 1))
     await other.click("#send")
     await asyncio.wait_for(backend.started.wait(), 5)
+    page = await open_page("conv.html", mint_token(SECRET_KEY, "u", 1))
     await page.click("#send")
-    await playwright_expect(page.locator("#status")).to_contain_text("Busy")
+    await expect(page.locator("#status")).to_have_text(
+        "Busy: this conversation is answering another message. Try again shortly."
+    )
     await page.screenshot(path=tmp_path / "conv-busy.png", full_page=True)
     backend.gate.set()
-    await playwright_expect(other.locator("#status")).to_have_text("Done.")
+    await expect(other.locator("#status")).to_have_text("Done.")
+    assert len(backend.posted) == 1
