@@ -18,6 +18,7 @@ from .keys import CONV_STATE, HTTP, SETTINGS, STORE
 from .openai_api import chat_handler, v1_handler
 from .ops import healthz_handler, metrics_handler, metrics_middleware, rate_limit_middleware
 from .redis_store import RedisStore
+from .splice import SplicingResponse
 from .store import MemoryStore, Store
 
 __all__ = ["create_app"]
@@ -75,6 +76,7 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
         timeout=timeout,
         auto_decompress=False,  # bytes are relayed as the upstream encoded them
         skip_auto_headers=("Accept-Encoding",),  # only what the client itself accepts
+        response_class=SplicingResponse,  # the relay's fast path for streams, see splice.py
     ) as session:
         app[HTTP] = session
         yield

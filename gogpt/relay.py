@@ -18,6 +18,7 @@ from .config import Settings
 from .errors import ApiError, upstream_error
 from .keys import HTTP, SETTINGS
 from .ops import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
+from .splice import SPLICE_WANTED, Splice, SplicingResponse, is_spliceable
 
 __all__ = ["call_upstream", "read_body", "redact_secrets", "relay", "request_body", "upstream_headers"]
 
@@ -148,22 +149,38 @@ async def relay(
         if length is not None and not _body_was_decoded(request):
             headers = CIMultiDict(headers)
             headers["Content-Length"] = str(length)
-    upstream = await call_upstream(request, method, url, headers=headers, data=data)
-    if upstream.status >= 400 and _is_plain_answer(upstream):
+    # The fast path (see splice.py) needs the client's HTTP/1.1 chunking and no observer.
+    wanted = SPLICE_WANTED.set(on_chunk is None and request.version >= aiohttp.HttpVersion11)
+    try:
+        upstream = await call_upstream(request, method, url, headers=headers, data=data)
+    finally:
+        SPLICE_WANTED.reset(wanted)
+    splice = upstream.splice if isinstance(upstream, SplicingResponse) else None
+    plain_error = upstream.status >= 400 and _is_plain_answer(upstream)
+    if splice is not None and (plain_error or not is_spliceable(upstream)):
+        splice.release()
+        splice = None
+    if plain_error:
         return await _error_answer(request, upstream)
     response = web.StreamResponse(
         status=upstream.status,
         reason=upstream.reason,
         headers=_end_to_end(upstream.headers, _NOT_SENT_BACK),
     )
+    if splice is not None:
+        response.enable_chunked_encoding()  # the upstream's chunks go out as they came
     STREAMS_ACTIVE.inc()
     try:
         await response.prepare(request)
-        write = response.write
-        if on_chunk is None:  # the hot path: nothing but the write per chunk
+        if splice is not None:
+            await _splice_body(request, splice)
+            await upstream.content.read()  # the terminal chunk, back with aiohttp's parser
+        elif on_chunk is None:  # the ordinary path: nothing but the write per chunk
+            write = response.write
             async for chunk in upstream.content.iter_any():
                 await write(chunk)
         else:
+            write = response.write
             async for chunk in upstream.content.iter_any():
                 await write(chunk)
                 on_chunk(chunk)
@@ -182,8 +199,22 @@ async def relay(
         await response.write_eof()
     finally:
         STREAMS_ACTIVE.dec()
-        RELAYED_BYTES.inc(upstream.content.total_bytes)  # counted by aiohttp, nothing per chunk here
+        # counted by aiohttp and the splice, nothing per chunk here
+        RELAYED_BYTES.inc(upstream.content.total_bytes + (splice.body_bytes if splice else 0))
     return response
+
+
+async def _splice_body(request: web.Request, splice: Splice) -> None:
+    """The body through `splice`, counted as the server's writer would count it."""
+    client = request.transport
+    if client is None or client.is_closing():
+        raise ConnectionResetError("The client closed the connection.")
+    writer = request.writer
+    try:
+        await splice.forward_to(client, request.protocol, writer.drain)
+    finally:  # the access log's size, and aiohttp's "response started" both read these
+        writer.buffer_size += splice.forwarded_bytes
+        writer.output_size += splice.forwarded_bytes
 
 
 def _is_plain_answer(upstream: aiohttp.ClientResponse) -> bool:

@@ -1,0 +1,344 @@
+"""The streaming fast path (gogpt/splice.py): chunk framing checked and passed on exactly,
+however the upstream's bytes are split into reads, and the connection pooled afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gogpt import Settings, create_app
+from gogpt.splice import Splice, UpstreamBrokeOff
+from tests.conftest import FakeUpstream
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(data: bytes, size_line: bytes = b"%x\r\n") -> bytes:
+    return size_line % len(data) + data + b"\r\n"
+
+
+# Chunks with an extension, upper-case hex, spaces, and data that looks like framing.
+CHUNKS = (
+    chunk(b'data: {"n":1}\n\n')
+    + chunk(b"data: 0\r\n\r\n looks like the end\n\n", b"%X;name=value\r\n")
+    + chunk(b"\r\n0\r\n")
+    + chunk(b"data: [DONE]\n\n" * 20, b"%x  \r\n")
+)
+TERMINAL = b"0\r\nX-Trailer: yes\r\n\r\n"
+
+
+class UpstreamTransport:
+    """What a Splice needs of the upstream connection's transport."""
+
+    def __init__(self) -> None:
+        self.protocol: object = None
+        self.paused = False
+
+    def set_protocol(self, protocol: object) -> None:
+        self.protocol = protocol
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+class AiohttpProtocol:
+    """Stands in for aiohttp's ResponseHandler: records what reaches its parser."""
+
+    read_timeout = 5.0
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+    def start_timeout(self) -> None:
+        pass
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+
+
+class ClientTransport:
+    def __init__(self, protocol: ClientProtocol | None = None) -> None:
+        self.written = bytearray()
+        self.protocol = protocol
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+        if self.protocol is not None and len(self.written) >= self.protocol.pause_at:
+            self.protocol.writing_paused = True
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class ClientProtocol:
+    def __init__(self, pause_at: int = 1 << 60) -> None:
+        self.writing_paused = False
+        self.pause_at = pause_at
+        self.drained = asyncio.Event()
+
+    async def drain(self) -> None:
+        self.drained.set()
+        self.writing_paused = False
+
+
+async def splice_packets(packets: list[bytes], protocol: ClientProtocol | None = None):
+    """Feed `packets` (the answer after its head) through a Splice; return what went where."""
+    upstream, real = UpstreamTransport(), AiohttpProtocol()
+    client_protocol = protocol or ClientProtocol()
+    client = ClientTransport(client_protocol)
+    splice = Splice(upstream, real)  # type: ignore[arg-type]
+    assert upstream.protocol is splice
+    splice.data_received(HEAD + packets[0])  # the body's first bytes are held until forward_to
+    assert bytes(real.received) == HEAD
+    moving = asyncio.create_task(splice.forward_to(client, client_protocol, client_protocol.drain))  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # let it take the held bytes; the rest arrive while it forwards
+    for packet in packets[1:]:
+        if upstream.protocol is splice:
+            splice.data_received(packet)
+        else:  # given back after the terminal chunk: aiohttp's parser reads on
+            real.data_received(packet)
+    await moving
+    return client.written, real.received[len(HEAD) :], upstream
+
+
+async def test_chunks_pass_unchanged_wherever_the_reads_split_them():
+    body = CHUNKS + TERMINAL
+    for split in range(1, len(body)):
+        to_client, to_parser, upstream = await splice_packets([body[:split], body[split:]])
+        assert bytes(to_client) == CHUNKS, split
+        assert bytes(to_parser) == TERMINAL, split  # so aiohttp ends the message and pools the connection
+        assert isinstance(upstream.protocol, AiohttpProtocol), split
+
+
+async def test_chunks_pass_unchanged_arriving_a_byte_at_a_time():
+    body = CHUNKS + TERMINAL
+    to_client, to_parser, _ = await splice_packets([body[i : i + 1] for i in range(len(body))])
+    assert (bytes(to_client), bytes(to_parser)) == (CHUNKS, TERMINAL)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"zz\r\nhello\r\n",  # not hex
+        b"0x5\r\nhello\r\n",  # int() would take these
+        b"+5\r\nhello\r\n",
+        b"5\nhello\r\n",  # bare LF
+        b"5\r\nhelloXY",  # no CRLF after the data
+        b"5\r\nhello\n\n",
+        b"1" * 5000,  # a size line that never ends
+    ],
+)
+async def test_bad_framing_stops_the_answer_before_it_reaches_the_client(bad: bytes):
+    with pytest.raises(UpstreamBrokeOff):  # the relay then cuts the client off
+        await splice_packets([CHUNKS, bad, b"0\r\n\r\n"])
+
+
+async def test_bad_framing_writes_nothing_after_the_last_good_chunk():
+    upstream, real = UpstreamTransport(), AiohttpProtocol()
+    client_protocol = ClientProtocol()
+    client = ClientTransport(client_protocol)
+    splice = Splice(upstream, real)  # type: ignore[arg-type]
+    splice.data_received(HEAD + CHUNKS)
+    moving = asyncio.create_task(splice.forward_to(client, client_protocol, client_protocol.drain))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    splice.data_received(b"zz\r\n<injected>\r\n")
+    splice.data_received(b"5\r\nlater\r\n")
+    with pytest.raises(UpstreamBrokeOff):
+        await moving
+    assert bytes(client.written) == CHUNKS
+    assert upstream.paused
+
+
+async def test_a_client_that_falls_behind_pauses_the_upstream_until_it_drains():
+    protocol = ClientProtocol(pause_at=len(CHUNKS) // 2)
+    upstream, real = UpstreamTransport(), AiohttpProtocol()
+    client = ClientTransport(protocol)
+    splice = Splice(upstream, real)  # type: ignore[arg-type]
+    splice.data_received(HEAD)
+    drained_after_pause: list[bool] = []
+
+    async def drain() -> None:
+        drained_after_pause.append(upstream.paused)  # reading was paused while the client lagged
+        await protocol.drain()
+
+    moving = asyncio.create_task(splice.forward_to(client, protocol, drain))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    splice.data_received(CHUNKS)
+    await protocol.drained.wait()
+    assert not upstream.paused  # resumed once drained
+    splice.data_received(TERMINAL)
+    await moving
+    assert drained_after_pause == [True]
+    assert bytes(client.written) == CHUNKS
+
+
+async def test_answers_that_are_not_chunked_are_left_to_aiohttp_untouched():
+    upstream, real = UpstreamTransport(), AiohttpProtocol()
+    splice = Splice(upstream, real)  # type: ignore[arg-type]
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    splice.data_received(answer)
+    assert bytes(real.received) == answer
+    assert upstream.protocol is real
+
+
+async def test_an_interim_100_continue_is_passed_on_and_the_final_answer_held():
+    upstream, real = UpstreamTransport(), AiohttpProtocol()
+    splice = Splice(upstream, real)  # type: ignore[arg-type]
+    splice.data_received(b"HTTP/1.1 100 Continue\r\n\r\n" + HEAD + CHUNKS)
+    assert bytes(real.received) == b"HTTP/1.1 100 Continue\r\n\r\n" + HEAD
+    splice.release()  # the relay chose the ordinary path: aiohttp gets the body after all
+    assert bytes(real.received) == b"HTTP/1.1 100 Continue\r\n\r\n" + HEAD + CHUNKS
+    assert upstream.protocol is real
+
+
+# -- through a real gogpt and real loopback sockets ----------------------------------------------
+
+
+class RawUpstream:
+    """A loopback HTTP/1.1 server that writes chunked answers in awkward pieces, keeping connections."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+        self.connections = 0
+        self.requests = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                await reader.readexactly(length)
+                self.requests += 1
+                writer.write(HEAD)
+                for piece in self.pieces:
+                    writer.write(piece)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[tuple[RawUpstream, str]]:
+    body = CHUNKS + TERMINAL
+    fake = RawUpstream([body[:5], body[5:40], body[40:41], body[41:-7], body[-7:]])
+    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield fake, f"http://127.0.0.1:{port}"
+
+
+def _dechunked(chunks: bytes) -> bytes:
+    out, rest = b"", chunks
+    while rest:
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line.split(b";")[0], 16)
+        out, rest = out + rest[:size], rest[size + 2 :]
+    return out
+
+
+async def test_streams_through_gogpt_arrive_exact_and_the_upstream_connection_is_reused(
+    aiohttp_client, settings: Settings, raw_upstream, auth
+):
+    fake, url = raw_upstream
+    client: TestClient = await aiohttp_client(create_app(settings.with_overrides(api_proxy=url)))
+    for _ in range(3):
+        resp = await client.post("/chat", json={"stream": True}, headers=auth)
+        assert resp.status == 200
+        assert await resp.read() == _dechunked(CHUNKS)
+    assert fake.requests == 3
+    assert fake.connections == 1  # the terminal chunk went back to aiohttp, which pooled it
+
+
+async def test_an_http_1_0_client_gets_the_stream_whole_without_chunking(
+    aiohttp_server, settings: Settings, upstream: FakeUpstream, auth
+):
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(3):
+            await response.write(b"data: %d\n\n" % n)
+        return response
+
+    upstream.respond = stream
+    server = await aiohttp_server(create_app(settings))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"POST /chat HTTP/1.0\r\nHost: x\r\nAuthorization: %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\n\r\n{}" % auth["Authorization"].encode()
+    )
+    answer = await reader.read()  # HTTP/1.0: the body ends with the connection
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+    assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+async def test_a_slow_reader_gets_a_large_stream_intact(client: TestClient, upstream: FakeUpstream, auth):
+    piece = bytes(range(256)) * 64  # 16 KiB
+    sent = hashlib.sha256()
+
+    async def large(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(512):  # 8 MiB, more than the socket buffers between here and the client
+            chunk = piece[n % 256 :] + piece[: n % 256]
+            sent.update(chunk)
+            await response.write(chunk)
+        return response
+
+    upstream.respond = large
+    resp = await client.post("/chat", json={"stream": True}, headers=auth)
+    received = hashlib.sha256()
+    async for data in resp.content.iter_chunked(1000):  # small reads: the client lags the upstream
+        received.update(data)
+        await asyncio.sleep(0)
+    assert received.hexdigest() == sent.hexdigest()
+
+
+async def test_a_steady_stream_outlasts_upstream_timeout_and_silence_still_cuts(
+    aiohttp_client, settings: Settings, upstream: FakeUpstream, auth
+):
+    """The splice keeps aiohttp's sock_read rule itself: silence is limited, not the stream's length."""
+    client: TestClient = await aiohttp_client(create_app(settings.with_overrides(upstream_timeout=0.3)))
+    ticks = 8
+    go_silent = asyncio.Event()
+
+    async def steady_then_silent(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(ticks):  # 8 x 0.1 s: longer than the 0.3 s timeout, never silent that long
+            await response.write(b"data: %d\n\n" % n)
+            await asyncio.sleep(0.1)
+        if request.query.get("then") == "silence":
+            await go_silent.wait()  # never set: the upstream says nothing more
+        return response
+
+    upstream.respond = steady_then_silent
+    resp = await client.post("/v1/chat/completions", json={}, headers=auth)
+    assert await resp.read() == b"".join(b"data: %d\n\n" % n for n in range(ticks))
+
+    resp = await client.post("/v1/chat/completions?then=silence", json={}, headers=auth)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
