@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import time
 from typing import Any
@@ -47,20 +48,27 @@ def verify_credential(secret_key: str, authorization: str) -> str:
     if not credential.isascii():  # tokens are base64url; PyJWT fails on what it cannot encode
         raise _unauthorized("Invalid token.")
     try:
-        claims = jwt.decode(
-            credential,
-            secret_key,
-            algorithms=[_ALGORITHM],
-            options={"require": ["exp", "jti"]},
-        )
+        identity, expires = _verified_token(secret_key, credential)
     except jwt.ExpiredSignatureError:
         raise _unauthorized("The token has expired: mint a new one at /token.") from None
     except jwt.InvalidTokenError:
         raise _unauthorized("Invalid token.") from None
-    identity = claims["jti"]
-    if not isinstance(identity, str) or not identity:
-        raise _unauthorized("Invalid token.")
+    if time.time() >= expires:  # checked on every call: a verified token is cached, its expiry is not
+        raise _unauthorized("The token has expired: mint a new one at /token.")
     return identity
+
+
+@functools.lru_cache(maxsize=4096)
+def _verified_token(secret_key: str, token: str) -> tuple[str, float]:
+    """A token's identity and expiry, its signature checked once: clients reuse a token for hours.
+
+    Only tokens that verify are cached (an exception is not), so garbage cannot fill it.
+    """
+    claims = jwt.decode(token, secret_key, algorithms=[_ALGORITHM], options={"require": ["exp", "jti"]})
+    identity, expires = claims["jti"], claims["exp"]
+    if not isinstance(identity, str) or not identity or not isinstance(expires, int | float):
+        raise jwt.InvalidTokenError("jti must be a non-empty string")
+    return identity, float(expires)
 
 
 def _unauthorized(message: str) -> ApiError:

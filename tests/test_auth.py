@@ -257,3 +257,17 @@ async def test_an_unknown_route_is_a_404_in_the_openai_shape(client: TestClient)
 async def test_token_json_body_nested_past_the_parser_limit_is_400(client: TestClient) -> None:
     resp = await client.post("/token", data=b"[" * 100_000, headers={"Content-Type": "application/json"})
     assert resp.status == 400
+
+
+async def test_a_token_accepted_before_is_refused_once_it_expires(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verified tokens are cached; their expiry is still checked on every request."""
+    token = mint_token(SECRET_KEY, "soon", 1)
+    resp = await client.post("/chat", json={}, headers={"Authorization": token})
+    assert resp.status == 200
+    later = time.time() + 3601
+    monkeypatch.setattr(time, "time", lambda: later)
+    resp = await client.post("/chat", json={}, headers={"Authorization": token})
+    assert resp.status == 401
+    assert "expired" in (await resp.json())["error"]["message"]
