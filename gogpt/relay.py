@@ -51,6 +51,8 @@ _NOT_SENT_BACK = _HOP_BY_HOP | {
 }
 # Bodies up to this size are read whole and sent with a Content-Length; larger ones stream.
 _READ_WHOLE_BYTES = 1 << 20
+# Answers of known length up to this size are read whole and sent in one write with their head.
+_SMALL_ANSWER_BYTES = 64 << 10
 # aiohttp's server decodes request bodies in these encodings (its parser's list), so what gogpt
 # passes on is the decoded body: its Content-Encoding and Content-Length no longer describe it.
 _DECODED_BY_AIOHTTP = frozenset({"gzip", "deflate", "br", "zstd"})
@@ -161,7 +163,9 @@ async def relay(
         splice.release()
         splice = None
     if plain_error:
-        return await _error_answer(request, upstream)
+        return await _whole_answer(request, upstream, redact=True)
+    if on_chunk is None and _is_small_answer(upstream, method):  # one write, not a head and a body
+        return await _whole_answer(request, upstream, redact=False)
     response = web.StreamResponse(
         status=upstream.status,
         reason=upstream.reason,
@@ -217,6 +221,17 @@ async def _splice_body(request: web.Request, splice: Splice) -> None:
         writer.output_size += splice.forwarded_bytes
 
 
+def _is_small_answer(upstream: aiohttp.ClientResponse, method: str) -> bool:
+    """A non-streamed answer of known, small length (a completion, a model list)."""
+    length = upstream.content_length
+    return (
+        length is not None
+        and length <= _SMALL_ANSWER_BYTES
+        and method != "HEAD"  # its Content-Length describes a body that is not sent
+        and upstream.content_type != "text/event-stream"
+    )
+
+
 def _is_plain_answer(upstream: aiohttp.ClientResponse) -> bool:
     """A small, non-streamed answer in an encoding gogpt reads, so it can be read whole and checked."""
     length = upstream.content_length
@@ -227,21 +242,28 @@ def _is_plain_answer(upstream: aiohttp.ClientResponse) -> bool:
     )
 
 
-async def _error_answer(request: web.Request, upstream: aiohttp.ClientResponse) -> web.Response:
-    """An upstream error, passed on with any of gogpt's own secrets that it echoes blanked out.
+async def _whole_answer(
+    request: web.Request, upstream: aiohttp.ClientResponse, *, redact: bool
+) -> web.Response:
+    """An answer read whole and sent with its head in one write.
 
-    Upstreams quote credentials in their errors ("Incorrect API key provided: ..."); the
-    client must never learn the key that way.
+    With `redact`, gogpt's own secrets that it echoes are blanked out: upstreams quote
+    credentials in their errors ("Incorrect API key provided: ..."), and the client must
+    never learn the key that way.
     """
     async with upstream:
         try:
-            body = _decoded(await upstream.read(), upstream.headers.get("Content-Encoding", "identity"))
+            body = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise upstream_error(exc) from None
     headers = _end_to_end(upstream.headers, _NOT_SENT_BACK)
     headers.popall("Content-Length", None)
-    headers.popall("Content-Encoding", None)  # sent back decoded, as every client accepts
-    body = redact_secrets(request.app[SETTINGS], body)
+    if redact:
+        body = redact_secrets(
+            request.app[SETTINGS], _decoded(body, headers.get("Content-Encoding", "identity"))
+        )
+        headers.popall("Content-Encoding", None)  # sent back decoded, as every client accepts
+    RELAYED_BYTES.inc(len(body))
     return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
 
 

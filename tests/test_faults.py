@@ -210,6 +210,16 @@ async def _error_answer_cut_short(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _answer_cut_short(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = 1000  # a completion of known length, read whole before it is sent
+    await response.prepare(request)
+    await response.write(b'{"choices": ')
+    assert request.transport is not None
+    request.transport.close()
+    return response
+
+
 async def _silent_mid_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
@@ -236,6 +246,10 @@ FAULTS = {
     "abrupt close mid-stream": (_cut_mid_stream, "cut"),
     "refused connection": (None, 502),
 }
+# A short non-streamed answer is read whole first on /chat (one write), so a cut is a clean 502;
+# /conv watches every chunk it relays, so the client sees the cut.
+CHAT_FAULTS = {**FAULTS, "completion cut short": (_answer_cut_short, 502)}
+CONV_FAULTS = {**FAULTS, "completion cut short": (_answer_cut_short, "cut")}
 
 
 async def _expect(resp: aiohttp.ClientResponse, outcome: int | str) -> None:
@@ -249,7 +263,7 @@ async def _expect(resp: aiohttp.ClientResponse, outcome: int | str) -> None:
         assert error["code"] in ("upstream_timeout", "upstream_unreachable", "upstream_error")
 
 
-@pytest.mark.parametrize(("fault", "outcome"), FAULTS.values(), ids=FAULTS.keys())
+@pytest.mark.parametrize(("fault", "outcome"), CHAT_FAULTS.values(), ids=CHAT_FAULTS.keys())
 async def test_upstream_faults_on_chat_leave_no_task_or_socket_behind(
     aiohttp_client, settings: Settings, upstream: FakeUpstream, auth, fault: Fault | None, outcome: int | str
 ):
@@ -264,7 +278,7 @@ async def test_upstream_faults_on_chat_leave_no_task_or_socket_behind(
     await settle(lambda: len(asyncio.all_tasks()) <= tasks and open_fds() <= fds + 2)
 
 
-@pytest.mark.parametrize(("fault", "outcome"), FAULTS.values(), ids=FAULTS.keys())
+@pytest.mark.parametrize(("fault", "outcome"), CONV_FAULTS.values(), ids=CONV_FAULTS.keys())
 async def test_upstream_faults_on_conv_free_the_session(
     aiohttp_client, settings: Settings, upstream: FakeUpstream, auth, fault: Fault | None, outcome: int | str
 ):
