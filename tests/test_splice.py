@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -12,9 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gogpt import Settings, create_app
+from gogpt import Settings, create_app, mint_token
 from gogpt.splice import Splice, UpstreamBrokeOff
-from tests.conftest import FakeUpstream
+from tests.conftest import SECRET_KEY, FakeUpstream
+from tests.serving import free_port, start_gogpt, wait_until_listening
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -342,3 +345,81 @@ async def test_a_steady_stream_outlasts_upstream_timeout_and_silence_still_cuts(
     resp = await client.post("/v1/chat/completions?then=silence", json={}, headers=auth)
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()
+
+
+# -- over TLS, through a real `python -m gogpt` (uvloop, as users run it) --------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1, made with Debian's openssl."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+async def test_streams_from_a_tls_upstream_arrive_exact_and_its_connection_is_reused(
+    certificate: tuple[str, str], tmp_path
+):
+    cert, key = certificate
+    events = [b"data: %d %s\n\n" % (n, b"x" * (n * 37 % 3000)) for n in range(200)]
+    peers: set[object] = set()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        peers.add(request.transport.get_extra_info("peername") if request.transport else None)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    upstream_port, port = free_port(), free_port()
+    await web.TCPSite(runner, "127.0.0.1", upstream_port, ssl_context=context).start()
+    env = {
+        "SECRET_KEY": SECRET_KEY,
+        "API_PROXY": f"https://127.0.0.1:{upstream_port}",
+        "SSL_CERT_FILE": cert,  # OpenSSL's default trust store, for this process only
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+    }
+    gogpt = await start_gogpt(env, tmp_path)
+    try:
+        await wait_until_listening(port, gogpt)
+        headers = {"Authorization": mint_token(SECRET_KEY, "tls", 1)}
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.post(f"http://127.0.0.1:{port}/chat", json={}, headers=headers) as resp:
+                    assert resp.status == 200
+                    assert await resp.read() == b"".join(events)
+    finally:
+        gogpt.terminate()
+        await gogpt.communicate()
+        await runner.cleanup()
+    assert len(peers) == 1  # one TLS connection carried all three: given back and pooled each time
