@@ -75,6 +75,7 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
         connector=connector,
         timeout=timeout,
         auto_decompress=False,  # bytes are relayed as the upstream encoded them
+        cookie_jar=aiohttp.DummyCookieJar(),  # shared by every caller: keep no upstream cookie
         skip_auto_headers=("Accept-Encoding",),  # only what the client itself accepts
         response_class=SplicingResponse,  # the relay's fast path for streams, see splice.py
     ) as session:

@@ -176,6 +176,25 @@ async def test_upstream_gets_the_gateway_key_and_never_the_client_credential_or_
     assert token not in str(dict(sent))
 
 
+async def test_cookies_an_upstream_sets_are_passed_back_and_never_sent_on_another_call(
+    aiohttp_client, settings: Settings, upstream: FakeUpstream, auth
+):
+    """One outbound session serves every caller: an upstream cookie kept in it would reach the next one."""
+    by_name = upstream.url.replace("127.0.0.1", "localhost")  # cookie jars ignore cookies from IP addresses
+    client = await aiohttp_client(create_app(_with(settings, api_proxy=by_name)))
+
+    async def sets_a_cookie(request: web.Request) -> web.StreamResponse:
+        response = web.json_response({"ok": True})
+        response.set_cookie("__cf_bm", "alice-only")
+        return response
+
+    upstream.respond = sets_a_cookie
+    first = await client.post("/chat", json={}, headers=auth)
+    assert "alice-only" in first.headers.get("Set-Cookie", "")  # the client's own to keep, or not
+    await client.post("/chat", json={}, headers=auth)
+    assert "Cookie" not in upstream.last.headers
+
+
 async def test_end_to_end_request_headers_are_forwarded(client: TestClient, upstream: FakeUpstream, auth):
     extra = {"OpenAI-Beta": "assistants=v2", "OpenAI-Organization": "org-1", "Idempotency-Key": "k-1"}
     await client.post("/chat", json=CHAT, headers={**auth, **extra})
