@@ -1,4 +1,4 @@
-"""The relay benchmark: direct, nginx and gogpt (1 and 2 workers) on the same fake upstream.
+"""The relay benchmark: direct, nginx, a bare uvloop pipe and gogpt (1 and 2 workers) on one fake upstream.
 
     python -m bench                      # every profile and candidate, a table and bench/results/latest.json
     python -m bench --quick              # smaller counts, a smoke run of a minute
@@ -51,14 +51,18 @@ PROFILES = {
     "slow": Profile(streams=500, count=100, interval=0.02),
     "wide": Profile(streams=2000, count=40, interval=0.05),
     "json": Profile(streams=32, count=1, interval=0, size=512, stream=False, repeat=300),
+    # slow's streams, four times as long: with each request's cost spread over 400 events,
+    # CPU per event here is mostly the cost of relaying an event
+    "long": Profile(streams=500, count=400, interval=0.02),
 }
 QUICK = {
     "burst": Profile(streams=8, count=300, interval=0),
     "slow": Profile(streams=50, count=20, interval=0.02),
     "wide": Profile(streams=200, count=10, interval=0.05),
     "json": Profile(streams=8, count=1, interval=0, size=512, stream=False, repeat=30),
+    "long": Profile(streams=50, count=80, interval=0.02),
 }
-CANDIDATES = ("direct", "nginx", "gogpt", "gogpt-2w")
+CANDIDATES = ("direct", "nginx", "pipe", "gogpt", "gogpt-2w")
 
 
 def free_port() -> int:
@@ -147,6 +151,9 @@ def candidate(name: str, upstream_port: int) -> Iterator[tuple[int, list[int]]]:
             conf.write_text(NGINX_CONF.format(dir=workdir, upstream=upstream_port, port=port))
             command = [shutil.which("nginx") or "nginx", "-p", workdir, "-c", str(conf)]
             env = dict(os.environ)
+        elif name == "pipe":
+            command = [sys.executable, "-m", "bench.pipe", str(port), str(upstream_port)]
+            env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
         else:
             command = [sys.executable, "-m", "gogpt"]
             env = {

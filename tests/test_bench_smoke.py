@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from bench.client import run_load
+from bench.pipe import ClientSide
 from bench.upstream import UpstreamProtocol
 
 
@@ -37,3 +38,21 @@ async def test_the_load_client_notices_a_stream_cut_short():
     async with server:
         tally = await run_load(port, "/", "", 1, {"count": 3, "interval": 0, "size": 2}, True, 1)
     assert tally.errors == ["stream ended after 1 of 3 events"]
+
+
+async def test_the_bare_pipe_row_relays_every_byte():
+    loop = asyncio.get_running_loop()
+    upstream = await loop.create_server(UpstreamProtocol, "127.0.0.1", 0)
+    upstream_port = upstream.sockets[0].getsockname()[1]
+    pipe = await loop.create_server(lambda: ClientSide(upstream_port), "127.0.0.1", 0)
+    async with upstream, pipe:
+        tally = await run_load(
+            pipe.sockets[0].getsockname()[1],
+            "/v1/chat/completions",
+            "",
+            3,
+            {"count": 200, "interval": 0, "size": 500},
+            True,
+            2,
+        )
+    assert (tally.errors, tally.events) == ([], 3 * 2 * 200)
