@@ -24,7 +24,8 @@ from aiohttp import web
 from .config import Settings
 from .errors import ApiError, UpstreamAnswer, json_object, upstream_error
 from .keys import CONV_STATE, SETTINGS, STORE
-from .relay import call_upstream, read_body, redact_secrets, relay, upstream_headers
+from .redact import redact_secrets
+from .relay import call_upstream, read_body, relay, upstream_headers
 from .sse_ids import MessageIds
 from .store import Store
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 
 import aiohttp
@@ -14,13 +13,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .config import Settings
 from .errors import ApiError, upstream_error
 from .keys import HTTP, SETTINGS
 from .ops import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
+from .redact import READABLE_ENCODINGS, decoded, redact_secrets
 from .splice import SPLICE_WANTED, Splice, SplicingResponse, is_spliceable
 
-__all__ = ["call_upstream", "read_body", "redact_secrets", "relay", "request_body", "upstream_headers"]
+__all__ = ["call_upstream", "read_body", "relay", "request_body", "upstream_headers"]
 
 log = logging.getLogger("gogpt")
 
@@ -56,8 +55,6 @@ _SMALL_ANSWER_BYTES = 64 << 10
 # aiohttp's server decodes request bodies in these encodings (its parser's list), so what gogpt
 # passes on is the decoded body: its Content-Encoding and Content-Length no longer describe it.
 _DECODED_BY_AIOHTTP = frozenset({"gzip", "deflate", "br", "zstd"})
-# Error answers in these encodings are decoded here so that a quoted secret can be blanked out.
-_READABLE_ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate"})
 
 
 def _end_to_end(headers: Mapping[str, str], dropped: frozenset[str]) -> CIMultiDict[str]:
@@ -236,7 +233,7 @@ def _is_plain_answer(upstream: aiohttp.ClientResponse) -> bool:
     """A small, non-streamed answer in an encoding gogpt reads, so it can be read whole and checked."""
     length = upstream.content_length
     return (
-        upstream.headers.get("Content-Encoding", "identity").lower() in _READABLE_ENCODINGS
+        upstream.headers.get("Content-Encoding", "identity").lower() in READABLE_ENCODINGS
         and upstream.content_type != "text/event-stream"
         and (length is None or length <= _READ_WHOLE_BYTES)
     )
@@ -259,36 +256,11 @@ async def _whole_answer(
     headers = _end_to_end(upstream.headers, _NOT_SENT_BACK)
     headers.popall("Content-Length", None)
     if redact:
-        body = redact_secrets(
-            request.app[SETTINGS], _decoded(body, headers.get("Content-Encoding", "identity"))
-        )
+        encoding = headers.get("Content-Encoding", "identity")
+        body = redact_secrets(request.app[SETTINGS], decoded(body, encoding, _READ_WHOLE_BYTES))
         headers.popall("Content-Encoding", None)  # sent back decoded, as every client accepts
     RELAYED_BYTES.inc(len(body))
     return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
-
-
-def _decoded(body: bytes, encoding: str) -> bytes:
-    """An error answer's body without its gzip or deflate encoding, within the read-whole size."""
-    if encoding.lower() == "identity":
-        return body
-    for window in (47, -15):  # gzip or zlib framing (auto-detected), then the raw deflate some servers send
-        decompressor = zlib.decompressobj(window)
-        try:
-            decoded = decompressor.decompress(body, _READ_WHOLE_BYTES)
-        except zlib.error:
-            continue
-        if not decompressor.unconsumed_tail:
-            return decoded
-        break
-    raise ApiError(502, "The upstream sent an error answer that could not be decoded.", code="upstream_error")
-
-
-def redact_secrets(settings: Settings, body: bytes) -> bytes:
-    """Blank out gogpt's own secrets wherever an upstream quotes them back."""
-    for secret in (settings.chat_api_key, settings.access_token, settings.secret_key):
-        if secret:
-            body = body.replace(secret.encode(), b"[redacted]")
-    return body
 
 
 async def call_upstream(
