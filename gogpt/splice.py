@@ -36,6 +36,7 @@ _MAX_SIZE_LINE = 4096
 _CHUNKED_HEAD = re.compile(rb"\r\ntransfer-encoding:[ \t]*chunked[ \t]*\r\n", re.IGNORECASE)
 _NO_BODY_STATUSES = (b"204", b"304")
 _MAX_HELD_BYTES = 1 << 20  # between the head and the relay's decision; reading pauses beyond
+_MAX_HEAD_BYTES = 1 << 16  # more than aiohttp accepts in a head
 
 _HEAD, _HOLD, _FORWARD, _GIVEN_BACK = range(4)
 
@@ -178,13 +179,16 @@ class Splice(asyncio.Protocol):
         self._head += data
         end = self._head.find(b"\r\n\r\n", max(seen - 3, 0))
         if end < 0:
-            self._real.data_received(data)
+            if len(self._head) > _MAX_HEAD_BYTES:  # aiohttp refuses such a head; nothing to hold
+                self._give_back(data)
+            else:
+                self._real.data_received(data)
             return
         head_end = end + 4
         head, rest = self._head[:head_end], self._head[head_end:]
         self._real.data_received(data[: len(data) - len(rest)])
         status = head[9:12]
-        if status.startswith(b"1"):  # 100 Continue and the like: the real answer follows
+        if status.startswith(b"1") and status != b"101":  # 100 Continue and the like: the answer follows
             self._head = b""
             if rest:
                 self._read_head(rest)

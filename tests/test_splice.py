@@ -207,6 +207,19 @@ async def test_an_interim_100_continue_is_passed_on_and_the_final_answer_held():
     assert upstream.protocol is real
 
 
+async def test_a_protocol_switch_or_an_endless_head_is_left_to_aiohttp():
+    for answer in (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n" + b"frames" * 100,
+        b"HTTP/1.1 200 OK\r\nX-Long: " + b"x" * 70_000,
+    ):
+        upstream, real = UpstreamTransport(), AiohttpProtocol()
+        Splice(upstream, real)  # type: ignore[arg-type]
+        for n in range(0, len(answer), 1000):  # to whichever protocol the transport has now
+            upstream.protocol.data_received(answer[n : n + 1000])  # type: ignore[attr-defined]
+        assert bytes(real.received) == answer  # nothing held back, nothing kept
+        assert upstream.protocol is real
+
+
 # -- through a real gogpt and real loopback sockets ----------------------------------------------
 
 
