@@ -200,24 +200,19 @@ async def _answers_garbage(request: web.Request) -> web.StreamResponse:
     raise AssertionError("unreachable")
 
 
-async def _error_answer_cut_short(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(status=500, headers={"Content-Type": "application/json"})
-    response.content_length = 1000
-    await response.prepare(request)
-    await response.write(b'{"error": ')
-    assert request.transport is not None
-    request.transport.close()
-    return response
+def _answer_cut_short(status: int) -> Fault:
+    """An answer of known length (1000 bytes), cut after its first few."""
 
+    async def respond(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+        response.content_length = 1000
+        await response.prepare(request)
+        await response.write(b'{"error": ' if status >= 400 else b'{"choices": ')
+        assert request.transport is not None
+        request.transport.close()
+        return response
 
-async def _answer_cut_short(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "application/json"})
-    response.content_length = 1000  # a completion of known length, read whole before it is sent
-    await response.prepare(request)
-    await response.write(b'{"choices": ')
-    assert request.transport is not None
-    request.transport.close()
-    return response
+    return respond
 
 
 async def _silent_mid_stream(request: web.Request) -> web.StreamResponse:
@@ -241,15 +236,15 @@ FAULTS = {
     "slow first byte": (_silent_before_answering, 504),
     "closed before answering": (_closes_before_answering, 502),
     "garbage instead of HTTP": (_answers_garbage, 502),
-    "error answer cut short": (_error_answer_cut_short, 502),
+    "error answer cut short": (_answer_cut_short(500), 502),
     "silence mid-stream": (_silent_mid_stream, "cut"),
     "abrupt close mid-stream": (_cut_mid_stream, "cut"),
     "refused connection": (None, 502),
 }
 # A short non-streamed answer is read whole first on /chat (one write), so a cut is a clean 502;
 # /conv watches every chunk it relays, so the client sees the cut.
-CHAT_FAULTS = {**FAULTS, "completion cut short": (_answer_cut_short, 502)}
-CONV_FAULTS = {**FAULTS, "completion cut short": (_answer_cut_short, "cut")}
+CHAT_FAULTS = {**FAULTS, "completion cut short": (_answer_cut_short(200), 502)}
+CONV_FAULTS = {**FAULTS, "completion cut short": (_answer_cut_short(200), "cut")}
 
 
 async def _expect(resp: aiohttp.ClientResponse, outcome: int | str) -> None:
