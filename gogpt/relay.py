@@ -137,11 +137,13 @@ async def relay(
 ) -> web.StreamResponse:
     """Send one request upstream and stream its answer back unchanged.
 
-    Status, end-to-end headers and body bytes pass through as they arrive (`iter_any`, no
-    re-chunking); `write` waits for a slow client, which is the backpressure. If the client
-    leaves, the upstream connection is closed at once; if the upstream breaks off or falls
-    silent mid-body, the client's connection is cut so a truncated answer never looks whole.
-    `on_chunk` sees each chunk after it has been written, so observing never delays the client.
+    Status, end-to-end headers and body bytes pass through as they arrive: a chunked stream
+    through the splice (splice.py), a small answer of known length in one write, anything
+    else chunk by chunk (`iter_any`, no re-chunking). A slow client pauses the upstream,
+    which is the backpressure. If the client leaves, the upstream connection is closed at
+    once; if the upstream breaks off or falls silent mid-body, the client's connection is cut
+    so a truncated answer never looks whole. `on_chunk` sees each chunk after it has been
+    written, so observing never delays the client.
     """
     if isinstance(data, AsyncIterable) and "content-length" not in headers:
         length = request.content_length
