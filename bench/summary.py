@@ -1,0 +1,47 @@
+"""A Markdown table of a benchmark run, for docs and notes: `python -m bench.summary [results.json]`.
+
+Reads what `python -m bench` wrote (bench/results/latest.json unless told otherwise); ratios
+are to the nginx row of the same profile, as the run's own table shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DEFAULT = Path(__file__).parent / "results" / "latest.json"
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}" if value is not None and base else "-"
+
+
+def markdown(results: dict[str, list[dict]]) -> str:
+    lines = [
+        "| profile | candidate | events/s | vs nginx | added p99 ms | ttfb ms | CPU s/10k ev | vs nginx | RSS MB |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for profile, rows in results.items():
+        nginx = next((row for row in rows if row["candidate"] == "nginx"), None)
+        direct = next((row for row in rows if row["candidate"] == "direct"), None)
+        for row in rows:
+            added = row["latency_ms"]["p99"] - direct["latency_ms"]["p99"] if direct else None
+            cpu, rss = row["cpu_s_per_10k_events"], row["peak_rss_mb"]
+            lines.append(
+                f"| {profile} | {row['candidate']} | {row['events_per_s']:,.0f} "
+                f"| {_ratio(row['events_per_s'], nginx and nginx['events_per_s'])} "
+                f"| {'-' if added is None or row is direct else f'{added:.1f}'} | {row['ttfb_ms_p50'] or 0:.0f} "
+                f"| {'-' if cpu is None else cpu} | {_ratio(cpu, nginx and nginx['cpu_s_per_10k_events'])} "
+                f"| {'-' if rss is None else rss} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT
+    print(markdown(json.loads(path.read_text())["results"]))
+
+
+if __name__ == "__main__":
+    main()
