@@ -6,6 +6,7 @@ import asyncio
 
 from bench.client import run_load
 from bench.pipe import ClientSide
+from bench.summary import markdown
 from bench.upstream import UpstreamProtocol
 
 
@@ -56,3 +57,18 @@ async def test_the_bare_pipe_row_relays_every_byte():
             2,
         )
     assert (tally.errors, tally.events) == ([], 3 * 2 * 200)
+
+
+def test_the_summary_gives_ratios_to_the_nginx_row_of_each_profile():
+    def row(name: str, events_per_s: float, cpu: float | None) -> dict:
+        return {
+            "candidate": name,
+            "events_per_s": events_per_s,
+            "latency_ms": {"p50": 1.0, "p99": 2.0, "max": 3.0},
+            "ttfb_ms_p50": 5.0,
+            "cpu_s_per_10k_events": cpu,
+            "peak_rss_mb": None if cpu is None else 50.0,
+        }
+
+    table = markdown({"wide": [row("direct", 3000, None), row("nginx", 2000, 0.2), row("gogpt", 1000, 0.5)]})
+    assert "| wide | gogpt | 1,000 | 0.50 | 0.0 | 5 | 0.5 | 2.50 | 50.0 |" in table.splitlines()
