@@ -104,8 +104,14 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
     Checked here rather than by `client_max_size`, which aiohttp takes from the outermost
     application: a gateway mounted with `add_subapp` would get its host's limit instead.
     """
-    if request.content_length is not None and request.content_length > max_bytes:
+    length = request.content_length
+    if length is not None and length > max_bytes:
         raise _too_large(max_bytes)
+    if length is not None and not _body_was_decoded(request):  # it cannot outgrow its length
+        try:
+            return await request.content.read()
+        except web.RequestPayloadError:
+            raise _unreadable() from None
     chunks = [chunk async for chunk in _limited(request.content, max_bytes)]
     return b"".join(chunks)
 
@@ -119,7 +125,11 @@ async def _limited(content: aiohttp.StreamReader, max_bytes: int) -> AsyncIterab
                 raise _too_large(max_bytes)
             yield chunk
     except web.RequestPayloadError:  # a broken chunk or compressed body: the client's fault
-        raise ApiError(400, "The request body could not be read.", code="invalid_body") from None
+        raise _unreadable() from None
+
+
+def _unreadable() -> ApiError:
+    return ApiError(400, "The request body could not be read.", code="invalid_body")
 
 
 def _too_large(max_bytes: int) -> ApiError:
