@@ -7,8 +7,10 @@ reports all of them.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -68,20 +70,32 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+# HTTP lets a client invent methods; each would be a new time series kept for ever.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@functools.lru_cache(maxsize=4096)  # routes, methods and statuses are few: this is the set of them
+def _request_metrics(route: str, method: str, status: int) -> tuple[Any, Any]:
+    """The labelled counter and histogram for one kind of answer, looked up once."""
+    return REQUESTS.labels(route, method, str(status)), DURATION.labels(route)
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count every request once it is answered; a stream is timed to its last byte."""
     started = time.perf_counter()
     route = request.match_info.route.resource
     name = route.canonical if route is not None else "unmatched"
+    method = request.method if request.method in _METHODS else "other"
     status = 499  # the client left before an answer (nginx's convention)
     try:
         response = await handler(request)
         status = response.status
         return response
     finally:
-        REQUESTS.labels(name, request.method, str(status)).inc()
-        DURATION.labels(name).observe(time.perf_counter() - started)
+        requests, duration = _request_metrics(name, method, status)
+        requests.inc()
+        duration.observe(time.perf_counter() - started)
 
 
 @web.middleware

@@ -53,3 +53,14 @@ async def test_metrics_count_upstream_errors(aiohttp_client, settings, auth):
     assert (await client.post("/chat", json={}, headers=auth)).status == 502
     after = samples(await (await client.get("/metrics", headers=ADMIN)).text())
     assert after[key] == before + 1
+
+
+async def test_methods_beyond_the_usual_are_counted_as_other(client: TestClient, auth):
+    """Each label value is a series kept for ever: clients must not be able to add many."""
+    unusual = ("PROPFIND", "MKCOL", "LOCK", "PURGE")  # among the dozens llhttp accepts
+    for method in unusual:
+        await client.request(method, "/v1/models", headers=auth)
+    after = samples(await (await client.get("/metrics", headers=ADMIN)).text())
+    methods = {dict(labels)["method"] for name, labels in after if name == "gogpt_requests_total"}
+    assert "other" in methods
+    assert not methods & set(unusual)
