@@ -194,7 +194,9 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
             await asyncio.gather(*clients)
             locks_free = await sessions_free(session, base, token)
         settle_started = time.monotonic()
-        for _ in range(60):  # up to 30 s: idle upstream connections close on their keep-alive timer
+        for _ in range(
+            120
+        ):  # up to 60 s: idle upstream connections close on keep-alive timers (15 s, checked every 15 s)
             fds, rss = sample(gogpt.pid)
             if fds <= before[0] + 2:
                 break
