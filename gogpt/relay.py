@@ -185,15 +185,14 @@ async def relay(
     STREAMS_ACTIVE.inc()
     try:
         await response.prepare(request)
+        write = response.write
         if splice is not None:
             await _splice_body(request, splice)
             await upstream.content.read()  # the terminal chunk, back with aiohttp's parser
         elif on_chunk is None:  # the ordinary path: nothing but the write per chunk
-            write = response.write
             async for chunk in upstream.content.iter_any():
                 await write(chunk)
         else:
-            write = response.write
             async for chunk in upstream.content.iter_any():
                 await write(chunk)
                 on_chunk(chunk)

@@ -258,13 +258,19 @@ async def _expect(resp: aiohttp.ClientResponse, outcome: int | str) -> None:
         assert error["code"] in ("upstream_timeout", "upstream_unreachable", "upstream_error")
 
 
+def _upstream_with(upstream: FakeUpstream, fault: Fault | None) -> str:
+    """The upstream's URL with `fault` as its answer, or a port nothing listens on for None."""
+    if fault is None:
+        return f"127.0.0.1:{free_port()}"
+    upstream.respond = fault
+    return upstream.url
+
+
 @pytest.mark.parametrize(("fault", "outcome"), CHAT_FAULTS.values(), ids=CHAT_FAULTS.keys())
 async def test_upstream_faults_on_chat_leave_no_task_or_socket_behind(
     aiohttp_client, settings: Settings, upstream: FakeUpstream, auth, fault: Fault | None, outcome: int | str
 ):
-    proxy = upstream.url if fault else f"127.0.0.1:{free_port()}"
-    if fault:
-        upstream.respond = fault
+    proxy = _upstream_with(upstream, fault)
     client = await aiohttp_client(create_app(settings.with_overrides(api_proxy=proxy, upstream_timeout=0.3)))
     await _expect(await client.post("/chat", json={}, headers=auth), outcome)  # warm up: pools, lazy imports
     tasks, fds = len(asyncio.all_tasks()), open_fds()
@@ -277,9 +283,7 @@ async def test_upstream_faults_on_chat_leave_no_task_or_socket_behind(
 async def test_upstream_faults_on_conv_free_the_session(
     aiohttp_client, settings: Settings, upstream: FakeUpstream, auth, fault: Fault | None, outcome: int | str
 ):
-    proxy = upstream.url if fault else f"127.0.0.1:{free_port()}"
-    if fault:
-        upstream.respond = fault
+    proxy = _upstream_with(upstream, fault)
     app = create_app(settings.with_overrides(unofficial_proxy=proxy + "/backend-api", upstream_timeout=0.3))
     client = await aiohttp_client(app)
     await _expect(await client.post("/conv", json=message(), headers={**auth, **POST}), outcome)  # warm up
