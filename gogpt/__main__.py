@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.clear:
         configure_logging(settings.log_format)
-        logging.getLogger("gogpt").info("%s", asyncio.run(hide_all_conversations(settings)))
+        logging.getLogger("gogpt.conv").info("%s", asyncio.run(hide_all_conversations(settings)))
     serve(settings)
     return 0
 

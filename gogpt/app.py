@@ -10,11 +10,11 @@ from aiohttp import web
 
 from .auth import auth_middleware, token_handler
 from .config import Settings, load_settings
-from .conv import ConvState, conv_handler
+from .conv import CONV_STATE, ConvState, conv_handler
 from .cors import add_cors_headers, cors_middleware
 from .errors import error_middleware, expect_continue
 from .event import event_handler
-from .keys import CONV_STATE, HTTP, SETTINGS, STORE
+from .keys import HTTP, SETTINGS, STORE
 from .openai_api import chat_handler, v1_handler
 from .ops import healthz_handler, metrics_handler, metrics_middleware, rate_limit_middleware
 from .redis_store import RedisStore
@@ -23,7 +23,7 @@ from .store import MemoryStore, Store
 
 __all__ = ["create_app"]
 
-log = logging.getLogger("gogpt")
+log = logging.getLogger("gogpt.store")
 
 _CONNECT_TIMEOUT = 30.0  # seconds to open a TCP (and TLS) connection to an upstream
 

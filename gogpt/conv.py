@@ -23,15 +23,15 @@ from aiohttp import web
 
 from .config import Settings
 from .errors import ApiError, UpstreamAnswer, json_object, upstream_error
-from .keys import CONV_STATE, SETTINGS, STORE
+from .keys import SETTINGS, STORE
 from .redact import redact_secrets
 from .relay import call_upstream, read_body, relay, upstream_headers
 from .sse_ids import MessageIds
-from .store import Store
+from .store import Store, StoreUnavailable
 
-__all__ = ["ConvState", "conv_handler", "hide_all_conversations"]
+__all__ = ["CONV_STATE", "ConvState", "conv_handler", "hide_all_conversations"]
 
-log = logging.getLogger("gogpt")
+log = logging.getLogger("gogpt.conv")
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _MODEL = "text-davinci-002-render-sha"
@@ -49,6 +49,9 @@ class ConvState:
     """Per-process state: whether a list has been answered since start-up (the first-boot rule)."""
 
     listed_since_start: bool = False
+
+
+CONV_STATE = web.AppKey("gogpt.conv_state", ConvState)
 
 
 async def conv_handler(request: web.Request) -> web.StreamResponse:
@@ -225,7 +228,7 @@ async def _keep_renewing(store: Store, key: str, token: str) -> None:
             if not await store.renew(key, token, _LEASE_TTL):
                 log.warning("lost the lease on a ChatGPT session while replying")
                 return
-        except ApiError:
+        except StoreUnavailable:
             log.warning("could not renew a ChatGPT session lease: the store is unavailable")
 
 

@@ -11,6 +11,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .store import StoreUnavailable
+
 __all__ = [
     "ApiError",
     "UpstreamAnswer",
@@ -21,7 +23,7 @@ __all__ = [
     "upstream_error",
 ]
 
-log = logging.getLogger("gogpt")
+log = logging.getLogger("gogpt.errors")
 
 # The `type` OpenAI uses for each status; SDKs pick their exception class by status.
 _ERROR_TYPES = {
@@ -132,6 +134,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers)
+    except StoreUnavailable:
+        return error_response(
+            503, "The gateway's shared store is unavailable; try again shortly.", code="store_unavailable"
+        )
     except UpstreamAnswer as exc:
         return web.Response(status=exc.status, body=exc.body, headers={"Content-Type": exc.content_type})
     except web.RequestPayloadError:  # a broken chunked or compressed body, e.g. on a /token form

@@ -1,57 +1,22 @@
-"""Operations: /healthz for load balancers, /metrics for Prometheus, and the metrics middleware.
-
-Metrics live in prometheus-client's default registry, or, when `PROMETHEUS_MULTIPROC_DIR` is
-set (serve.py does it for `--workers N`), in its multiprocess files so any worker's scrape
-reports all of them.
-"""
+"""Operations: /healthz for load balancers, /metrics for Prometheus, and the metrics middleware."""
 
 from __future__ import annotations
 
 import functools
-import os
 import time
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .auth import ADMIN, public
 from .errors import ApiError, Handler
 from .keys import IDENTITY, SETTINGS, STORE
+from .metrics import DURATION, REQUESTS, exposition
 
-__all__ = [
-    "RELAYED_BYTES",
-    "STREAMS_ACTIVE",
-    "UPSTREAM_ERRORS",
-    "healthz_handler",
-    "metrics_handler",
-    "metrics_middleware",
-    "rate_limit_middleware",
-]
+__all__ = ["healthz_handler", "metrics_handler", "metrics_middleware", "rate_limit_middleware"]
 
-REQUESTS = Counter("gogpt_requests_total", "Requests answered.", ["route", "method", "status"])
-DURATION = Histogram(
-    "gogpt_request_duration_seconds",
-    "Time from request to the end of its answer (whole streams included).",
-    ["route"],
-    buckets=(0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
-)
-STREAMS_ACTIVE = Gauge(
-    "gogpt_streams_active", "Upstream answers being relayed now.", multiprocess_mode="livesum"
-)
-UPSTREAM_ERRORS = Counter("gogpt_upstream_errors_total", "Failed upstream calls.", ["kind"])
 RATE_WINDOW = 60  # seconds: RATE_LIMIT counts requests per minute
-
-RELAYED_BYTES = Counter("gogpt_relayed_bytes_total", "Bytes of upstream answers relayed to clients.")
 
 
 @public
@@ -63,11 +28,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus text, for the admin credential only: route names and volumes are not public."""
     if request[IDENTITY] != ADMIN:
         raise ApiError(401, "Metrics need the admin credential.", code="invalid_api_key")
-    registry = REGISTRY
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-        registry = CollectorRegistry()
-        prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 # HTTP lets a client invent methods; each would be a new time series kept for ever.

@@ -16,7 +16,7 @@ from .store import StoreUnavailable
 
 __all__ = ["RedisStore"]
 
-log = logging.getLogger("gogpt")
+log = logging.getLogger("gogpt.store")
 T = TypeVar("T")
 
 # Only the holder of a lease may extend or drop it: compare the token and act in one step.

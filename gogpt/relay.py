@@ -15,13 +15,13 @@ from yarl import URL
 
 from .errors import ApiError, upstream_error
 from .keys import HTTP, SETTINGS
-from .ops import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
+from .metrics import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
 from .redact import READABLE_ENCODINGS, decoded, redact_secrets
 from .splice import SPLICE_WANTED, Splice, SplicingResponse, is_spliceable
 
 __all__ = ["call_upstream", "read_body", "relay", "request_body", "upstream_headers"]
 
-log = logging.getLogger("gogpt")
+log = logging.getLogger("gogpt.relay")
 
 _HOP_BY_HOP = frozenset(
     {

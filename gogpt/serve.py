@@ -21,7 +21,7 @@ from .logs import AccessLogger, configure_logging
 
 __all__ = ["serve"]
 
-log = logging.getLogger("gogpt")
+log = logging.getLogger("gogpt.serve")
 
 # aiohttp's default of 128 pending connections stalls connects at a few hundred clients.
 LISTEN_BACKLOG = 4096

@@ -12,18 +12,12 @@ import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
-from .errors import ApiError
-
 __all__ = ["MemoryStore", "Store", "StoreUnavailable"]
 
 
-class StoreUnavailable(ApiError):
-    """The shared store cannot be reached: answer 503 rather than serve unlimited or unlocked."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            503, "The gateway's shared store is unavailable; try again shortly.", code="store_unavailable"
-        )
+class StoreUnavailable(Exception):
+    """The shared store cannot be reached; the error middleware answers 503 rather than serve
+    unlimited or unlocked."""
 
 
 class Store(Protocol):

@@ -1,0 +1,44 @@
+"""Prometheus metrics: a leaf that imports nothing of gogpt, so every layer may count.
+
+They live in prometheus-client's default registry, or, when `PROMETHEUS_MULTIPROC_DIR` is set
+(serve.py does it for `--workers N`), in its multiprocess files so any worker's scrape reports
+all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as prometheus_multiprocess
+
+__all__ = [
+    "DURATION",
+    "RELAYED_BYTES",
+    "REQUESTS",
+    "STREAMS_ACTIVE",
+    "UPSTREAM_ERRORS",
+    "exposition",
+]
+
+REQUESTS = Counter("gogpt_requests_total", "Requests answered.", ["route", "method", "status"])
+DURATION = Histogram(
+    "gogpt_request_duration_seconds",
+    "Time from request to the end of its answer (whole streams included).",
+    ["route"],
+    buckets=(0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+STREAMS_ACTIVE = Gauge(
+    "gogpt_streams_active", "Upstream answers being relayed now.", multiprocess_mode="livesum"
+)
+UPSTREAM_ERRORS = Counter("gogpt_upstream_errors_total", "Failed upstream calls.", ["kind"])
+RELAYED_BYTES = Counter("gogpt_relayed_bytes_total", "Bytes of upstream answers relayed to clients.")
+
+
+def exposition() -> bytes:
+    """Every metric in Prometheus's text format, all workers' when there are several."""
+    registry = REGISTRY
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
