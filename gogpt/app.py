@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -14,16 +15,17 @@ from .conv import CONV_STATE, ConvState, conv_handler
 from .cors import add_cors_headers, cors_middleware
 from .errors import error_middleware, expect_continue
 from .event import event_handler
-from .keys import HTTP, SETTINGS, STORE
+from .keys import HTTP, SETTINGS, SPLICING_HTTP, STORE
 from .openai_api import chat_handler, v1_handler
 from .ops import healthz_handler, metrics_handler, metrics_middleware, rate_limit_middleware
 from .redis_store import RedisStore
-from .splice import SplicingResponse
+from .splice import SplicingResponse, check_internals, guard_connections
 from .store import MemoryStore, Store
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("gogpt.store")
+http_log = logging.getLogger("gogpt.relay")
 
 _CONNECT_TIMEOUT = 30.0  # seconds to open a TCP (and TLS) connection to an upstream
 
@@ -63,24 +65,46 @@ def create_app(settings: Settings | None = None) -> web.Application:
 
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:
-    """The one outbound session, sized for thousands of concurrent streams."""
+    """The one outbound connection pool, sized for thousands of concurrent streams.
+
+    Two sessions share it: the plain one, and one whose chunked answers can be spliced
+    (splice.py). Both are the plain one when the splice is off or aiohttp's internals are not
+    as splice.py expects.
+    """
     settings = app[SETTINGS]
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)  # the default limit of 100 queues stream 101
-    timeout = aiohttp.ClientTimeout(
-        total=None,  # streams may run for many minutes; silence is what is limited
-        sock_connect=min(_CONNECT_TIMEOUT, settings.upstream_timeout),
-        sock_read=settings.upstream_timeout,
-    )
-    async with aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
+    problem = check_internals()
+    # the default limit of 100 would queue stream 101
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, force_close=problem is not None)
+    if problem is None and not guard_connections(connector):
+        problem = "aiohttp's TCPConnector makes its protocols otherwise"
+        await connector.close()
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, force_close=True)
+    if problem is not None:  # an unguarded pooled connection could answer one caller with another's bytes
+        http_log.warning(
+            "%s: upstream connections are not reused, and streams relayed the ordinary way", problem
+        )
+    options: dict[str, Any] = dict(
+        timeout=aiohttp.ClientTimeout(
+            total=None,  # streams may run for many minutes; silence is what is limited
+            sock_connect=min(_CONNECT_TIMEOUT, settings.upstream_timeout),
+            sock_read=settings.upstream_timeout,
+        ),
         auto_decompress=False,  # bytes are relayed as the upstream encoded them
         cookie_jar=aiohttp.DummyCookieJar(),  # shared by every caller: keep no upstream cookie
         skip_auto_headers=("Accept-Encoding",),  # only what the client itself accepts
-        response_class=SplicingResponse,  # the relay's fast path for streams, see splice.py
-    ) as session:
-        app[HTTP] = session
-        yield
+    )
+    async with aiohttp.ClientSession(connector=connector, **options) as session:
+        app[HTTP] = app[SPLICING_HTTP] = session
+        if problem is None and settings.splice:
+            splicing = aiohttp.ClientSession(
+                connector=connector, connector_owner=False, response_class=SplicingResponse, **options
+            )
+            app[SPLICING_HTTP] = splicing
+        try:
+            yield
+        finally:
+            if app[SPLICING_HTTP] is not session:
+                await app[SPLICING_HTTP].close()
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

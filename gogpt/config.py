@@ -38,6 +38,8 @@ class Settings:
     workers: int = 1
     log_format: str = "text"
     multi: bool = False
+    splice: bool = True
+    client_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.secret_key:
@@ -117,6 +119,8 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env") -> Settings:
         redis_url=env.str("REDIS_URL", ""),
         workers=env.int("WORKERS", 1, validate=positive),
         log_format=env.str("LOG_FORMAT", "text", validate=OneOf(("text", "json"))),
+        splice=env.str("SPLICE", "on", validate=OneOf(("on", "off"))) != "off",
+        client_timeout=env.float("CLIENT_TIMEOUT", 60.0, validate=Range(min=0, min_inclusive=False)),
     )
     try:
         env.seal()

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .splice import send_100_continue
 from .store import StoreUnavailable
 
 __all__ = [
@@ -122,8 +123,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     if request.headers.get("Expect", "").lower() != "100-continue":
         return error_response(417, "Only 'Expect: 100-continue' is supported.", code="expectation_failed")
     if request.version == aiohttp.HttpVersion11:
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the interim answer does not count as the response started
+        await send_100_continue(request)
     return None
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 
@@ -14,10 +15,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import ApiError, upstream_error
-from .keys import HTTP, SETTINGS
+from .keys import HTTP, SETTINGS, SPLICING_HTTP
 from .metrics import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
 from .redact import READABLE_ENCODINGS, decoded, redact_secrets
-from .splice import SPLICE_WANTED, Splice, SplicingResponse, is_spliceable
+from .splice import held_body
 
 __all__ = ["call_upstream", "read_body", "relay", "request_body", "upstream_headers"]
 
@@ -160,15 +161,16 @@ async def relay(
         if length is not None and not _body_was_decoded(request):
             headers = CIMultiDict(headers)
             headers["Content-Length"] = str(length)
-    # The fast path (see splice.py) needs the client's HTTP/1.1 chunking and no observer.
-    wanted = SPLICE_WANTED.set(on_chunk is None and request.version >= aiohttp.HttpVersion11)
-    try:
-        upstream = await call_upstream(request, method, url, headers=headers, data=data)
-    finally:
-        SPLICE_WANTED.reset(wanted)
-    splice = upstream.splice if isinstance(upstream, SplicingResponse) else None
+    # The fast path (see splice.py) passes the upstream's chunking on: the client must speak HTTP/1.1.
+    spliceable = on_chunk is None and request.version >= aiohttp.HttpVersion11
+    upstream = await call_upstream(request, method, url, headers=headers, data=data, splice=spliceable)
+    if upstream.status == 101:  # a protocol switch is not an answer gogpt can relay
+        upstream.close()
+        UPSTREAM_ERRORS.labels("upstream_error").inc()
+        raise ApiError(502, "The upstream switched protocols instead of answering.", code="upstream_error")
+    splice = held_body(upstream) if spliceable else None
     plain_error = upstream.status >= 400 and _is_plain_answer(upstream)
-    if splice is not None and (plain_error or not is_spliceable(upstream)):
+    if splice is not None and (plain_error or "Content-Length" in upstream.headers):
         splice.release()
         splice = None
     if plain_error:
@@ -183,11 +185,13 @@ async def relay(
     if splice is not None:
         response.enable_chunked_encoding()  # the upstream's chunks go out as they came
     STREAMS_ACTIVE.inc()
+    watch: _StallWatch | None = None
     try:
         await response.prepare(request)
+        watch = _StallWatch(request, request.app[SETTINGS].client_timeout)
         write = response.write
         if splice is not None:
-            await _splice_body(request, splice)
+            await splice.forward_to(request)
             await upstream.content.read()  # the terminal chunk, back with aiohttp's parser
         elif on_chunk is None:  # the ordinary path: nothing but the write per chunk
             async for chunk in upstream.content.iter_any():
@@ -210,23 +214,49 @@ async def relay(
         upstream.release()
         await response.write_eof()
     finally:
+        if watch is not None:
+            watch.cancel()
         STREAMS_ACTIVE.dec()
         # counted by aiohttp and the splice, nothing per chunk here
         RELAYED_BYTES.inc(upstream.content.total_bytes + (splice.body_bytes if splice else 0))
     return response
 
 
-async def _splice_body(request: web.Request, splice: Splice) -> None:
-    """The body through `splice`, counted as the server's writer would count it."""
-    client = request.transport
-    if client is None or client.is_closing():
-        raise ConnectionResetError("The client closed the connection.")
-    writer = request.writer
-    try:
-        await splice.forward_to(client, request.protocol, writer.drain)
-    finally:  # the access log's size, and aiohttp's "response started" both read these
-        writer.buffer_size += splice.forwarded_bytes
-        writer.output_size += splice.forwarded_bytes
+class _StallWatch:
+    """Cuts a client that reads nothing for `bound` seconds while its answer waits to be sent.
+
+    Otherwise a client that never reads holds an upstream stream (and a /conv lease) for as long
+    as the upstream keeps going. One timer per stream, nothing per chunk: a client that reads
+    nothing leaves the same bytes waiting in its transport's buffer, check after check.
+    """
+
+    __slots__ = ("_bound", "_loop", "_pending", "_period", "_stalled", "_timer", "_transport")
+
+    def __init__(self, request: web.BaseRequest, bound: float) -> None:
+        self._transport = request.transport
+        self._loop = asyncio.get_running_loop()
+        self._bound, self._period = bound, bound / 4
+        self._stalled, self._pending = 0.0, -1
+        self._timer = self._loop.call_later(self._period, self._check)
+
+    def _check(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        pending = transport.get_write_buffer_size()
+        if pending and pending == self._pending:
+            self._stalled += self._period
+            if self._stalled >= self._bound:
+                log.warning("a client read nothing for %g s: its connection is cut", self._bound)
+                transport.abort()  # the relay's write fails, which closes the upstream
+                return
+        else:
+            self._stalled = 0.0
+        self._pending = pending
+        self._timer = self._loop.call_later(self._period, self._check)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 def _is_small_answer(upstream: aiohttp.ClientResponse, method: str) -> bool:
@@ -283,10 +313,15 @@ async def call_upstream(
     data: bytes | AsyncIterable[bytes] | None = None,
     params: Mapping[str, str] | None = None,
     auto_decompress: bool = False,
+    splice: bool = False,
 ) -> aiohttp.ClientResponse:
-    """Make the upstream call; a failure before its headers becomes a 502 or 504 `ApiError`."""
+    """Make the upstream call; a failure before its headers becomes a 502 or 504 `ApiError`.
+
+    With `splice`, a chunked answer's body is held for `held_body` (see splice.py).
+    """
+    session = request.app[SPLICING_HTTP if splice else HTTP]
     try:
-        return await request.app[HTTP].request(
+        return await session.request(
             method,
             url,
             headers=headers,

@@ -1,119 +1,276 @@
-"""The streaming fast path: a chunked upstream answer moved to the client by transport callbacks.
+"""Upstream connections on aiohttp's internals: the streaming fast path, and no unasked-for bytes.
 
-Relayed the ordinary way, each upstream chunk is parsed into aiohttp's StreamReader, wakes the
-relay task, and is framed again by the server's writer: most of gogpt's CPU per event. Here a
-chunked answer for an HTTP/1.1 client is passed on as it came, chunk framing and all, from the
-upstream connection's `data_received` straight to the client's transport, after the framing
-is checked chunk by chunk. The relay task sleeps until the answer ends, the client falls
-behind, or either side fails. The terminal chunk goes back to aiohttp's parser, which ends the
-message as usual, so the connection returns to the pool.
+Everything in gogpt that touches an aiohttp internal is in this module, each use marked
+`internal:` with what it relies on; `check_internals()` looks for all of them at start-up
+(checked on aiohttp 3.14.0 and 3.14.5). When they are not as expected, or `SPLICE=off`, gogpt
+relays the ordinary way (`iter_any`), byte for byte all the same.
 
-The relay asks for this by setting `SPLICE_WANTED` around its upstream call; the session's
-`SplicingResponse` then puts a `Splice` in front of aiohttp's protocol. It lets response heads
-through and holds the body until the relay, having seen the parsed head, either calls
-`forward_to` or `release` (which hands the held bytes to aiohttp, as if nothing had happened).
+Two things live on the protocol of every upstream connection (`UpstreamProtocol`):
+- *No unasked-for bytes.* A byte that arrives after an answer has ended, or a second answer to
+  one request, closes the connection: otherwise aiohttp parses it as the answer to whichever
+  request is sent next on the pooled connection, and an upstream could plant an answer for
+  another caller.
+- *The splice.* Relayed the ordinary way, each upstream chunk is parsed into a StreamReader,
+  wakes the relay task and is framed again by the server's writer: most of gogpt's CPU per
+  event. For a chunked answer to an HTTP/1.1 client, the splice instead passes the body on as it
+  came, framing and all, from `data_received` straight to the client's transport, once
+  `ChunkedFraming` has checked it. The relay task sleeps until the answer ends, the client falls
+  behind, or either side fails. The terminal chunk goes back to aiohttp's parser, which ends the
+  message as usual, so the connection returns to the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import re
-from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from typing import Any
 
 import aiohttp
-from aiohttp.client_proto import ResponseHandler
+from aiohttp import web
+from aiohttp.client_proto import ResponseHandler  # internal: the client's protocol class
 
-__all__ = ["SPLICE_WANTED", "Splice", "SplicingResponse", "is_spliceable"]
+__all__ = [
+    "ChunkedFraming",
+    "MalformedChunk",
+    "Splice",
+    "SplicingResponse",
+    "UpstreamBrokeOff",
+    "check_internals",
+    "guard_connections",
+    "held_body",
+    "send_100_continue",
+]
 
-SPLICE_WANTED: ContextVar[bool] = ContextVar("gogpt_splice_wanted", default=False)
+log = logging.getLogger("gogpt.relay")
 
 # A chunk-size line: hex size, optional extensions, CRLF (RFC 9112 section 7.1). Anything else
 # is refused: these bytes go to the client unparsed, so they must frame exactly what they say.
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r\n")
 _MAX_SIZE_LINE = 4096
-_CHUNKED_HEAD = re.compile(rb"\r\ntransfer-encoding:[ \t]*chunked[ \t]*\r\n", re.IGNORECASE)
-_NO_BODY_STATUSES = (b"204", b"304")
+# Where a head ends: the first empty line, CRLF or (as aiohttp's lenient parser reads it) bare LF.
+_HEAD_END = re.compile(rb"\n\r?\n")
 _MAX_HELD_BYTES = 1 << 20  # between the head and the relay's decision; reading pauses beyond
 _MAX_HEAD_BYTES = 1 << 16  # more than aiohttp accepts in a head
 
 _HEAD, _HOLD, _FORWARD, _GIVEN_BACK = range(4)
 
 
+class MalformedChunk(ValueError):
+    """Bytes that are not chunked transfer coding."""
+
+
 class UpstreamBrokeOff(aiohttp.ClientPayloadError):
     """The upstream closed, fell silent or sent bad framing in the middle of a spliced answer."""
 
 
-class SplicingResponse(aiohttp.ClientResponse):
-    """A ClientResponse that, when the relay asks, holds a chunked body for a `Splice`."""
+class ChunkedFraming:
+    """Checks chunked transfer coding as it streams past, doing no I/O (as h11's ChunkedReader).
 
-    splice: Splice | None = None
+    `feed` returns the bytes that may go on now (a size line cut by a read waits for the rest)
+    and, once the terminal chunk has come, the bytes from it on; it raises `MalformedChunk`.
+    """
+
+    __slots__ = ("_crlf_due", "_in_chunk", "_partial", "data_bytes")
+
+    def __init__(self) -> None:
+        self._partial = b""  # an unfinished size line, or the CRLF after a chunk's data
+        self._in_chunk = 0  # bytes of chunk data still to come
+        self._crlf_due = False  # the CRLF that closes a chunk's data, when it did not come with it
+        self.data_bytes = 0  # chunk data seen, framing excluded
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        if self._partial:
+            data, self._partial = self._partial + data, b""
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._in_chunk:
+                step = min(self._in_chunk, end - pos)
+                pos += step
+                self._in_chunk -= step
+                continue
+            eol = data.find(b"\n", pos)
+            if eol < 0:
+                if end - pos > _MAX_SIZE_LINE:
+                    raise MalformedChunk("a chunk-size line that does not end")
+                self._partial = data[pos:]
+                return data[:pos], None
+            if self._crlf_due:
+                if eol != pos + 1 or data[pos] != 0x0D:
+                    raise MalformedChunk("chunk data not followed by CRLF")
+                self._crlf_due = False
+                pos = eol + 1
+                continue
+            size_line = _CHUNK_SIZE_LINE.fullmatch(data, pos, eol + 1)
+            if size_line is None:
+                raise MalformedChunk("not a chunk-size line")
+            size = int(size_line[1], 16)
+            if size == 0:
+                return data[:pos], data[pos:]
+            self.data_bytes += size
+            pos = eol + 1
+            after = pos + size
+            if data[after : after + 2] == b"\r\n":  # the usual case: the whole chunk is here
+                pos = after + 2
+            else:
+                self._in_chunk, self._crlf_due = size, True
+        return data, None
+
+
+class UpstreamProtocol(ResponseHandler):
+    """aiohttp's protocol for an upstream connection, refusing unasked-for bytes and able to splice.
+
+    internal: subclasses `ResponseHandler` and overrides `set_response_params` (called once per
+    request sent), `feed_data` (called with each parsed head) and `data_received`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._answers = 0  # final heads parsed for the request in flight
+        self._answered = False  # the answer has ended: any further byte is unasked-for
+        self.last_head: Any = None  # the final head aiohttp parsed last (a RawResponseMessage)
+        self.splice: Splice | None = None
+
+    def set_response_params(self, **kwargs: Any) -> None:
+        self._answers, self._answered, self.last_head, self.splice = 0, False, None, None
+        super().set_response_params(**kwargs)
+
+    def feed_data(self, data: Any, size: int = 0) -> None:
+        message, payload = data
+        if 100 <= message.code < 200 and message.code != 101:  # 100 Continue: the answer follows
+            super().feed_data(data, size)
+            return
+        self._answers += 1
+        if self._answered or self._answers > 1:
+            self._refuse_unasked()
+            return
+        self.last_head = message
+        payload.on_eof(self._answer_ended)  # before aiohttp's own, which pools the connection
+        super().feed_data(data, size)
+
+    def data_received(self, data: bytes) -> None:
+        if self._answered:
+            if data:  # empty: aiohttp resuming a decompression, not the network
+                self._refuse_unasked()
+            return
+        splice = self.splice
+        if splice is None:
+            super().data_received(data)
+        else:
+            splice.data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.splice is not None:
+            self.splice.connection_lost()
+        super().connection_lost(exc)
+
+    def refuse_unasked(self) -> None:
+        """Bytes beyond the answer: close the connection rather than let the pool keep them."""
+        self._refuse_unasked()
+
+    def parse(self, data: bytes) -> None:
+        """Hand `data` to aiohttp's parser, as if no splice had been in between."""
+        super().data_received(data)
+
+    def _answer_ended(self) -> None:
+        self._answered = True
+
+    def _refuse_unasked(self) -> None:
+        log.warning("an upstream sent bytes after its answer: its connection is closed, not reused")
+        self.force_close()
+        if self.transport is not None:
+            self.transport.close()  # is_connected() is now false: the pool drops it
+
+
+def guard_connections(connector: aiohttp.TCPConnector) -> bool:
+    """Give every connection of `connector` an `UpstreamProtocol`; False if that cannot be done.
+
+    internal: `BaseConnector._factory`, the protocol factory (a partial of ResponseHandler).
+    """
+    factory = getattr(connector, "_factory", None)
+    if not (isinstance(factory, functools.partial) and factory.func is ResponseHandler):
+        return False
+    connector._factory = functools.partial(UpstreamProtocol, loop=asyncio.get_running_loop())  # type: ignore[assignment]
+    return True
+
+
+class SplicingResponse(aiohttp.ClientResponse):
+    """The ClientResponse of the splicing session: asks the connection to hold a chunked body."""
 
     async def start(self, connection: Any) -> SplicingResponse:
-        transport, protocol = connection.transport, connection.protocol
-        if SPLICE_WANTED.get() and self.method != "HEAD" and transport is not None and protocol is not None:
-            self.splice = Splice(transport, protocol)
+        # internal: `ClientResponse.start(connection)` reads the head from the protocol's queue.
+        protocol = connection.protocol
+        if isinstance(protocol, UpstreamProtocol) and self.method != "HEAD" and protocol.last_head is None:
+            protocol.splice = Splice(protocol)  # the head has not come yet: the splice sees it first
         await super().start(connection)
         return self
 
 
-def is_spliceable(upstream: aiohttp.ClientResponse) -> bool:
-    """A chunked answer, in no other transfer coding, with a body, as aiohttp parsed its head."""
-    return upstream.headers.getall("Transfer-Encoding", ()) == ["chunked"] and (
-        "Content-Length" not in upstream.headers
-    )
+def held_body(upstream: aiohttp.ClientResponse) -> Splice | None:
+    """The splice holding `upstream`'s chunked body, if there is one."""
+    connection = upstream.connection
+    protocol = connection.protocol if connection is not None else None
+    splice = protocol.splice if isinstance(protocol, UpstreamProtocol) else None
+    return splice if splice is not None and splice.holding else None
 
 
-class Splice(asyncio.Protocol):
-    """Stands in for aiohttp's protocol on one upstream connection, for one answer."""
+class Splice:
+    """One answer's body, held after its head, then forwarded to the client or given back."""
 
-    def __init__(self, transport: asyncio.Transport, real: ResponseHandler) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._upstream = transport
-        self._real = real
+    def __init__(self, protocol: UpstreamProtocol) -> None:
+        self._loop = protocol._loop  # internal: BaseProtocol._loop
+        self._protocol = protocol
+        self._transport: asyncio.Transport = protocol.transport  # type: ignore[assignment]
         self._state = _HEAD
         self._head = b""  # the head received so far, to find where it ends
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._reading_paused = False
-        # while forwarding
+        self._framing = ChunkedFraming()
         self._client: asyncio.Transport  # set by forward_to
         self._client_protocol: Any = None
-        self._waiter: asyncio.Future[bool] | None = None
-        self._partial = b""  # an unfinished chunk-size line
-        self._in_chunk = 0  # bytes of chunk data still to come
-        self._crlf_due = False  # the CRLF that closes a chunk's data, when it did not come with it
+        self._waiter: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
         self._finished = False
         self._read_timeout: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
         self.forwarded_bytes = 0  # wire bytes written to the client
-        self.body_bytes = 0  # chunk data among them
-        transport.set_protocol(self)
+
+    @property
+    def holding(self) -> bool:
+        return self._state == _HOLD
+
+    @property
+    def body_bytes(self) -> int:
+        return self._framing.data_bytes
 
     # -- the relay's side ---------------------------------------------------------------------
 
     def release(self) -> None:
-        """Not spliced after all: aiohttp's protocol gets the held bytes and everything after."""
+        """Not spliced after all: aiohttp's parser gets the held bytes and everything after."""
         if self._state in (_HEAD, _HOLD):
             self._give_back(b"".join(self._held))
 
-    async def forward_to(
-        self, client: asyncio.Transport, client_protocol: Any, drain: Callable[[], Awaitable[None]]
-    ) -> None:
-        """Move the body to `client` until the terminal chunk; raise if either side fails.
+    async def forward_to(self, request: web.BaseRequest) -> None:
+        """Move the body to `request`'s client until the terminal chunk; raise if either side fails.
 
-        `client_protocol.writing_paused` says the client is behind; `drain()` waits for it.
+        internal: the server protocol's `writing_paused`, and the writer's `buffer_size` and
+        `output_size`, which the access log and aiohttp's "response started" read.
         """
         if self._state != _HOLD:
             raise RuntimeError("forward_to() follows the head of a held answer, once")
+        client = request.transport
+        if client is None or client.is_closing():
+            raise ConnectionResetError("The client closed the connection.")
+        client_protocol, writer = request.protocol, request.writer
         self._client, self._client_protocol = client, client_protocol
         self._state = _FORWARD
-        self._read_timeout = self._real.read_timeout  # aiohttp's sock_read, now kept here, cheaply
-        self._real.read_timeout = None
-        self._real.start_timeout()  # cancels aiohttp's timer: it would fire, as it sees no data now
+        protocol = self._protocol
+        self._read_timeout = protocol.read_timeout  # aiohttp's sock_read, kept here with one timer
+        protocol.read_timeout = None
+        protocol._drop_timeout()  # internal: cancels aiohttp's timer, which would see no data now
         held, self._held = b"".join(self._held), []
         self._last_read = self._loop.time()
         self._resume_reading()
@@ -127,7 +284,7 @@ class Splice(asyncio.Protocol):
                 if self._finished:
                     return
                 if client_protocol.writing_paused:
-                    await drain()
+                    await writer.drain()
                     self._last_read = self._loop.time()  # the pause was the client's, not the upstream's
                     self._resume_reading()
                     continue
@@ -138,9 +295,11 @@ class Splice(asyncio.Protocol):
             self._cancel_idle_timer()
             if self._state == _FORWARD:  # failed or cancelled: aiohttp's protocol sees the end
                 self._state = _GIVEN_BACK
-                self._upstream.set_protocol(self._real)
+                protocol.splice = None
+            writer.buffer_size += self.forwarded_bytes
+            writer.output_size += self.forwarded_bytes
 
-    # -- asyncio.Protocol, for the upstream connection -----------------------------------------
+    # -- the upstream connection's bytes, from UpstreamProtocol.data_received ----------------
 
     def data_received(self, data: bytes) -> None:
         state = self._state
@@ -154,119 +313,74 @@ class Splice(asyncio.Protocol):
                 self._pause_reading()
         elif state == _HEAD:
             self._read_head(data)
-        else:  # bytes that arrived in the same callback round as the give-back
-            self._real.data_received(data)
+        else:
+            self._protocol.parse(data)
 
-    def eof_received(self) -> None:
-        self._real.eof_received()  # which keeps nothing half-open: the transport closes
-
-    def connection_lost(self, exc: BaseException | None) -> None:
+    def connection_lost(self) -> None:
         if self._state == _FORWARD:
             self._fail(UpstreamBrokeOff("The upstream closed the connection mid-answer."))
-        self._real.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._real.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._real.resume_writing()
 
     # -- inside --------------------------------------------------------------------------------
 
     def _read_head(self, data: bytes) -> None:
-        """Let heads through to aiohttp; keep the body of a chunked final answer."""
+        """Heads go to aiohttp's parser; the body of a chunked final answer, as parsed, is held."""
         seen = len(self._head)
         self._head += data
-        end = self._head.find(b"\r\n\r\n", max(seen - 3, 0))
-        if end < 0:
+        end = _HEAD_END.search(self._head, max(seen - 2, 0))
+        if end is None:
             if len(self._head) > _MAX_HEAD_BYTES:  # aiohttp refuses such a head; nothing to hold
                 self._give_back(data)
             else:
-                self._real.data_received(data)
+                self._protocol.parse(data)
             return
-        head_end = end + 4
-        head, rest = self._head[:head_end], self._head[head_end:]
-        self._real.data_received(data[: len(data) - len(rest)])
-        status = head[9:12]
-        if status.startswith(b"1") and status != b"101":  # 100 Continue and the like: the answer follows
-            self._head = b""
+        rest = self._head[end.end() :]
+        self._head = b""
+        protocol = self._protocol
+        before = protocol.last_head
+        protocol.parse(data[: len(data) - len(rest)])
+        head = protocol.last_head
+        if head is before:  # an interim 100 Continue: the answer follows
             if rest:
                 self._read_head(rest)
-        elif status in _NO_BODY_STATUSES or not _CHUNKED_HEAD.search(head):
-            self._give_back(rest)
-        else:
+        elif head is not None and head.chunked and not head.upgrade and head.code not in (204, 304):
             self._state = _HOLD
-            self._head = b""
             if rest:
                 self.data_received(rest)
+        else:  # not chunked, no body, or read otherwise by aiohttp: never spliced
+            self._give_back(rest)
 
     def _give_back(self, data: bytes) -> None:
         self._state = _GIVEN_BACK
         self._held, self._head = [], b""
-        self._upstream.set_protocol(self._real)
+        self._protocol.splice = None
         self._resume_reading()
         if data:
-            self._real.data_received(data)
+            self._protocol.parse(data)
 
     def _forward(self, data: bytes) -> None:
-        """Check the framing of `data`, write it on, and stop at the terminal chunk."""
         self._last_read = self._loop.time()
-        if self._partial:
-            data, self._partial = self._partial + data, b""
-        pos, end = 0, len(data)
-        while pos < end:
-            if self._in_chunk:
-                step = min(self._in_chunk, end - pos)
-                pos += step
-                self._in_chunk -= step
-                continue
-            eol = data.find(b"\n", pos)
-            if eol < 0:
-                if end - pos > _MAX_SIZE_LINE:
-                    return self._fail(UpstreamBrokeOff("The upstream sent a malformed chunk."))
-                self._partial = data[pos:]
-                end = pos
-                break
-            if self._crlf_due:
-                if eol != pos + 1 or data[pos] != 0x0D:
-                    return self._fail(UpstreamBrokeOff("The upstream sent a malformed chunk."))
-                self._crlf_due = False
-                pos = eol + 1
-                continue
-            size_line = _CHUNK_SIZE_LINE.fullmatch(data, pos, eol + 1)
-            if size_line is None:
-                return self._fail(UpstreamBrokeOff("The upstream sent a malformed chunk."))
-            size = int(size_line[1], 16)
-            if size == 0:
-                self._write(data[:pos])
-                return self._finish(data[pos:])
-            self.body_bytes += size
-            pos = eol + 1
-            after = pos + size
-            if data[after : after + 2] == b"\r\n":  # the usual case: the whole chunk is here
-                pos = after + 2
-            else:
-                self._in_chunk, self._crlf_due = size, True
-        self._write(data if end == len(data) else data[:end])
-
-    def _write(self, data: bytes) -> None:
-        if not data:
-            return
-        client = self._client
-        if client.is_closing():  # the client left; its handler is being cancelled
-            return self._fail(ConnectionResetError("The client closed the connection."))
-        client.write(data)
-        self.forwarded_bytes += len(data)
-        if self._client_protocol.writing_paused:
-            self._pause_reading()
+        try:
+            body, terminal = self._framing.feed(data)
+        except MalformedChunk:
+            return self._fail(UpstreamBrokeOff("The upstream sent a malformed chunk."))
+        if body:
+            client = self._client
+            if client.is_closing():  # the client left; its handler is being cancelled
+                return self._fail(ConnectionResetError("The client closed the connection."))
+            client.write(body)
+            self.forwarded_bytes += len(body)
+            if self._client_protocol.writing_paused:
+                self._pause_reading()
+                self._wake()
+        if terminal is not None:
+            self._finished = True
+            self._protocol.read_timeout = self._read_timeout
+            end = terminal.find(b"\r\n\r\n")  # the end of the trailer section, if it is here
+            extra = end >= 0 and end + 4 < len(terminal)
+            self._give_back(terminal[: end + 4] if extra else terminal)  # aiohttp ends the message
+            if extra:
+                self._protocol.refuse_unasked()
             self._wake()
-
-    def _finish(self, terminal: bytes) -> None:
-        """The terminal chunk: aiohttp's parser ends the message and pools the connection."""
-        self._finished = True
-        self._real.read_timeout = self._read_timeout
-        self._give_back(terminal)
-        self._wake()
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -277,18 +391,18 @@ class Splice(asyncio.Protocol):
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(True)
+            waiter.set_result(None)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused:
             self._reading_paused = True
-            self._upstream.pause_reading()
+            self._transport.pause_reading()
             self._cancel_idle_timer()
 
     def _resume_reading(self) -> None:
         if self._reading_paused:
             self._reading_paused = False
-            self._upstream.resume_reading()
+            self._transport.resume_reading()
             if self._state == _FORWARD:
                 self._arm_idle_timer()
 
@@ -310,3 +424,38 @@ class Splice(asyncio.Protocol):
             self._fail(aiohttp.ServerTimeoutError("Timeout on reading data from socket"))
         else:
             self._arm_idle_timer()
+
+
+async def send_100_continue(request: web.BaseRequest) -> None:
+    """The interim answer to `Expect: 100-continue`, as aiohttp's own expect handler sends it.
+
+    internal: the writer's `output_size`, reset so the interim answer does not count as the
+    response having started (aiohttp's `_default_expect_handler` does the same).
+    """
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0
+
+
+def check_internals() -> str | None:
+    """Why the internals this module relies on are not usable here, or None when they are."""
+    from aiohttp.http_writer import StreamWriter  # internal: the server's body writer
+    from aiohttp.web_protocol import RequestHandler  # internal: the server's protocol class
+
+    needed = {
+        ResponseHandler: (
+            "set_response_params",
+            "feed_data",
+            "data_received",
+            "read_timeout",
+            "_drop_timeout",
+            "force_close",
+        ),
+        RequestHandler: ("writing_paused",),
+        StreamWriter: ("buffer_size", "output_size"),
+        aiohttp.ClientResponse: ("start",),
+    }
+    for owner, names in needed.items():
+        missing = [name for name in names if not hasattr(owner, name)]
+        if missing:
+            return f"aiohttp's {owner.__name__} has no {', '.join(missing)}"
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ def settings(upstream: FakeUpstream) -> Settings:
         unofficial_proxy=upstream.url + "/backend-api",
         access_token=ACCESS_TOKEN,
         upstream_timeout=5,
+        splice=os.environ.get("SPLICE", "on") != "off",  # CI runs the suite both ways
     )
 
 
@@ -120,6 +122,8 @@ GOGPT_VARIABLES = (
     "REDIS_URL",
     "WORKERS",
     "LOG_FORMAT",
+    "CLIENT_TIMEOUT",
+    "SPLICE",
 )
 
 

@@ -24,7 +24,12 @@ async def start_gogpt(env: Mapping[str, str], cwd: Path, *args: str) -> asyncio.
         "gogpt",
         *args,
         cwd=cwd,
-        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(Path(__file__).parent.parent), **env},
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "PYTHONPATH": str(Path(__file__).parent.parent),
+            **({"SPLICE": os.environ["SPLICE"]} if "SPLICE" in os.environ else {}),  # CI runs both ways
+            **env,
+        },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

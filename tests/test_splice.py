@@ -1,5 +1,6 @@
 """The streaming fast path (gogpt/splice.py): chunk framing checked and passed on exactly,
-however the upstream's bytes are split into reads, and the connection pooled afterwards."""
+however the upstream's bytes are split into reads; the connection pooled afterwards, and closed
+when the upstream sends a byte nobody asked for."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gogpt import Settings, create_app, mint_token
-from gogpt.splice import Splice, UpstreamBrokeOff
+from gogpt.splice import ChunkedFraming, MalformedChunk
 from tests.conftest import SECRET_KEY, FakeUpstream
 from tests.serving import free_port, start_gogpt, wait_until_listening
 
@@ -36,100 +37,33 @@ CHUNKS = (
 TERMINAL = b"0\r\nX-Trailer: yes\r\n\r\n"
 
 
-class UpstreamTransport:
-    """What a Splice needs of the upstream connection's transport."""
-
-    def __init__(self) -> None:
-        self.protocol: object = None
-        self.paused = False
-
-    def set_protocol(self, protocol: object) -> None:
-        self.protocol = protocol
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
+def framed(reads: list[bytes]) -> tuple[bytes, bytes | None]:
+    """Feed `reads` through one ChunkedFraming: (what may go on, what came from the terminal chunk on)."""
+    framing, passed, terminal = ChunkedFraming(), b"", None
+    for data in reads:
+        if terminal is not None:
+            terminal += data
+            continue
+        ready, terminal = framing.feed(data)
+        passed += ready
+    return passed, terminal
 
 
-class AiohttpProtocol:
-    """Stands in for aiohttp's ResponseHandler: records what reaches its parser."""
-
-    read_timeout = 5.0
-
-    def __init__(self) -> None:
-        self.received = bytearray()
-        self.lost = False
-
-    def data_received(self, data: bytes) -> None:
-        self.received += data
-
-    def start_timeout(self) -> None:
-        pass
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.lost = True
-
-
-class ClientTransport:
-    def __init__(self, protocol: ClientProtocol | None = None) -> None:
-        self.written = bytearray()
-        self.protocol = protocol
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-        if self.protocol is not None and len(self.written) >= self.protocol.pause_at:
-            self.protocol.writing_paused = True
-
-    def is_closing(self) -> bool:
-        return False
-
-
-class ClientProtocol:
-    def __init__(self, pause_at: int = 1 << 60) -> None:
-        self.writing_paused = False
-        self.pause_at = pause_at
-        self.drained = asyncio.Event()
-
-    async def drain(self) -> None:
-        self.drained.set()
-        self.writing_paused = False
-
-
-async def splice_packets(packets: list[bytes], protocol: ClientProtocol | None = None):
-    """Feed `packets` (the answer after its head) through a Splice; return what went where."""
-    upstream, real = UpstreamTransport(), AiohttpProtocol()
-    client_protocol = protocol or ClientProtocol()
-    client = ClientTransport(client_protocol)
-    splice = Splice(upstream, real)  # type: ignore[arg-type]
-    assert upstream.protocol is splice
-    splice.data_received(HEAD + packets[0])  # the body's first bytes are held until forward_to
-    assert bytes(real.received) == HEAD
-    moving = asyncio.create_task(splice.forward_to(client, client_protocol, client_protocol.drain))  # type: ignore[arg-type]
-    await asyncio.sleep(0)  # let it take the held bytes; the rest arrive while it forwards
-    for packet in packets[1:]:
-        if upstream.protocol is splice:
-            splice.data_received(packet)
-        else:  # given back after the terminal chunk: aiohttp's parser reads on
-            real.data_received(packet)
-    await moving
-    return client.written, real.received[len(HEAD) :], upstream
-
-
-async def test_chunks_pass_unchanged_wherever_the_reads_split_them():
+def test_chunks_pass_unchanged_wherever_the_reads_split_them():
     body = CHUNKS + TERMINAL
     for split in range(1, len(body)):
-        to_client, to_parser, upstream = await splice_packets([body[:split], body[split:]])
-        assert bytes(to_client) == CHUNKS, split
-        assert bytes(to_parser) == TERMINAL, split  # so aiohttp ends the message and pools the connection
-        assert isinstance(upstream.protocol, AiohttpProtocol), split
+        assert framed([body[:split], body[split:]]) == (CHUNKS, TERMINAL), split
 
 
-async def test_chunks_pass_unchanged_arriving_a_byte_at_a_time():
+def test_chunks_pass_unchanged_arriving_a_byte_at_a_time():
     body = CHUNKS + TERMINAL
-    to_client, to_parser, _ = await splice_packets([body[i : i + 1] for i in range(len(body))])
-    assert (bytes(to_client), bytes(to_parser)) == (CHUNKS, TERMINAL)
+    assert framed([body[i : i + 1] for i in range(len(body))]) == (CHUNKS, TERMINAL)
+
+
+def test_the_data_size_is_counted_without_framing():
+    framing = ChunkedFraming()
+    framing.feed(chunk(b"hello") + chunk(b"world!"))
+    assert framing.data_bytes == 11
 
 
 @pytest.mark.parametrize(
@@ -144,80 +78,25 @@ async def test_chunks_pass_unchanged_arriving_a_byte_at_a_time():
         b"1" * 5000,  # a size line that never ends
     ],
 )
-async def test_bad_framing_stops_the_answer_before_it_reaches_the_client(bad: bytes):
-    with pytest.raises(UpstreamBrokeOff):  # the relay then cuts the client off
-        await splice_packets([CHUNKS, bad, b"0\r\n\r\n"])
+def test_bad_framing_is_refused(bad: bytes):
+    with pytest.raises(MalformedChunk):
+        framed([CHUNKS, bad, b"0\r\n\r\n"])
 
 
-async def test_bad_framing_writes_nothing_after_the_last_good_chunk():
-    upstream, real = UpstreamTransport(), AiohttpProtocol()
-    client_protocol = ClientProtocol()
-    client = ClientTransport(client_protocol)
-    splice = Splice(upstream, real)  # type: ignore[arg-type]
-    splice.data_received(HEAD + CHUNKS)
-    moving = asyncio.create_task(splice.forward_to(client, client_protocol, client_protocol.drain))  # type: ignore[arg-type]
-    await asyncio.sleep(0)
-    splice.data_received(b"zz\r\n<injected>\r\n")
-    splice.data_received(b"5\r\nlater\r\n")
-    with pytest.raises(UpstreamBrokeOff):
-        await moving
-    assert bytes(client.written) == CHUNKS
-    assert upstream.paused
+def test_bytes_between_a_chunks_data_and_its_crlf_are_refused_wherever_the_reads_split():
+    """`helloXY` would reach the client if anything but CRLF were taken after the data."""
+    body = b"5\r\nhelloXY\r\n0\r\n\r\n"
+    for split in range(len(body) + 1):
+        reads = [body[:split], body[split:]] if 0 < split < len(body) else [body]
+        with pytest.raises(MalformedChunk):
+            framed(reads)
 
 
-async def test_a_client_that_falls_behind_pauses_the_upstream_until_it_drains():
-    protocol = ClientProtocol(pause_at=len(CHUNKS) // 2)
-    upstream, real = UpstreamTransport(), AiohttpProtocol()
-    client = ClientTransport(protocol)
-    splice = Splice(upstream, real)  # type: ignore[arg-type]
-    splice.data_received(HEAD)
-    drained_after_pause: list[bool] = []
-
-    async def drain() -> None:
-        drained_after_pause.append(upstream.paused)  # reading was paused while the client lagged
-        await protocol.drain()
-
-    moving = asyncio.create_task(splice.forward_to(client, protocol, drain))  # type: ignore[arg-type]
-    await asyncio.sleep(0)
-    splice.data_received(CHUNKS)
-    await protocol.drained.wait()
-    assert not upstream.paused  # resumed once drained
-    splice.data_received(TERMINAL)
-    await moving
-    assert drained_after_pause == [True]
-    assert bytes(client.written) == CHUNKS
-
-
-async def test_answers_that_are_not_chunked_are_left_to_aiohttp_untouched():
-    upstream, real = UpstreamTransport(), AiohttpProtocol()
-    splice = Splice(upstream, real)  # type: ignore[arg-type]
-    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
-    splice.data_received(answer)
-    assert bytes(real.received) == answer
-    assert upstream.protocol is real
-
-
-async def test_an_interim_100_continue_is_passed_on_and_the_final_answer_held():
-    upstream, real = UpstreamTransport(), AiohttpProtocol()
-    splice = Splice(upstream, real)  # type: ignore[arg-type]
-    splice.data_received(b"HTTP/1.1 100 Continue\r\n\r\n" + HEAD + CHUNKS)
-    assert bytes(real.received) == b"HTTP/1.1 100 Continue\r\n\r\n" + HEAD
-    splice.release()  # the relay chose the ordinary path: aiohttp gets the body after all
-    assert bytes(real.received) == b"HTTP/1.1 100 Continue\r\n\r\n" + HEAD + CHUNKS
-    assert upstream.protocol is real
-
-
-async def test_a_protocol_switch_or_an_endless_head_is_left_to_aiohttp():
-    for answer in (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n" + b"frames" * 100,
-        b"HTTP/1.1 200 OK\r\nX-Long: " + b"x" * 70_000,
-    ):
-        upstream, real = UpstreamTransport(), AiohttpProtocol()
-        Splice(upstream, real)  # type: ignore[arg-type]
-        for n in range(0, len(answer), 1000):  # to whichever protocol the transport has now
-            upstream.protocol.data_received(answer[n : n + 1000])  # type: ignore[attr-defined]
-        assert bytes(real.received) == answer  # nothing held back, nothing kept
-        assert upstream.protocol is real
+def test_nothing_after_the_last_good_chunk_is_passed_on():
+    framing = ChunkedFraming()
+    assert framing.feed(CHUNKS) == (CHUNKS, None)
+    with pytest.raises(MalformedChunk):
+        framing.feed(b"zz\r\n<injected>\r\n")
 
 
 # -- through a real gogpt and real loopback sockets ----------------------------------------------
