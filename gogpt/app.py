@@ -21,6 +21,7 @@ from .ops import healthz_handler, metrics_handler, metrics_middleware, rate_limi
 from .redis_store import RedisStore
 from .splice import SplicingResponse, check_internals, guard_connections
 from .store import MemoryStore, Store
+from .upstreams import KEY_POOL, KeyPool
 
 __all__ = ["create_app"]
 
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     )
     app[SETTINGS] = settings
     app[CONV_STATE] = ConvState()
+    app[KEY_POOL] = KeyPool(settings.chat_api_keys, settings.upstream_retries)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_store)
     app.on_response_prepare.append(add_cors_headers)

@@ -40,6 +40,8 @@ class Settings:
     multi: bool = False
     splice: bool = True
     client_timeout: float = 60.0
+    upstream_retries: int = 2
+    sse_keepalive: float = 15.0
 
     def __post_init__(self) -> None:
         if not self.secret_key:
@@ -54,6 +56,11 @@ class Settings:
 
         if self.redis_url and _split_url("REDIS_URL", self.redis_url).scheme not in _REDIS_SCHEMES:
             raise ConfigError("REDIS_URL: expected redis://, rediss:// or unix://")
+
+    @property
+    def chat_api_keys(self) -> tuple[str, ...]:
+        """`CHAT_API_KEY` as a pool: several keys separated by commas."""
+        return tuple(key for key in (part.strip() for part in self.chat_api_key.split(",")) if key)
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with command-line overrides applied (None means 'not given')."""
@@ -121,6 +128,8 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env") -> Settings:
         log_format=env.str("LOG_FORMAT", "text", validate=OneOf(("text", "json"))),
         splice=env.str("SPLICE", "on", validate=OneOf(("on", "off"))) != "off",
         client_timeout=env.float("CLIENT_TIMEOUT", 60.0, validate=Range(min=0, min_inclusive=False)),
+        upstream_retries=env.int("UPSTREAM_RETRIES", 2, validate=Range(min=0, max=10)),
+        sse_keepalive=env.float("SSE_KEEPALIVE", 15.0, validate=Range(min=0)),
     )
     try:
         env.seal()

@@ -18,6 +18,7 @@ __all__ = [
     "REQUESTS",
     "STREAMS_ACTIVE",
     "UPSTREAM_ERRORS",
+    "UPSTREAM_KEY_CALLS",
     "exposition",
 ]
 
@@ -33,6 +34,11 @@ STREAMS_ACTIVE = Gauge(
 )
 UPSTREAM_ERRORS = Counter("gogpt_upstream_errors_total", "Failed upstream calls.", ["kind"])
 RELAYED_BYTES = Counter("gogpt_relayed_bytes_total", "Bytes of upstream answers relayed to clients.")
+UPSTREAM_KEY_CALLS = Counter(
+    "gogpt_upstream_key_calls_total",
+    "Upstream calls per OpenAI key (by fingerprint) and answer status.",
+    ["key", "status"],
+)
 
 
 def exposition() -> bytes:

@@ -8,6 +8,7 @@ from yarl import URL
 from .errors import ApiError, json_object
 from .keys import SETTINGS
 from .relay import read_body, relay, request_body, upstream_headers
+from .upstreams import KEY_POOL, KeyPool
 
 __all__ = ["chat_handler", "v1_handler"]
 
@@ -17,11 +18,10 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     body = await read_body(request, settings.max_body_bytes)
     json_object(body)  # checked, then forwarded as the client wrote it
-    headers = upstream_headers(request, _bearer(settings.chat_api_key))
+    headers = upstream_headers(request, "")
     headers["Content-Type"] = "application/json"  # browsers may send text/plain to skip a preflight
-    return await relay(
-        request, "POST", settings.api_proxy + "/v1/chat/completions", headers=headers, data=body
-    )
+    url = settings.api_proxy + "/v1/chat/completions"
+    return await relay(request, "POST", url, headers=headers, data=body, keys=_keys(request))
 
 
 async def v1_handler(request: web.Request) -> web.StreamResponse:
@@ -35,10 +35,11 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
     if request.query_string:
         url = URL(f"{url}?{request.rel_url.raw_query_string}", encoded=True)
     data = await request_body(request, settings.max_body_bytes)
-    headers = upstream_headers(request, _bearer(settings.chat_api_key))
-    return await relay(request, request.method, url, headers=headers, data=data)
+    headers = upstream_headers(request, "")
+    return await relay(request, request.method, url, headers=headers, data=data, keys=_keys(request))
 
 
-def _bearer(key: str) -> str:
-    """No key configured means an upstream that needs none (a local model server), not `Bearer `."""
-    return f"Bearer {key}" if key else ""
+def _keys(request: web.Request) -> KeyPool | None:
+    """No key configured means an upstream that needs none (a local model server): no Authorization."""
+    pool = request.app[KEY_POOL]
+    return pool if pool.keys else None

@@ -35,7 +35,7 @@ def decoded(body: bytes, encoding: str, max_bytes: int) -> bytes:
 
 def redact_secrets(settings: Settings, body: bytes) -> bytes:
     """Blank out gogpt's own secrets wherever an upstream quotes them back."""
-    for secret in (settings.chat_api_key, settings.access_token, settings.secret_key):
+    for secret in (*settings.chat_api_keys, settings.access_token, settings.secret_key):
         if secret:
             body = body.replace(secret.encode(), b"[redacted]")
     return body

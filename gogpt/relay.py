@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -18,7 +19,8 @@ from .errors import ApiError, upstream_error
 from .keys import HTTP, SETTINGS, SPLICING_HTTP
 from .metrics import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
 from .redact import READABLE_ENCODINGS, decoded, redact_secrets
-from .splice import held_body
+from .splice import EVENT_ENDS, KEEPALIVE, held_body
+from .upstreams import KeyPool
 
 __all__ = ["call_upstream", "read_body", "relay", "request_body", "upstream_headers"]
 
@@ -145,6 +147,7 @@ async def relay(
     headers: Mapping[str, str],
     data: bytes | AsyncIterable[bytes] | None = None,
     on_chunk: Callable[[bytes], None] | None = None,
+    keys: KeyPool | None = None,
 ) -> web.StreamResponse:
     """Send one request upstream and stream its answer back unchanged.
 
@@ -154,7 +157,9 @@ async def relay(
     which is the backpressure. If the client leaves, the upstream connection is closed at
     once; if the upstream breaks off or falls silent mid-body, the client's connection is cut
     so a truncated answer never looks whole. `on_chunk` sees each chunk after it has been
-    written, so observing never delays the client.
+    written, so observing never delays the client. With `keys`, the call goes to the pool's
+    best key, and to others while it fails before any byte was relayed (upstreams.py).
+    An event stream that has sent nothing for SSE_KEEPALIVE gets a comment between events.
     """
     if isinstance(data, AsyncIterable) and "content-length" not in headers:
         length = request.content_length
@@ -163,7 +168,29 @@ async def relay(
             headers["Content-Length"] = str(length)
     # The fast path (see splice.py) passes the upstream's chunking on: the client must speak HTTP/1.1.
     spliceable = on_chunk is None and request.version >= aiohttp.HttpVersion11
-    upstream = await call_upstream(request, method, url, headers=headers, data=data, splice=spliceable)
+    if keys is None:
+        upstream = await call_upstream(request, method, url, headers=headers, data=data, splice=spliceable)
+        return await _relay_answer(request, upstream, method, url, on_chunk=on_chunk, spliceable=spliceable)
+
+    def send(outgoing: Mapping[str, str]) -> Awaitable[aiohttp.ClientResponse]:
+        return call_upstream(request, method, url, headers=outgoing, data=data, splice=spliceable)
+
+    upstream, key = await keys.call(send, headers, data)
+    try:
+        return await _relay_answer(request, upstream, method, url, on_chunk=on_chunk, spliceable=spliceable)
+    finally:
+        key.in_flight -= 1
+
+
+async def _relay_answer(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    method: str,
+    url: str | URL,
+    *,
+    on_chunk: Callable[[bytes], None] | None,
+    spliceable: bool,
+) -> web.StreamResponse:
     if upstream.status == 101:  # a protocol switch is not an answer gogpt can relay
         upstream.close()
         UPSTREAM_ERRORS.labels("upstream_error").inc()
@@ -184,20 +211,31 @@ async def relay(
     )
     if splice is not None:
         response.enable_chunked_encoding()  # the upstream's chunks go out as they came
+    settings = request.app[SETTINGS]
+    keepalive = settings.sse_keepalive if upstream.content_type == "text/event-stream" else 0.0
     STREAMS_ACTIVE.inc()
     watch: _StallWatch | None = None
+    idle: _KeepAlive | None = None
     try:
         await response.prepare(request)
-        watch = _StallWatch(request, request.app[SETTINGS].client_timeout)
+        watch = _StallWatch(request, settings.client_timeout)
         write = response.write
         if splice is not None:
-            await splice.forward_to(request)
+            await splice.forward_to(request, keepalive=keepalive)
             await upstream.content.read()  # the terminal chunk, back with aiohttp's parser
+        elif keepalive and on_chunk is None:
+            idle = _KeepAlive(request, response, keepalive)
+            async for chunk in upstream.content.iter_any():
+                idle.tail = chunk  # before the write: while it waits on the client, the chunk is out
+                await write(chunk)
         elif on_chunk is None:  # the ordinary path: nothing but the write per chunk
             async for chunk in upstream.content.iter_any():
                 await write(chunk)
         else:
+            idle = _KeepAlive(request, response, keepalive) if keepalive else None
             async for chunk in upstream.content.iter_any():
+                if idle is not None:
+                    idle.tail = chunk
                 await write(chunk)
                 on_chunk(chunk)
     except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
@@ -216,10 +254,41 @@ async def relay(
     finally:
         if watch is not None:
             watch.cancel()
+        if idle is not None:
+            idle.cancel()
         STREAMS_ACTIVE.dec()
         # counted by aiohttp and the splice, nothing per chunk here
         RELAYED_BYTES.inc(upstream.content.total_bytes + (splice.body_bytes if splice else 0))
     return response
+
+
+class _KeepAlive:
+    """`: keep-alive` between events while an event stream has sent the client nothing for `interval`.
+
+    Load balancers cut connections idle for about a minute while a model thinks. The writer's
+    byte count, which aiohttp keeps anyway, tells whether anything went out; `tail`, the last
+    chunk written, whether the stream stands between two events (a comment inside an event
+    would end it early).
+    """
+
+    __slots__ = ("_task", "tail")
+
+    def __init__(self, request: web.BaseRequest, response: web.StreamResponse, interval: float) -> None:
+        self.tail = b"\n\n"  # a stream starts between events
+        self._task = asyncio.create_task(self._run(request.writer, response, interval))
+
+    async def _run(self, writer: AbstractStreamWriter, response: web.StreamResponse, interval: float) -> None:
+        step, quiet, sent = interval / 4, 0.0, writer.output_size
+        while True:
+            await asyncio.sleep(step)
+            quiet = quiet + step if writer.output_size == sent else 0.0
+            if quiet >= interval and self.tail.endswith(EVENT_ENDS):
+                await response.write(KEEPALIVE)
+                quiet = 0.0
+            sent = writer.output_size
+
+    def cancel(self) -> None:
+        self._task.cancel()
 
 
 class _StallWatch:

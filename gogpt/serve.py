@@ -18,6 +18,7 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 from .app import create_app
 from .config import Settings
 from .logs import AccessLogger, configure_logging
+from .upstreams import describe_keys
 
 __all__ = ["serve"]
 
@@ -51,7 +52,12 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
             handler_cancellation=True,  # a client hang-up cancels its relay and closes the upstream at once
             access_log_class=AccessLogger,
             access_log=logging.getLogger("gogpt.access"),
-            print=lambda _: log.info("serving on http://%s:%d", settings.host, settings.port),
+            print=lambda _: log.info(
+                "serving on http://%s:%d with %s",
+                settings.host,
+                settings.port,
+                describe_keys(settings.chat_api_keys),
+            ),
         )
     except OSError as exc:  # the address is taken or does not resolve: one line, not a traceback
         log.error("HOST, PORT: cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)

@@ -32,6 +32,8 @@ from aiohttp import web
 from aiohttp.client_proto import ResponseHandler  # internal: the client's protocol class
 
 __all__ = [
+    "EVENT_ENDS",
+    "KEEPALIVE",
     "ChunkedFraming",
     "MalformedChunk",
     "Splice",
@@ -56,6 +58,12 @@ _MAX_HEAD_BYTES = 1 << 16  # more than aiohttp accepts in a head
 
 _HEAD, _HOLD, _FORWARD, _GIVEN_BACK = range(4)
 
+# An SSE comment, which every parser skips; sent only where an event has just ended.
+KEEPALIVE = b": keep-alive\n\n"
+EVENT_ENDS = (b"\n\n", b"\n\r\n", b"\r\r")  # the blank line that ends an event
+_FRAMED_KEEPALIVE = b"%x\r\n%s\r\n" % (len(KEEPALIVE), KEEPALIVE)
+_FRAMED_EVENT_ENDS = tuple(end + b"\r\n" for end in EVENT_ENDS)  # the event's end, then its chunk's
+
 
 class MalformedChunk(ValueError):
     """Bytes that are not chunked transfer coding."""
@@ -79,6 +87,10 @@ class ChunkedFraming:
         self._in_chunk = 0  # bytes of chunk data still to come
         self._crlf_due = False  # the CRLF that closes a chunk's data, when it did not come with it
         self.data_bytes = 0  # chunk data seen, framing excluded
+
+    @property
+    def between_chunks(self) -> bool:
+        return not (self._in_chunk or self._crlf_due)  # a size line still to come is not on the wire yet
 
     def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
         if self._partial:
@@ -236,6 +248,10 @@ class Splice:
         self._read_timeout: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
+        self._keepalive = 0.0  # seconds of quiet before a comment goes to the client; 0: never
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._last_write = 0.0
+        self._last_written = b"\n\n\r\n"  # the last bytes written: a stream starts between events
         self.forwarded_bytes = 0  # wire bytes written to the client
 
     @property
@@ -253,8 +269,10 @@ class Splice:
         if self._state in (_HEAD, _HOLD):
             self._give_back(b"".join(self._held))
 
-    async def forward_to(self, request: web.BaseRequest) -> None:
+    async def forward_to(self, request: web.BaseRequest, *, keepalive: float = 0.0) -> None:
         """Move the body to `request`'s client until the terminal chunk; raise if either side fails.
+
+        With `keepalive`, an SSE comment goes out between events after that many quiet seconds.
 
         internal: the server protocol's `writing_paused`, and the writer's `buffer_size` and
         `output_size`, which the access log and aiohttp's "response started" read.
@@ -272,9 +290,12 @@ class Splice:
         protocol.read_timeout = None
         protocol._drop_timeout()  # internal: cancels aiohttp's timer, which would see no data now
         held, self._held = b"".join(self._held), []
-        self._last_read = self._loop.time()
+        self._last_read = self._last_write = self._loop.time()
         self._resume_reading()
         self._arm_idle_timer()
+        if keepalive:
+            self._keepalive = keepalive
+            self._keepalive_timer = self._loop.call_at(self._last_write + keepalive, self._keep_alive)
         try:
             if held:
                 self._forward(held)
@@ -293,6 +314,8 @@ class Splice:
         finally:
             self._waiter = None
             self._cancel_idle_timer()
+            if self._keepalive_timer is not None:
+                self._keepalive_timer.cancel()
             if self._state == _FORWARD:  # failed or cancelled: aiohttp's protocol sees the end
                 self._state = _GIVEN_BACK
                 protocol.splice = None
@@ -358,7 +381,7 @@ class Splice:
             self._protocol.parse(data)
 
     def _forward(self, data: bytes) -> None:
-        self._last_read = self._loop.time()
+        self._last_read = self._last_write = self._loop.time()
         try:
             body, terminal = self._framing.feed(data)
         except MalformedChunk:
@@ -369,6 +392,7 @@ class Splice:
                 return self._fail(ConnectionResetError("The client closed the connection."))
             client.write(body)
             self.forwarded_bytes += len(body)
+            self._last_written = body
             if self._client_protocol.writing_paused:
                 self._pause_reading()
                 self._wake()
@@ -405,6 +429,22 @@ class Splice:
             self._transport.resume_reading()
             if self._state == _FORWARD:
                 self._arm_idle_timer()
+
+    def _keep_alive(self) -> None:
+        """While the client has had nothing for `keepalive` seconds, a comment between events."""
+        due = self._last_write + self._keepalive
+        if self._loop.time() >= due:
+            if (
+                self._failure is None
+                and self._framing.between_chunks
+                and self._last_written.endswith(_FRAMED_EVENT_ENDS)
+                and not self._client.is_closing()
+            ):
+                self._client.write(_FRAMED_KEEPALIVE)
+                self.forwarded_bytes += len(_FRAMED_KEEPALIVE)
+            self._last_write = self._loop.time()
+            due = self._last_write + self._keepalive
+        self._keepalive_timer = self._loop.call_at(due, self._keep_alive)
 
     # The upstream's silence is limited as aiohttp's sock_read would, without a timer per chunk:
     # one timer per timeout period, which looks at when data last came.

@@ -125,6 +125,31 @@ async def test_chat_page_shows_the_answer_token_by_token_before_the_stream_ends(
     assert json.loads(upstream.last.body)["messages"] == [{"role": "user", "content": "Say hello"}]
 
 
+async def test_chat_page_reads_a_stream_with_keepalive_comments(
+    open_page: OpenPage,
+    upstream: FakeUpstream,
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    async def thinking(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chat_chunk("Hel"))
+        await asyncio.sleep(1.5)  # the model thinks; gogpt sends ": keep-alive" every 0.3 s
+        await response.write(chat_chunk("lo") + b"data: [DONE]\n\n")
+        return response
+
+    upstream.respond = thinking
+    gateway = await aiohttp_server(create_app(settings.with_overrides(sse_keepalive=0.3)))
+    page = await open_page("chat.html", mint_token(SECRET_KEY, "u", 1))
+    await page.fill("#gateway", str(gateway.make_url("")).rstrip("/"))
+    await page.click("#send")
+    await expect(page.locator("#output")).to_have_text("Hello")
+    await expect(page.locator("#status")).to_have_text("Done.")
+    await page.screenshot(path=tmp_path / "chat-keepalive.png", full_page=True)
+
+
 async def test_chat_page_stop_aborts_the_upstream_stream(
     open_page: OpenPage, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
