@@ -18,6 +18,7 @@ from .event import event_handler
 from .keys import HTTP, SETTINGS, SPLICING_HTTP, STORE
 from .openai_api import chat_handler, v1_handler
 from .ops import healthz_handler, metrics_handler, metrics_middleware, rate_limit_middleware
+from .redact import REDACTOR, Redactor, configured_secrets
 from .redis_store import RedisStore
 from .splice import SplicingResponse, check_internals, guard_connections
 from .store import MemoryStore, Store
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[SETTINGS] = settings
     app[CONV_STATE] = ConvState()
     app[KEY_POOL] = KeyPool(settings.chat_api_keys, settings.upstream_retries)
+    app[REDACTOR] = Redactor(configured_secrets(settings))
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_store)
     app.on_response_prepare.append(add_cors_headers)

@@ -21,10 +21,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .answers import DECODABLE, ERROR_ANSWER_BYTES, read_decoded
 from .config import Settings
-from .errors import ApiError, UpstreamAnswer, json_object, upstream_error
+from .errors import ApiError, UpstreamAnswer, json_object
 from .keys import SETTINGS, STORE
-from .redact import redact_secrets
+from .redact import REDACTOR
 from .relay import call_upstream, read_body, relay, upstream_headers
 from .sse_ids import MessageIds
 from .store import Store, StoreUnavailable
@@ -42,6 +43,9 @@ _LIST_TTL = 300.0  # seconds a conversation list is answered from the cache
 _DETAIL_TTL = 86400.0
 _LEASE_TTL = 30.0  # a session lease outlives a dead instance by at most this long
 _NOT_SENT_UPSTREAM = ("Chat-Type", "Accept-Encoding")  # routing header; JSON answers are parsed here
+# Lists are a few KiB and a long conversation some hundreds; json.loads builds objects up to
+# ~20 times the text's size, so the bound on the text is what bounds memory here.
+_JSON_ANSWER_BYTES = 4 << 20
 
 
 @dataclass
@@ -235,23 +239,28 @@ async def _keep_renewing(store: Store, key: str, token: str) -> None:
 async def _upstream_json(
     settings: Settings, request: web.Request, path: str, params: dict[str, str] | None = None
 ) -> Any:
-    """GET a backend-api JSON answer; a non-200 answer is passed to the client as it came."""
+    """GET a backend-api JSON answer; a non-200 answer is passed to the client decoded and redacted.
+
+    Both are read whole, so both are bounded while read and decoded (answers.py).
+    """
     headers = upstream_headers(request, settings.access_token, also_drop=_NOT_SENT_UPSTREAM)
     headers["Accept"] = "application/json"
+    headers["Accept-Encoding"] = DECODABLE  # decoded here, not by the client
     upstream = await call_upstream(
-        request, "GET", settings.unofficial_proxy + path, headers=headers, params=params, auto_decompress=True
+        request, "GET", settings.unofficial_proxy + path, headers=headers, params=params
     )
     async with upstream:
-        try:
-            body = await upstream.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise upstream_error(exc) from None
-    if upstream.status != 200:
-        body = redact_secrets(settings, body)  # "token ... expired" answers may quote ACCESS_TOKEN
-        raise UpstreamAnswer(upstream.status, body, upstream.headers.get("Content-Type"))
+        ok = upstream.status == 200
+        body = await read_decoded(upstream, _JSON_ANSWER_BYTES if ok else ERROR_ANSWER_BYTES)
+    if not ok:  # "token ... expired" answers may quote ACCESS_TOKEN
+        redactor = request.app[REDACTOR]
+        content_type = upstream.headers.get("Content-Type")
+        raise UpstreamAnswer(
+            upstream.status, redactor.body(body), redactor.text(content_type) if content_type else None
+        )
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
         raise ApiError(
             502, "The ChatGPT back end answered something that is not JSON.", code="upstream_error"
         ) from None
@@ -280,16 +289,23 @@ async def hide_all_conversations(settings: Settings) -> str:
     if not (settings.unofficial_proxy and settings.access_token):
         return "--clear: UNOFFICIAL_PROXY and ACCESS_TOKEN are not set; nothing hidden"
     base = settings.unofficial_proxy
-    headers = {"Authorization": settings.access_token, "Accept": "application/json"}
+    headers = {
+        "Authorization": settings.access_token,
+        "Accept": "application/json",
+        "Accept-Encoding": DECODABLE,
+    }
     timeout = aiohttp.ClientTimeout(total=min(60.0, settings.upstream_timeout))
     try:
-        async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+        async with aiohttp.ClientSession(timeout=timeout, headers=headers, auto_decompress=False) as session:
             async with session.get(f"{base}/conversations", params={"offset": "0", "limit": "1"}) as listed:
-                total = (await listed.json()).get("total") if listed.status == 200 else None
+                if listed.status == 200:
+                    total = json.loads(await read_decoded(listed, _JSON_ANSWER_BYTES)).get("total")
+                else:
+                    total = None
             async with session.patch(f"{base}/conversations", json={"is_visible": False}) as hidden:
                 if hidden.status >= 300:
                     return f"--clear: the ChatGPT back end answered {hidden.status}; nothing hidden"
-    except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError, RecursionError, AttributeError, ApiError) as exc:
         return f"--clear: the ChatGPT back end could not be reached ({type(exc).__name__}); nothing hidden"
     if isinstance(total, int):
         return f"--clear: hid {total} conversation{'s' if total != 1 else ''}"

@@ -15,10 +15,11 @@ from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 from yarl import URL
 
+from .answers import ERROR_ANSWER_BYTES, accept_encoding, read_decoded
 from .errors import ApiError, upstream_error
 from .keys import HTTP, SETTINGS, SPLICING_HTTP
 from .metrics import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
-from .redact import READABLE_ENCODINGS, decoded, redact_secrets
+from .redact import REDACTOR
 from .splice import EVENT_ENDS, KEEPALIVE, held_body
 from .upstreams import KeyPool
 
@@ -73,6 +74,7 @@ def upstream_headers(
 ) -> CIMultiDict[str]:
     """The client's end-to-end headers with gogpt's own credential for the upstream."""
     headers = _end_to_end(request.headers, _NOT_SENT_UPSTREAM | {name.lower() for name in also_drop})
+    headers["Accept-Encoding"] = accept_encoding(headers.getall("Accept-Encoding", ()))
     if _body_was_decoded(request):
         headers.popall("Content-Encoding", None)
     if authorization:
@@ -196,19 +198,16 @@ async def _relay_answer(
         UPSTREAM_ERRORS.labels("upstream_error").inc()
         raise ApiError(502, "The upstream switched protocols instead of answering.", code="upstream_error")
     splice = held_body(upstream) if spliceable else None
-    plain_error = upstream.status >= 400 and _is_plain_answer(upstream)
-    if splice is not None and (plain_error or "Content-Length" in upstream.headers):
+    reason, answer_headers = _answer_head(request, upstream)
+    error = upstream.status >= 300  # read whole, decoded and checked for secrets
+    if splice is not None and (error or "Content-Length" in upstream.headers):
         splice.release()
         splice = None
-    if plain_error:
-        return await _whole_answer(request, upstream, redact=True)
+    if error:
+        return await _whole_answer(request, upstream, reason, answer_headers, redact=True)
     if on_chunk is None and _is_small_answer(upstream, method):  # one write, not a head and a body
-        return await _whole_answer(request, upstream, redact=False)
-    response = web.StreamResponse(
-        status=upstream.status,
-        reason=upstream.reason,
-        headers=_end_to_end(upstream.headers, _NOT_SENT_BACK),
-    )
+        return await _whole_answer(request, upstream, reason, answer_headers, redact=False)
+    response = web.StreamResponse(status=upstream.status, reason=reason, headers=answer_headers)
     if splice is not None:
         response.enable_chunked_encoding()  # the upstream's chunks go out as they came
     settings = request.app[SETTINGS]
@@ -339,38 +338,42 @@ def _is_small_answer(upstream: aiohttp.ClientResponse, method: str) -> bool:
     )
 
 
-def _is_plain_answer(upstream: aiohttp.ClientResponse) -> bool:
-    """A small, non-streamed answer in an encoding gogpt reads, so it can be read whole and checked."""
-    length = upstream.content_length
-    return (
-        upstream.headers.get("Content-Encoding", "identity").lower() in READABLE_ENCODINGS
-        and upstream.content_type != "text/event-stream"
-        and (length is None or length <= _READ_WHOLE_BYTES)
-    )
+def _answer_head(
+    request: web.Request, upstream: aiohttp.ClientResponse
+) -> tuple[str | None, CIMultiDict[str]]:
+    """The upstream's reason phrase and end-to-end headers, with gogpt's secrets blanked out of both."""
+    redactor = request.app[REDACTOR]
+    reason = redactor.text(upstream.reason) if upstream.reason else None
+    return reason, redactor.headers(_end_to_end(upstream.headers, _NOT_SENT_BACK))
 
 
 async def _whole_answer(
-    request: web.Request, upstream: aiohttp.ClientResponse, *, redact: bool
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    reason: str | None,
+    headers: CIMultiDict[str],
+    *,
+    redact: bool,
 ) -> web.Response:
     """An answer read whole and sent with its head in one write.
 
-    With `redact`, gogpt's own secrets that it echoes are blanked out: upstreams quote
-    credentials in their errors ("Incorrect API key provided: ..."), and the client must
-    never learn the key that way.
+    With `redact` (every error answer), the body is decoded and gogpt's own secrets are
+    blanked out of it: upstreams quote credentials in their errors ("Incorrect API key
+    provided: ..."), and the client must never learn a key that way. An error answer too
+    large or in a coding gogpt cannot read is refused with 502 (answers.py).
     """
     async with upstream:
-        try:
-            body = await upstream.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise upstream_error(exc) from None
-    headers = _end_to_end(upstream.headers, _NOT_SENT_BACK)
+        if redact:
+            body = request.app[REDACTOR].body(await read_decoded(upstream, ERROR_ANSWER_BYTES))
+            headers.popall("Content-Encoding", None)  # sent back decoded, as every client accepts
+        else:
+            try:
+                body = await upstream.read()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise upstream_error(exc) from None
     headers.popall("Content-Length", None)
-    if redact:
-        encoding = headers.get("Content-Encoding", "identity")
-        body = redact_secrets(request.app[SETTINGS], decoded(body, encoding, _READ_WHOLE_BYTES))
-        headers.popall("Content-Encoding", None)  # sent back decoded, as every client accepts
     RELAYED_BYTES.inc(len(body))
-    return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+    return web.Response(status=upstream.status, reason=reason, body=body, headers=headers)
 
 
 async def call_upstream(
@@ -381,7 +384,6 @@ async def call_upstream(
     headers: Mapping[str, str],
     data: bytes | AsyncIterable[bytes] | None = None,
     params: Mapping[str, str] | None = None,
-    auto_decompress: bool = False,
     splice: bool = False,
 ) -> aiohttp.ClientResponse:
     """Make the upstream call; a failure before its headers becomes a 502 or 504 `ApiError`.
@@ -397,7 +399,6 @@ async def call_upstream(
             data=data,
             params=params,
             allow_redirects=False,
-            auto_decompress=auto_decompress,
         )
     except (TimeoutError, aiohttp.ClientError) as exc:
         if isinstance(exc.__cause__, ApiError):  # the upload outgrew the limit while streaming
