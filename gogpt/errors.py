@@ -145,6 +145,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if request.method == "CONNECT":  # its target names a host, not a path, so no route matched
+            return error_response(
+                405,
+                "gogpt is not a proxy: CONNECT is not supported.",
+                code="method_not_allowed",
+                headers={"Allow": "GET, HEAD, POST, DELETE, OPTIONS"},
+            )
         message = (exc.text or exc.reason).removeprefix(f"{exc.status}: ")
         return error_response(exc.status, message, headers=_allow_header(exc))
     except (asyncio.CancelledError, ConnectionError):

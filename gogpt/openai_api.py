@@ -12,6 +12,11 @@ from .upstreams import KEY_POOL, KeyPool
 
 __all__ = ["chat_handler", "v1_handler"]
 
+# The methods the OpenAI API uses (its SDK calls GET, POST and DELETE only; HEAD is GET without
+# the body). Any other is refused: TRACE would have an echoing upstream quote gogpt's key back.
+_V1_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE"})
+_V1_ALLOW = "GET, HEAD, POST, DELETE, OPTIONS"  # OPTIONS: the CORS preflight, answered by gogpt
+
 
 async def chat_handler(request: web.Request) -> web.StreamResponse:
     """POST /chat: the body, checked to be a JSON object, goes unchanged to /v1/chat/completions."""
@@ -25,8 +30,15 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
 
 
 async def v1_handler(request: web.Request) -> web.StreamResponse:
-    """Any method on /v1/{path}: a drop-in `base_url` for OpenAI SDKs, query and body passed through."""
+    """/v1/{path}: a drop-in `base_url` for OpenAI SDKs, query and body passed through."""
     settings = request.app[SETTINGS]
+    if request.method not in _V1_METHODS:
+        raise ApiError(
+            405,
+            "The OpenAI API takes GET, POST and DELETE only.",
+            code="method_not_allowed",
+            headers={"Allow": _V1_ALLOW},
+        )
     segments = request.match_info["path"].split("/")
     # a backslash is a separator to some servers: "..\\x" would climb out of /v1 there
     if "\\" in request.match_info["path"] or any(segment in ("", ".", "..") for segment in segments):

@@ -8,6 +8,7 @@ decodes anything itself, so the assertions see the bytes exactly as gogpt sent t
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import zlib
@@ -240,6 +241,43 @@ async def test_a_secret_quoted_with_json_escapes_is_redacted(
     upstream.respond = answering(400, f'{{"a": "{escaped}", "b": "{slashes_escaped}"}}'.encode())
     resp = await client.post("/chat", json={}, headers={"Authorization": mint_token(secret, "alice", 1)})
     assert json.loads(await resp.read()) == {"a": "[redacted]", "b": "[redacted]"}
+
+
+# ---- methods ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["TRACE", "PUT", "PATCH", "PROPFIND"])
+async def test_v1_refuses_methods_the_openai_api_does_not_use_with_405(
+    raw_client: TestClient, upstream: FakeUpstream, auth, method: str
+):
+    async def echoing(request: web.Request) -> web.StreamResponse:
+        return web.Response(text=f"{request.method} with {request.headers.get('Authorization')}")
+
+    upstream.respond = echoing
+    resp = await raw_client.request(method, "/v1/x", headers=auth)
+    body = await assert_nothing_secret(resp)
+    assert resp.status == 405
+    assert resp.headers["Allow"] == "GET, HEAD, POST, DELETE, OPTIONS"
+    assert json.loads(body)["error"]["code"] == "method_not_allowed"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("target", [b"/v1/x", b"api.openai.com:443"])
+async def test_connect_is_refused_with_405_and_never_reaches_the_upstream(
+    raw_client: TestClient, upstream: FakeUpstream, token: str, target: bytes
+):
+    reader, writer = await asyncio.open_connection(raw_client.host, raw_client.port)
+    writer.write(
+        b"CONNECT %s HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nConnection: close\r\n\r\n"
+        % (target, token.encode())
+    )
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 ")
+    assert b"\r\nAllow: GET, HEAD, POST, DELETE, OPTIONS\r\n" in head
+    assert json.loads(body)["error"]["code"] == "method_not_allowed"
+    assert upstream.requests == []
 
 
 # ---- what gogpt asks for ---------------------------------------------------------------------
