@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,8 @@ class Settings:
     chat_api_key: str = field(default="", repr=False)
     unofficial_proxy: str = ""
     access_token: str = field(default="", repr=False)
+    openai_organization: str = ""
+    openai_project: str = ""
     host: str = "0.0.0.0"
     port: int = 8000
     max_body_bytes: int = 32 * 1024 * 1024
@@ -53,6 +56,9 @@ class Settings:
                 "unofficial_proxy",
                 normalize_base_url("UNOFFICIAL_PROXY", self.unofficial_proxy),
             )
+        for name in ("openai_organization", "openai_project"):
+            if not _HEADER_TOKEN.fullmatch(getattr(self, name)):
+                raise ConfigError(f"{name.upper()}: expected an id (visible ASCII characters, no spaces)")
 
         if self.redis_url and _split_url("REDIS_URL", self.redis_url).scheme not in _REDIS_SCHEMES:
             raise ConfigError("REDIS_URL: expected redis://, rediss:// or unix://")
@@ -68,6 +74,7 @@ class Settings:
 
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+_HEADER_TOKEN = re.compile(r"[!-~]*")  # visible ASCII: sent as a header value as it is
 
 
 def _split_url(name: str, value: str) -> SplitResult:
@@ -117,6 +124,8 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env") -> Settings:
         chat_api_key=env.str("CHAT_API_KEY", ""),
         unofficial_proxy=env.str("UNOFFICIAL_PROXY", ""),
         access_token=env.str("ACCESS_TOKEN", ""),
+        openai_organization=env.str("OPENAI_ORGANIZATION", ""),
+        openai_project=env.str("OPENAI_PROJECT", ""),
         host=env.str("HOST", "0.0.0.0"),
         port=env.int("PORT", 8000, validate=Range(min=0, max=65535)),
         max_body_bytes=env.int("MAX_BODY_BYTES", 32 * 1024 * 1024, validate=positive),

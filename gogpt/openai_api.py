@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
+from .config import Settings
 from .errors import ApiError, json_object
 from .keys import SETTINGS
 from .relay import read_body, relay, request_body, upstream_headers
@@ -23,7 +25,7 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     body = await read_body(request, settings.max_body_bytes)
     json_object(body)  # checked, then forwarded as the client wrote it
-    headers = upstream_headers(request, "")
+    headers = _openai_headers(request, settings)
     headers["Content-Type"] = "application/json"  # browsers may send text/plain to skip a preflight
     url = settings.api_proxy + "/v1/chat/completions"
     return await relay(request, "POST", url, headers=headers, data=body, keys=_keys(request))
@@ -47,7 +49,7 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
     if request.query_string:
         url = URL(f"{url}?{request.rel_url.raw_query_string}", encoded=True)
     data = await request_body(request, settings.max_body_bytes)
-    headers = upstream_headers(request, "")
+    headers = _openai_headers(request, settings)
     return await relay(request, request.method, url, headers=headers, data=data, keys=_keys(request))
 
 
@@ -55,3 +57,17 @@ def _keys(request: web.Request) -> KeyPool | None:
     """No key configured means an upstream that needs none (a local model server): no Authorization."""
     pool = request.app[KEY_POOL]
     return pool if pool.keys else None
+
+
+def _openai_headers(request: web.Request, settings: Settings) -> CIMultiDict[str]:
+    """The client's headers with gogpt's organization and project when it has them (the key is the pool's).
+
+    Those two headers pick who is billed for the call, so when the operator sets them a client
+    cannot choose another organization or project the key belongs to.
+    """
+    headers = upstream_headers(request, "")  # the key comes from the pool
+    if settings.openai_organization:
+        headers["OpenAI-Organization"] = settings.openai_organization
+    if settings.openai_project:
+        headers["OpenAI-Project"] = settings.openai_project
+    return headers

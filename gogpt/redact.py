@@ -23,7 +23,9 @@ _REDACTED_BYTES = REDACTED.encode()
 
 def configured_secrets(settings: Settings) -> tuple[str, ...]:
     """Every secret gogpt holds: each key of a comma-separated CHAT_API_KEY, ACCESS_TOKEN, SECRET_KEY."""
-    return tuple(secret for secret in (*settings.chat_api_keys, settings.access_token, settings.secret_key) if secret)
+    return tuple(
+        secret for secret in (*settings.chat_api_keys, settings.access_token, settings.secret_key) if secret
+    )
 
 
 class Redactor:

@@ -106,12 +106,14 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-# Every variable gogpt reads (SPEC "Configuration" plus LOG_FORMAT).
+# Every variable gogpt reads.
 GOGPT_VARIABLES = (
     "API_PROXY",
     "CHAT_API_KEY",
     "UNOFFICIAL_PROXY",
     "ACCESS_TOKEN",
+    "OPENAI_ORGANIZATION",
+    "OPENAI_PROJECT",
     "SECRET_KEY",
     "HOST",
     "PORT",

@@ -215,3 +215,23 @@ def test_env_example_lists_every_variable_with_a_comment() -> None:
         while index > 0 and "=" in lines[index - 1] and not lines[index - 1].startswith("#"):
             index -= 1
         assert lines[index - 1].startswith("# "), name
+
+
+def test_the_openai_organization_and_project_are_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_ORGANIZATION", "org-gateway")
+    monkeypatch.setenv("OPENAI_PROJECT", "proj_gateway")
+    settings = load_settings()
+    assert (settings.openai_organization, settings.openai_project) == ("org-gateway", "proj_gateway")
+
+
+@pytest.mark.parametrize("name", ["OPENAI_ORGANIZATION", "OPENAI_PROJECT"])
+@pytest.mark.parametrize("value", ["org with spaces", "org-1\r\nX-Injected: 1", "org-é"])
+def test_an_organization_or_project_that_is_no_header_value_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    assert str(refused.value).startswith(f"{name}: ")
