@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -17,13 +18,41 @@ from .keys import IDENTITY
 __all__ = ["AccessLogger", "configure_logging"]
 
 
+class _SecondStamps:
+    """A record's time, formatted once per second rather than once per record."""
+
+    def __init__(self, convert: Any, template: str) -> None:
+        self._convert, self._template = convert, template
+        self._second, self._stamp = -1, ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime(self._template, self._convert(second))
+        return self._stamp
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-11-26 11:00:00,123 INFO gogpt.access: ...`, as logging's default, with its time cached."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._stamps = _SecondStamps(time.localtime, "%Y-%m-%d %H:%M:%S")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return f"{self._stamps(record.created)},{int(record.msecs):03d}"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line for log shippers; access lines carry their fields as keys."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamps = _SecondStamps(time.gmtime, "%Y-%m-%dT%H:%M:%S")
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": f"{self._stamps(record.created)}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -50,13 +79,47 @@ class _QuietBadRequests(logging.Filter):
 _QUIET_BAD_REQUESTS = _QuietBadRequests()
 
 
+class LoopBatchedHandler(logging.StreamHandler[TextIO]):
+    """Writes the lines logged in one turn of the event loop with one write.
+
+    An access line per request was a write(2) per request: under load, batching them is a
+    measurable part of gogpt's cost per request (docs/performance.md). Lines logged where no
+    loop runs (start-up, other threads) are written at once; logging's shutdown flushes the rest.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._flush_scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.stream.write(line)
+                self.stream.flush()
+                return
+            self._pending.append(line)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self.flush)
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            lines, self._pending, self._flush_scheduled = self._pending, [], False
+            if lines:
+                self.stream.write("".join(lines))
+            self.stream.flush()
+
+
 def configure_logging(log_format: str = "text") -> None:
     logging.getLogger("aiohttp.server").addFilter(_QUIET_BAD_REQUESTS)
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = LoopBatchedHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     # Neither format shows a caller, thread or process: skip looking them up for every record,
     # as the logging HOWTO's "Optimization" section suggests (a third of an access line's cost).
     logging._srcfile = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -41,16 +43,24 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
             code="method_not_allowed",
             headers={"Allow": _V1_ALLOW},
         )
-    segments = request.match_info["path"].split("/")
-    # a backslash is a separator to some servers: "..\\x" would climb out of /v1 there
-    if "\\" in request.match_info["path"] or any(segment in ("", ".", "..") for segment in segments):
+    url = _v1_url(settings.api_proxy, request.match_info["path"])
+    if url is None:
         raise ApiError(400, "Invalid API path.", code="invalid_path")
-    url = URL(settings.api_proxy).joinpath("v1", *segments)
     if request.query_string:
         url = URL(f"{url}?{request.rel_url.raw_query_string}", encoded=True)
     data = await request_body(request, settings.max_body_bytes)
     headers = _openai_headers(request, settings)
     return await relay(request, request.method, url, headers=headers, data=data, keys=_keys(request))
+
+
+@functools.lru_cache(maxsize=1024)  # clients call a handful of paths: each is checked and built once
+def _v1_url(api_proxy: str, path: str) -> URL | None:
+    """The upstream URL of a /v1 path, or None for a path that could climb out of /v1."""
+    segments = path.split("/")
+    # a backslash is a separator to some servers: "..\\x" would climb out of /v1 there
+    if "\\" in path or any(segment in ("", ".", "..") for segment in segments):
+        return None
+    return URL(api_proxy).joinpath("v1", *segments)
 
 
 def _keys(request: web.Request) -> KeyPool | None:

@@ -62,6 +62,9 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
     except OSError as exc:  # the address is taken or does not resolve: one line, not a traceback
         log.error("HOST, PORT: cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
         raise SystemExit(1) from None
+    finally:  # lines of the loop's last turn; a worker process ends without logging's own shutdown
+        for handler in logging.getLogger().handlers:
+            handler.flush()
 
 
 def serve(settings: Settings) -> None:

@@ -1,0 +1,65 @@
+"""Log lines: written in one write per turn of the event loop, in order, none lost, with the
+formats' times as logging's own."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+
+from gogpt.logs import JsonFormatter, LoopBatchedHandler, TextFormatter
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def logger_to(stream: io.StringIO, formatter: logging.Formatter) -> logging.Logger:
+    handler = LoopBatchedHandler(stream)  # type: ignore[arg-type]
+    handler.setFormatter(formatter)
+    logger = logging.getLogger(f"gogpt.test.{id(stream)}")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+async def test_lines_of_one_loop_turn_go_out_in_one_write_in_order():
+    stream = CountingStream()
+    logger = logger_to(stream, TextFormatter())
+    for n in range(50):
+        logger.info("request %d", n)
+    await asyncio.sleep(0)  # the turn ends; the handler's flush runs
+    lines = stream.getvalue().splitlines()
+    assert [line.rsplit(" ", 1)[1] for line in lines] == [str(n) for n in range(50)]
+    assert stream.writes == 1
+
+
+def test_a_line_logged_where_no_loop_runs_is_written_at_once():
+    stream = CountingStream()
+    logger_to(stream, TextFormatter()).info("starting")
+    assert stream.getvalue().endswith(f"INFO gogpt.test.{id(stream)}: starting\n")
+
+
+async def test_lines_still_pending_are_written_by_flush():
+    stream = CountingStream()
+    logger = logger_to(stream, TextFormatter())
+    logger.info("last words")
+    logger.handlers[0].flush()  # what serve.py does when the loop has stopped
+    assert "last words" in stream.getvalue()
+
+
+def test_the_formats_keep_logging_s_time_layouts():
+    text, json_line = CountingStream(), CountingStream()
+    logger_to(text, TextFormatter()).info("x")
+    logger_to(json_line, JsonFormatter()).info("x")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO \S+: x\n", text.getvalue())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", json.loads(json_line.getvalue())["time"])
