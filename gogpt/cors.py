@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .errors import Handler
 
@@ -31,10 +32,18 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     origin = request.headers.get("Origin")
     # With credentials allowed, browsers need the origin itself rather than "*".
     headers["Access-Control-Allow-Origin"] = origin or "*"
-    if origin:
+    if origin and not _varies_on_origin(headers):  # an upstream's answer may say so already
         headers.add("Vary", "Origin")
     headers["Access-Control-Allow-Headers"] = request.headers.get(
         "Access-Control-Request-Headers", _DEFAULT_ALLOW_HEADERS
     )
     headers["Access-Control-Allow-Methods"] = _ALLOW_METHODS
     headers["Access-Control-Allow-Credentials"] = "true"
+
+
+def _varies_on_origin(headers: CIMultiDict[str]) -> bool:
+    return any(
+        token.strip().lower() == "origin"
+        for value in headers.getall("Vary", ())
+        for token in value.split(",")
+    )

@@ -134,3 +134,41 @@ async def test_an_upstreams_own_cors_headers_are_replaced(
     resp = await client.post("/chat", json={"stream": True}, headers={"Origin": ORIGIN, **auth})
     assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN
     assert resp.headers["Access-Control-Allow-Headers"] != "X-Other"
+
+
+def _vary_tokens(headers: CIMultiDictProxy[str]) -> list[str]:
+    return [token.strip().lower() for value in headers.getall("Vary", []) for token in value.split(",")]
+
+
+async def _upstream_varying_on_its_own(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"ok": True}, headers={"Vary": "Origin, Accept-Encoding"})
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "authorized"),
+    [
+        ("POST", "/chat", True),  # a relayed answer
+        ("POST", "/chat", False),  # a refusal
+        ("OPTIONS", "/chat", False),  # a preflight
+        ("GET", "/event?appId=a&page=1&pageSize=9", False),  # a stream
+    ],
+)
+async def test_an_echoed_origin_is_sent_with_vary_origin_once(
+    client: TestClient, auth: dict[str, str], method: str, path: str, authorized: bool
+) -> None:
+    """A shared cache must not hand one origin's answer to another: Vary says it depends on Origin."""
+    headers = {"Origin": ORIGIN, **(auth if authorized else {})}
+    resp = await client.request(method, path, json={}, headers=headers)
+    await resp.read()
+    assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert _vary_tokens(resp.headers).count("origin") == 1
+
+
+async def test_vary_origin_is_sent_once_when_the_upstream_varies_on_origin_too(
+    client: TestClient, upstream: FakeUpstream, auth: dict[str, str]
+) -> None:
+    upstream.respond = _upstream_varying_on_its_own
+    resp = await client.post("/chat", json={}, headers={"Origin": ORIGIN, **auth})
+    vary = _vary_tokens(resp.headers)
+    assert vary.count("origin") == 1
+    assert "accept-encoding" in vary  # the upstream's own reasons stay
