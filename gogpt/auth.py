@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hmac
 import time
+import unicodedata
 from typing import Any
 
 import jwt
@@ -12,24 +13,58 @@ from aiohttp import web
 
 from .config import Settings
 from .errors import ApiError, Handler, json_object
-from .keys import IDENTITY, SETTINGS
+from .keys import CALLER, SETTINGS, Caller
 
-__all__ = ["ADMIN", "auth_middleware", "mint_token", "public", "token_handler", "verify_credential"]
+__all__ = [
+    "auth_middleware",
+    "identity_problem",
+    "mint_token",
+    "public",
+    "require_admin",
+    "token_handler",
+    "verify_credential",
+]
 
-ADMIN = "admin"
 _ALGORITHM = "HS256"
 _MAX_HOURS = 24 * 365  # a year: longer-lived tokens are keys by another name
 _MAX_CREDENTIAL_BYTES = 4096  # tokens are ~200 bytes; no need to hash megabytes
+_MAX_IDENTITY_CHARS = 256
+# Ids a log reader would take for something else: the admin credential, or no caller at all.
+_RESERVED_IDENTITIES = frozenset({"admin", "-"})
+_ADMIN = Caller("admin", is_admin=True)  # the access log shows the admin credential as `admin`
+
+
+def identity_problem(identity: str) -> str | None:
+    """Why `identity` cannot be a token's id, or None when it can.
+
+    Ids end up in log lines, usage rows and limits: they must be printable (a newline would forge
+    a log line, a bidi control would reorder one) and not read as the admin or as no caller.
+    """
+    if not identity:
+        return "id must not be empty."
+    if len(identity) > _MAX_IDENTITY_CHARS:
+        return f"id must be at most {_MAX_IDENTITY_CHARS} characters."
+    if not identity.isprintable():
+        return "id must be printable text: no control, format or line-separator characters."
+    if identity != identity.strip():  # "alice " would read as "alice" everywhere it is shown
+        return "id must not start or end with a space."
+    if unicodedata.normalize("NFKC", identity).casefold() in _RESERVED_IDENTITIES:
+        return "This id is reserved (logs use it for the admin credential or for no caller); choose another."
+    return None
 
 
 def mint_token(secret_key: str, identity: str, hours: int, *, now: float | None = None) -> str:
+    """A token for `identity` valid `hours`; ValueError when the id could not be told apart in logs."""
+    problem = identity_problem(identity)
+    if problem is not None:
+        raise ValueError(problem)
     issued = int(time.time() if now is None else now)
     claims = {"jti": identity, "iat": issued, "exp": issued + hours * 3600}
     return jwt.encode(claims, secret_key, algorithm=_ALGORITHM)
 
 
-def verify_credential(secret_key: str, authorization: str) -> str:
-    """Return the caller's identity for an `Authorization` value, or raise a 401 `ApiError`.
+def verify_credential(secret_key: str, authorization: str) -> Caller:
+    """Return the caller for an `Authorization` value, or raise a 401 `ApiError`.
 
     Accepted: a gogpt token, raw (as the Go server's clients send it) or as `Bearer <token>`
     (as SDKs send it), or the raw `SECRET_KEY`, which identifies the admin.
@@ -44,18 +79,26 @@ def verify_credential(secret_key: str, authorization: str) -> str:
     if len(raw) > _MAX_CREDENTIAL_BYTES:
         raise _unauthorized("Invalid credential.")
     if hmac.compare_digest(raw, secret_key.encode()):
-        return ADMIN
+        return _ADMIN
     if not credential.isascii():  # tokens are base64url; PyJWT fails on what it cannot encode
         raise _unauthorized("Invalid token.")
     try:
         identity, expires = _verified_token(secret_key, credential)
     except jwt.ExpiredSignatureError:
         raise _unauthorized("The token has expired: mint a new one at /token.") from None
+    except _RefusedIdentity:
+        raise _unauthorized(
+            "The token's id is no longer accepted: mint a new one under another id."
+        ) from None
     except jwt.InvalidTokenError:
         raise _unauthorized("Invalid token.") from None
     if time.time() >= expires:  # checked on every call: a verified token is cached, its expiry is not
         raise _unauthorized("The token has expired: mint a new one at /token.")
-    return identity
+    return Caller(identity)
+
+
+class _RefusedIdentity(jwt.InvalidTokenError):
+    """A token minted before /token refused such ids (`admin`, or one with a newline in it)."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -68,11 +111,20 @@ def _verified_token(secret_key: str, token: str) -> tuple[str, float]:
     identity, expires = claims["jti"], claims["exp"]
     if not isinstance(identity, str) or not identity or not isinstance(expires, int | float):
         raise jwt.InvalidTokenError("jti must be a non-empty string")
+    if identity_problem(identity) is not None:
+        raise _RefusedIdentity(identity)
     return identity, float(expires)
 
 
 def _unauthorized(message: str) -> ApiError:
     return ApiError(401, message, code="invalid_api_key")
+
+
+def require_admin(request: web.Request) -> None:
+    """Refuse (401) unless the caller presented the admin credential itself; every admin route calls it."""
+    caller = request.get(CALLER)
+    if caller is None or not caller.is_admin:
+        raise ApiError(401, "This route needs the admin credential.", code="invalid_api_key")
 
 
 def public(handler: Handler) -> Handler:
@@ -88,7 +140,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if match.http_exception is not None or getattr(match.handler, "__gogpt_public__", False):
         return await handler(request)
     settings = request.app[SETTINGS]
-    request[IDENTITY] = verify_credential(settings.secret_key, request.headers.get("Authorization", ""))
+    request[CALLER] = verify_credential(settings.secret_key, request.headers.get("Authorization", ""))
     return await handler(request)
 
 
@@ -101,14 +153,18 @@ async def token_handler(request: web.Request) -> web.Response:
     if missing:
         raise ApiError(400, f"Missing parameter: {', '.join(missing)}.", code="missing_parameter")
     identity, hours, key = params["id"], params["hour"], params["key"]
-    if not isinstance(identity, (str, int)) or len(str(identity)) > 256:
-        raise ApiError(400, "id must be a string of at most 256 characters.", code="invalid_parameter")
+    if not isinstance(identity, (str, int)):
+        raise ApiError(400, "id must be a string.", code="invalid_parameter")
+    identity = str(identity)
+    problem = identity_problem(identity)
+    if problem is not None:
+        raise ApiError(400, problem, code="invalid_parameter")
     hour = _positive_hours(hours)
     if not isinstance(key, str) or not hmac.compare_digest(
         key.encode("utf-8", "surrogatepass"), settings.secret_key.encode()
     ):
         raise ApiError(403, "Wrong key.", code="invalid_key")
-    return web.json_response({"token": mint_token(settings.secret_key, str(identity), hour)})
+    return web.json_response({"token": mint_token(settings.secret_key, identity, hour)})
 
 
 async def _token_params(request: web.Request) -> dict[str, Any]:

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import aiohttp
 from aiohttp import web
 
 from .config import Settings
 from .store import Store
 
-__all__ = ["HTTP", "IDENTITY", "SETTINGS", "SPLICING_HTTP", "STORE"]
+__all__ = ["CALLER", "HTTP", "SETTINGS", "SPLICING_HTTP", "STORE", "Caller"]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who made a request and how: admin rights come from presenting `SECRET_KEY`, never from an id."""
+
+    identity: str
+    is_admin: bool = False
+
 
 SETTINGS = web.AppKey("gogpt.settings", Settings)
 HTTP = web.AppKey("gogpt.http", aiohttp.ClientSession)
 # The same connections, through a session whose answers can be spliced (splice.py); HTTP itself
 # when the splice is off.
 SPLICING_HTTP = web.AppKey("gogpt.splicing_http", aiohttp.ClientSession)
-IDENTITY = web.RequestKey("gogpt.identity", str)
+CALLER = web.RequestKey("gogpt.caller", Caller)
 STORE = web.AppKey("gogpt.store", Store)

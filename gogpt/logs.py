@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http import HttpProcessingError
 
-from .keys import IDENTITY
+from .keys import CALLER
 
 __all__ = ["AccessLogger", "configure_logging"]
 
@@ -133,6 +133,7 @@ class AccessLogger(AbstractAccessLogger):
     """One line per request. The query string is left out: `/token?key=...` would put a key in it."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        caller = request.get(CALLER)
         fields = {
             "remote": request.remote,
             "method": request.method,
@@ -140,7 +141,7 @@ class AccessLogger(AbstractAccessLogger):
             "status": response.status,
             "bytes": response.body_length,
             "duration": round(time, 6),
-            "identity": request.get(IDENTITY, "-"),
+            "identity": "-" if caller is None else caller.identity,
         }
         self.logger.info(
             '%s "%s %s" %d %d %.3fs id=%s',

@@ -9,9 +9,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .auth import ADMIN, public
+from .auth import public, require_admin
 from .errors import ApiError, Handler
-from .keys import IDENTITY, SETTINGS, STORE
+from .keys import CALLER, SETTINGS, STORE
 from .metrics import DURATION, REQUESTS, exposition
 
 __all__ = ["healthz_handler", "metrics_handler", "metrics_middleware", "rate_limit_middleware"]
@@ -26,8 +26,7 @@ async def healthz_handler(request: web.Request) -> web.Response:
 
 async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus text, for the admin credential only: route names and volumes are not public."""
-    if request[IDENTITY] != ADMIN:
-        raise ApiError(401, "Metrics need the admin credential.", code="invalid_api_key")
+    require_admin(request)
     return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -63,9 +62,9 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """`RATE_LIMIT` requests per minute per caller (`jti`); the admin and public routes are not counted."""
     limit = request.app[SETTINGS].rate_limit
-    identity = request.get(IDENTITY)
-    if limit and identity is not None and identity != ADMIN:
-        count, reset_in = await request.app[STORE].count_hit(f"rate:{identity}", RATE_WINDOW)
+    caller = request.get(CALLER)
+    if limit and caller is not None and not caller.is_admin:
+        count, reset_in = await request.app[STORE].count_hit(f"rate:{caller.identity}", RATE_WINDOW)
         if count > limit:
             raise ApiError(
                 429,

@@ -271,3 +271,91 @@ async def test_a_token_accepted_before_is_refused_once_it_expires(
     resp = await client.post("/chat", json={}, headers={"Authorization": token})
     assert resp.status == 401
     assert "expired" in (await resp.json())["error"]["message"]
+
+
+# --- ids: the admin is a credential, and an id is one printable piece of a log line ----------
+
+FULLWIDTH_ADMIN = "\uff41\uff44\uff4d\uff49\uff4e"
+RESERVED_IDS = ["admin", "Admin", "ADMIN", FULLWIDTH_ADMIN, "-"]
+UNPRINTABLE_IDS = {
+    "newline": "bob\n2026-11-26 12:00:00,000 INFO gogpt.access: forged",
+    "carriage return": "bob\rforged",
+    "tab": "bob\tforged",
+    "nul": "bob\x00",
+    "escape": "\x1b[31mbob",
+    "del": "bob\x7f",
+    "next line (C1)": "bob\x85forged",
+    "line separator": "bob\u2028forged",
+    "right-to-left override": "bob\u202eforged",
+    "zero-width space": "ad\u200bmin",
+}
+
+
+def _old_token(identity: str) -> str:
+    """A token signed with the right key the way /token signed any id before it refused some."""
+    return jwt.encode(
+        {"jti": identity, "iat": int(time.time()), "exp": FAR_FUTURE}, SECRET_KEY, algorithm="HS256"
+    )
+
+
+@pytest.mark.parametrize("transport", ["get", "json", "form"])
+@pytest.mark.parametrize("identity", RESERVED_IDS)
+async def test_a_reserved_id_is_refused_at_token_with_400_saying_why(
+    client: TestClient, transport: str, identity: str
+) -> None:
+    resp = await _mint(client, transport, {**PARAMS, "id": identity})
+    assert resp.status == 400
+    body = await resp.json()
+    _assert_openai_error(body, "invalid_request_error")
+    assert "reserved" in body["error"]["message"]
+    assert "token" not in body
+
+
+@pytest.mark.parametrize("transport", ["get", "json", "form"])
+@pytest.mark.parametrize("identity", UNPRINTABLE_IDS.values(), ids=UNPRINTABLE_IDS.keys())
+async def test_an_id_with_a_control_character_is_refused_at_token_with_400(
+    client: TestClient, transport: str, identity: str
+) -> None:
+    resp = await _mint(client, transport, {**PARAMS, "id": identity})
+    assert resp.status == 400
+    body = await resp.json()
+    _assert_openai_error(body, "invalid_request_error")
+    assert "printable" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("identity", [" admin", "admin ", " ", "alice\u0020"])
+async def test_an_id_with_a_leading_or_trailing_space_is_refused_at_token_with_400(
+    client: TestClient, identity: str
+) -> None:
+    """`alice ` would be a second caller that every log line and usage row shows as `alice`."""
+    resp = await client.post("/token", json={**PARAMS, "id": identity})
+    assert resp.status == 400
+    assert "space" in (await resp.json())["error"]["message"]
+
+
+async def test_a_token_whose_id_is_admin_does_not_read_metrics(client: TestClient) -> None:
+    resp = await client.get("/metrics", headers={"Authorization": f"Bearer {_old_token('admin')}"})
+    assert resp.status == 401
+    _assert_openai_error(await resp.json(), "authentication_error")
+
+
+async def test_a_token_whose_id_is_admin_is_not_exempt_from_the_rate_limit(
+    aiohttp_client: Callable[..., Awaitable[TestClient]], settings: Settings, upstream: FakeUpstream
+) -> None:
+    client = await aiohttp_client(create_app(settings.with_overrides(rate_limit=1)))
+    headers = {"Authorization": f"Bearer {_old_token('admin')}"}
+    statuses = [(await client.get("/v1/models", headers=headers)).status for _ in range(3)]
+    assert 200 not in statuses[1:]
+    assert upstream.requests == []  # refused outright: its id is reserved
+
+
+@pytest.mark.parametrize(
+    "identity", ["admin", "-", UNPRINTABLE_IDS["newline"]], ids=["admin", "dash", "newline"]
+)
+async def test_a_token_minted_earlier_for_an_id_now_refused_gets_401_saying_so(
+    client: TestClient, upstream: FakeUpstream, identity: str
+) -> None:
+    resp = await client.post("/chat", json={}, headers={"Authorization": _old_token(identity)})
+    assert resp.status == 401
+    assert "mint a new one" in (await resp.json())["error"]["message"]
+    assert upstream.requests == []

@@ -13,6 +13,7 @@ import json
 import posixpath
 import re
 import time
+import unicodedata
 import warnings
 from pathlib import Path
 from urllib.parse import urlencode
@@ -125,6 +126,62 @@ async def test_token_post_bodies_never_cause_a_server_error(
     )
     assert status in (200, 400, 403), answer
     assert SECRET_KEY.encode() not in answer
+
+
+token_ids = st.text(max_size=300) | st.sampled_from(
+    [
+        "admin",
+        "ADMIN",
+        "\uff41dmin",
+        "-",
+        " alice",
+        "alice ",
+        "a\nb",
+        "a\rb",
+        "\x85",
+        "\u2028",
+        "\u202e",
+        "\x7f",
+    ]
+)
+
+
+def _mintable(identity: str) -> bool:
+    """What /token accepts as an id: one printable, unpadded piece of a log line that does not read
+    as the admin credential (`admin`) or as no caller (`-`)."""
+    reserved = unicodedata.normalize("NFKC", identity).casefold() in ("admin", "-")
+    return (
+        0 < len(identity) <= 256 and identity.isprintable() and identity == identity.strip() and not reserved
+    )
+
+
+@FUZZ
+@given(identity=token_ids, transport=st.sampled_from(["json", "form", "get"]))
+@example(identity="\ud800", transport="json")  # a lone surrogate, which only JSON can carry
+@example(identity="Alice Smith", transport="form")
+@example(identity="用户", transport="get")
+@example(identity="admins", transport="json")
+@example(identity="a" * 256, transport="json")
+async def test_token_ids_are_minted_exactly_when_a_log_line_can_show_them(
+    client: TestClient, upstream: FakeUpstream, identity: str, transport: str
+):
+    """Never a 5xx; 200 for every id a log reader cannot mistake, 400 for the rest; and a minted
+    id comes back in the token and is accepted by the gateway."""
+    params = {"id": identity, "hour": "1", "key": SECRET_KEY}
+    if transport == "json":
+        resp = await client.post("/token", json=params)
+    elif transport == "form":
+        resp = await client.post("/token", data=params)
+    else:
+        resp = await client.get("/token", params=params)
+    assert resp.status == (200 if _mintable(identity) else 400)
+    body = await resp.json()
+    if resp.status == 400:
+        assert "token" not in body
+        return
+    token = body["token"]
+    assert jwt.decode(token, SECRET_KEY, algorithms=["HS256"])["jti"] == identity
+    assert (await client.get("/v1/models", headers={"Authorization": f"Bearer {token}"})).status == 200
 
 
 # ---- Authorization ---------------------------------------------------------------------------
