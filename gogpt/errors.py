@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .logs import printable
 from .splice import send_100_continue
 from .store import StoreUnavailable
 
@@ -158,7 +159,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except Exception:
         # The traceback names only our code; request bodies and headers are not in it.
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", request.method, printable(request.path))
         return error_response(500, "The gateway failed to handle the request.")
 
 

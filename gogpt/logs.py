@@ -15,7 +15,22 @@ from aiohttp.http import HttpProcessingError
 
 from .keys import CALLER
 
-__all__ = ["AccessLogger", "configure_logging"]
+__all__ = ["AccessLogger", "configure_logging", "printable"]
+
+
+def printable(text: str) -> str:
+    """`text` as one piece of one log line: what is not printable is escaped (`\\n`, `\\x85`,
+    `\\u2028`), and so are `"` and `\\`, so a client can neither start a forged line nor
+    close a quoted field early."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return "".join(_escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    if char in '"\\':
+        return "\\" + char
+    return char if char.isprintable() else repr(char)[1:-1]
 
 
 class _SecondStamps:
@@ -134,17 +149,27 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         caller = request.get(CALLER)
+        method, path = request.method, request.path  # the path is decoded: %0A is a newline here
+        identity = "-" if caller is None else caller.identity
         fields = {
             "remote": request.remote,
-            "method": request.method,
-            "path": request.path,
+            "method": method,
+            "path": path,
             "status": response.status,
             "bytes": response.body_length,
             "duration": round(time, 6),
-            "identity": "-" if caller is None else caller.identity,
+            "identity": identity,
         }
+        # JSON lines keep the fields as they are (json.dumps escapes them); the text line escapes
+        # each field a client chose, so no path or token id can end the line and forge another.
         self.logger.info(
             '%s "%s %s" %d %d %.3fs id=%s',
-            *fields.values(),
+            printable(request.remote or "-"),
+            printable(method),
+            printable(path),
+            response.status,
+            response.body_length,
+            time,
+            printable(identity),
             extra={"access": fields},
         )

@@ -1,0 +1,112 @@
+"""The access log of a real `python -m gogpt`: one line per request, whatever a client puts in it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import jwt
+import pytest
+from conftest import SECRET_KEY, FakeUpstream
+from serving import free_port, start_gogpt, wait_until_listening
+from yarl import URL
+
+# A whole access line, as a client would like to slip it in: a reader could not tell it apart.
+FORGED = '1999-01-01 00:00:00,000 INFO gogpt.access: 10.9.9.9 "GET /metrics" 200 9 0.001s id=admin'
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
+# Percent-encoded, since a request line cannot hold them raw; aiohttp decodes them into request.path.
+BREAKS = {"%0A": "\n", "%0D": "\r", "%C2%85": "\x85", "%E2%80%A8": "\u2028", "%0B": "\v", "%1E": "\x1e"}
+
+
+@dataclass
+class Gateway:
+    url: str
+    process: asyncio.subprocess.Process
+
+    async def stop(self) -> str:
+        """SIGTERM, then everything gogpt wrote to stderr."""
+        self.process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(self.process.communicate(), 30)
+        assert self.process.returncode == 0, stderr.decode()
+        return stderr.decode()
+
+
+Start = Callable[[str], Awaitable[Gateway]]  # LOG_FORMAT -> a running gogpt
+
+
+@pytest.fixture
+async def start(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Start]:
+    started: list[asyncio.subprocess.Process] = []
+
+    async def run(log_format: str) -> Gateway:
+        port = free_port()
+        env = {
+            "SECRET_KEY": SECRET_KEY,
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "API_PROXY": upstream.url,
+            "LOG_FORMAT": log_format,
+        }
+        process = await start_gogpt(env, tmp_path)
+        started.append(process)
+        await wait_until_listening(port, process)
+        return Gateway(f"http://127.0.0.1:{port}", process)
+
+    yield run
+    for process in started:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def _forging_path(line_break: str) -> URL:
+    return URL("/v1/models" + line_break + FORGED.replace(" ", "%20").replace('"', "%22"), encoded=True)
+
+
+def _old_token(identity: str) -> str:
+    """A token /token would have signed before it refused ids that are not printable."""
+    return jwt.encode({"jti": identity, "iat": int(time.time()), "exp": 2**40}, SECRET_KEY, algorithm="HS256")
+
+
+async def _send_forgeries(url: str) -> None:
+    bearer = {"Authorization": f"Bearer {_old_token('bob' + chr(10) + FORGED)}"}
+    async with aiohttp.ClientSession(url) as session:
+        for encoded in BREAKS:
+            async with session.get(_forging_path(encoded)) as resp:
+                assert resp.status in (401, 404)  # refused, and logged all the same: anyone can do it
+        async with session.get("/v1/models", headers=bearer) as resp:
+            await resp.read()
+
+
+async def test_no_path_or_token_id_forges_a_text_access_log_line(start: Start) -> None:
+    gateway = await start("text")
+    await _send_forgeries(gateway.url)
+    log = await gateway.stop()
+    lines = log.split("\n")[:-1]  # what a log reader splits on, ...
+    for line in lines:
+        assert LOG_LINE.match(line), line  # ... and every piece is a line gogpt wrote
+        assert "\r" not in line and "\x85" not in line and "\u2028" not in line and "\x1e" not in line
+    access = [line for line in lines if "gogpt.access" in line and "/v1/models" in line]
+    assert len(access) == len(BREAKS) + 1
+    assert r"/v1/models\n1999-01-01 00:00:00,000 INFO gogpt.access: 10.9.9.9 \"GET /metrics\"" in log
+    assert r"/v1/models\u2028" in log
+
+
+async def test_a_json_access_log_keeps_the_raw_path_and_a_message_of_one_line(start: Start) -> None:
+    """The fields are exact for machines; `message` is the text line, safe to print (`jq -r .message`)."""
+    gateway = await start("json")
+    await _send_forgeries(gateway.url)
+    log = await gateway.stop()
+    entries = [json.loads(line) for line in log.split("\n")[:-1]]
+    paths = [entry["path"] for entry in entries if entry.get("logger") == "gogpt.access"]
+    for encoded, line_break in BREAKS.items():
+        assert "/v1/models" + line_break + FORGED in paths, encoded
+    for entry in entries:
+        assert entry["message"].isprintable(), entry["message"]
