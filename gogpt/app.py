@@ -16,6 +16,7 @@ from .cors import add_cors_headers, cors_middleware
 from .errors import error_middleware, expect_continue
 from .event import event_handler
 from .keys import HTTP, SETTINGS, SPLICING_HTTP, STORE
+from .lockout import LOCKOUT, Lockout
 from .openai_api import chat_handler, v1_handler
 from .ops import healthz_handler, metrics_handler, metrics_middleware, rate_limit_middleware
 from .redact import REDACTOR, Redactor, configured_secrets
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[CONV_STATE] = ConvState()
     app[KEY_POOL] = KeyPool(settings.chat_api_keys, settings.upstream_retries)
     app[REDACTOR] = Redactor(configured_secrets(settings))
+    app[LOCKOUT] = Lockout(settings.token_failure_limit)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_store)
     app.on_response_prepare.append(add_cors_headers)

@@ -13,7 +13,8 @@ from aiohttp import web
 
 from .config import Settings
 from .errors import ApiError, Handler, json_object
-from .keys import CALLER, SETTINGS, Caller
+from .keys import CALLER, SETTINGS, STORE, Caller
+from .lockout import LOCKOUT, client_address
 
 __all__ = [
     "auth_middleware",
@@ -160,9 +161,12 @@ async def token_handler(request: web.Request) -> web.Response:
     if problem is not None:
         raise ApiError(400, problem, code="invalid_parameter")
     hour = _positive_hours(hours)
+    store, lockout, client = request.app[STORE], request.app[LOCKOUT], client_address(request)
+    await lockout.check(store, client)
     if not isinstance(key, str) or not hmac.compare_digest(
         key.encode("utf-8", "surrogatepass"), settings.secret_key.encode()
     ):
+        await lockout.count_failure(store, client)
         raise ApiError(403, "Wrong key.", code="invalid_key")
     return web.json_response({"token": mint_token(settings.secret_key, identity, hour)})
 

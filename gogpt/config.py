@@ -37,6 +37,7 @@ class Settings:
     upstream_timeout: float = 600.0
     shutdown_grace: float = 30.0
     rate_limit: int = 0
+    token_failure_limit: int = 10
     redis_url: str = field(default="", repr=False)
     workers: int = 1
     log_format: str = "text"
@@ -132,6 +133,7 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env") -> Settings:
         upstream_timeout=env.float("UPSTREAM_TIMEOUT", 600.0, validate=Range(min=0, min_inclusive=False)),
         shutdown_grace=env.float("SHUTDOWN_GRACE", 30.0, validate=Range(min=0)),
         rate_limit=env.int("RATE_LIMIT", 0, validate=Range(min=0)),
+        token_failure_limit=env.int("TOKEN_FAILURE_LIMIT", 10, validate=Range(min=0)),
         redis_url=env.str("REDIS_URL", ""),
         workers=env.int("WORKERS", 1, validate=positive),
         log_format=env.str("LOG_FORMAT", "text", validate=OneOf(("text", "json"))),
