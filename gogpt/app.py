@@ -9,16 +9,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .auth import auth_middleware, token_handler
+from .auth import token_handler
 from .config import Settings, load_settings
 from .conv import CONV_STATE, ConvState, conv_handler
-from .cors import add_cors_headers, cors_middleware
-from .errors import error_middleware, expect_continue
+from .cors import add_cors_headers
+from .errors import expect_continue
 from .event import event_handler
+from .gateway import gateway_middleware
 from .keys import HTTP, SETTINGS, SPLICING_HTTP, STORE
 from .lockout import LOCKOUT, Lockout
 from .openai_api import chat_handler, v1_handler
-from .ops import healthz_handler, metrics_handler, metrics_middleware, rate_limit_middleware
+from .ops import healthz_handler, metrics_handler
 from .redact import REDACTOR, Redactor, configured_secrets
 from .redis_store import RedisStore
 from .splice import SplicingResponse, check_internals, guard_connections
@@ -38,15 +39,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     if settings is None:
         settings = load_settings()
     app = web.Application(
-        # metrics see the final status; errors turn every refusal below into JSON;
-        # CORS answers preflights before auth asks for a credential
-        middlewares=[
-            metrics_middleware,
-            error_middleware,
-            cors_middleware,
-            auth_middleware,
-            rate_limit_middleware,
-        ],
+        middlewares=[gateway_middleware],  # metrics, errors, CORS, auth, rate limit: gateway.py
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -17,7 +17,7 @@ from .keys import CALLER, SETTINGS, STORE, Caller
 from .lockout import LOCKOUT, client_address
 
 __all__ = [
-    "auth_middleware",
+    "authenticate",
     "identity_problem",
     "mint_token",
     "public",
@@ -134,15 +134,16 @@ def public(handler: Handler) -> Handler:
     return handler
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse unauthenticated calls before any upstream work; record who the caller is."""
+def authenticate(request: web.Request) -> Caller | None:
+    """Record who the caller is, or refuse (401) before any upstream work; None on public routes."""
     match = request.match_info
     if match.http_exception is not None or getattr(match.handler, "__gogpt_public__", False):
-        return await handler(request)
+        return None
     settings = request.app[SETTINGS]
-    request[CALLER] = verify_credential(settings.secret_key, request.headers.get("Authorization", ""))
-    return await handler(request)
+    caller = request[CALLER] = verify_credential(
+        settings.secret_key, request.headers.get("Authorization", "")
+    )
+    return caller
 
 
 @public

@@ -5,9 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .errors import Handler
-
-__all__ = ["add_cors_headers", "cors_middleware"]
+__all__ = ["add_cors_headers", "preflight_answer"]
 
 _ALLOW_METHODS = "GET, POST, OPTIONS, PUT, DELETE"
 # What browser clients of gogpt send; a preflight gets back exactly what it asks for instead.
@@ -15,12 +13,9 @@ _DEFAULT_ALLOW_HEADERS = "Authorization, Content-Type, Chat-Type, Accept, OpenAI
 _MAX_AGE = "7200"  # Chromium's cap: one preflight per two hours per URL, not one per request
 
 
-@web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every OPTIONS request as a preflight, before authentication runs."""
-    if request.method == "OPTIONS":
-        return web.Response(status=204, headers={"Access-Control-Max-Age": _MAX_AGE})
-    return await handler(request)
+def preflight_answer() -> web.Response:
+    """Every OPTIONS request is a preflight, answered before authentication runs."""
+    return web.Response(status=204, headers={"Access-Control-Max-Age": _MAX_AGE})
 
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -18,9 +18,9 @@ from .store import StoreUnavailable
 __all__ = [
     "ApiError",
     "UpstreamAnswer",
-    "error_middleware",
     "error_response",
     "expect_continue",
+    "failure_answer",
     "json_object",
     "upstream_error",
 ]
@@ -45,7 +45,7 @@ _ERROR_TYPES = {
 
 
 class ApiError(Exception):
-    """Raised by handlers and middlewares; `error_middleware` turns it into a JSON response."""
+    """Raised by handlers and the way in (gateway.py); `failure_answer` turns it into a JSON response."""
 
     def __init__(
         self,
@@ -128,11 +128,10 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost middleware: every refusal and failure leaves as an OpenAI-shaped JSON error."""
+def failure_answer(request: web.BaseRequest, failure: Exception) -> web.StreamResponse:
+    """The OpenAI-shaped answer to a refusal or failure; re-raises what is not one (a hang-up, a redirect)."""
     try:
-        return await handler(request)
+        raise failure
     except ApiError as exc:
         return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers)
     except StoreUnavailable:
@@ -155,7 +154,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
         message = (exc.text or exc.reason).removeprefix(f"{exc.status}: ")
         return error_response(exc.status, message, headers=_allow_header(exc))
-    except (asyncio.CancelledError, ConnectionError):
+    except ConnectionError:
         raise
     except Exception:
         # The traceback names only our code; request bodies and headers are not in it.

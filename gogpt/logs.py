@@ -57,6 +57,10 @@ class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return f"{self._stamps(record.created)},{int(record.msecs):03d}"
 
+    def access_line(self, logger: str, message: str, fields: dict[str, Any], created: float) -> str:
+        """What `format` makes of an INFO record of `message`, without making the record."""
+        return f"{self._stamps(created)},{int(created % 1 * 1000):03d} INFO {logger}: {message}"
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line for log shippers; access lines carry their fields as keys."""
@@ -75,6 +79,17 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "access", {}))
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+    def access_line(self, logger: str, message: str, fields: dict[str, Any], created: float) -> str:
+        """What `format` makes of an INFO record of `message` with `fields`, without making the record."""
+        entry = {
+            "time": f"{self._stamps(created)}.{int(created % 1 * 1000):03d}Z",
+            "level": "info",
+            "logger": logger,
+            "message": message,
+            **fields,
+        }
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -109,19 +124,24 @@ class LoopBatchedHandler(logging.StreamHandler[TextIO]):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record) + self.terminator
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.stream.write(line)
-                self.stream.flush()
-                return
-            self._pending.append(line)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                loop.call_soon(self.flush)
+            self.write_line(self.format(record))
         except Exception:
             self.handleError(record)
+
+    def write_line(self, line: str) -> None:
+        """One formatted line: queued for the end of this loop turn, or written at once without a loop."""
+        line += self.terminator
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            with self.lock:  # type: ignore[union-attr]
+                self.stream.write(line)
+                self.stream.flush()
+            return
+        self._pending.append(line)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -147,7 +167,7 @@ def configure_logging(log_format: str = "text") -> None:
 class AccessLogger(AbstractAccessLogger):
     """One line per request. The query string is left out: `/token?key=...` would put a key in it."""
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
         caller = request.get(CALLER)
         method, path = request.method, request.path  # the path is decoded: %0A is a newline here
         identity = "-" if caller is None else caller.identity
@@ -157,19 +177,47 @@ class AccessLogger(AbstractAccessLogger):
             "path": path,
             "status": response.status,
             "bytes": response.body_length,
-            "duration": round(time, 6),
+            "duration": round(duration, 6),
             "identity": identity,
         }
         # JSON lines keep the fields as they are (json.dumps escapes them); the text line escapes
         # each field a client chose, so no path or token id can end the line and forge another.
-        self.logger.info(
-            '%s "%s %s" %d %d %.3fs id=%s',
+        message = '%s "%s %s" %d %d %.3fs id=%s' % (  # noqa: UP031 - logging's own layout
             printable(request.remote or "-"),
             printable(method),
             printable(path),
             response.status,
             response.body_length,
-            time,
+            duration,
             printable(identity),
-            extra={"access": fields},
         )
+        logger = self.logger
+        handler = _sole_handler(logger)
+        if handler is None:  # logging set up otherwise (gogpt embedded): the ordinary way
+            logger.info("%s", message, extra={"access": fields})
+        else:  # a line per request: skip making a LogRecord that only gogpt's own handler would see
+            formatter: TextFormatter | JsonFormatter = handler.formatter  # type: ignore[assignment]
+            handler.write_line(formatter.access_line(logger.name, message, fields, time.time()))
+
+
+def _sole_handler(logger: logging.Logger) -> LoopBatchedHandler | None:
+    """gogpt's handler, when it is the only one an INFO line of `logger` would reach, unfiltered."""
+    if not logger.isEnabledFor(logging.INFO):
+        return None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        if current.handlers:
+            handlers = current.handlers
+            if current.parent is not None or len(handlers) != 1 or handlers[0].filters:
+                return None
+            handler = handlers[0]
+            ours = isinstance(handler, LoopBatchedHandler) and isinstance(
+                handler.formatter, TextFormatter | JsonFormatter
+            )
+            return handler if ours and handler.level <= logging.INFO else None  # type: ignore[return-value]
+        if not current.propagate:
+            return None
+        current = current.parent
+    return None

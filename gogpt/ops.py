@@ -10,11 +10,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .auth import public, require_admin
-from .errors import ApiError, Handler
-from .keys import CALLER, SETTINGS, STORE
+from .errors import ApiError
+from .keys import SETTINGS, STORE, Caller
 from .metrics import DURATION, REQUESTS, exposition
 
-__all__ = ["healthz_handler", "metrics_handler", "metrics_middleware", "rate_limit_middleware"]
+__all__ = ["count_request", "enforce_rate_limit", "healthz_handler", "metrics_handler"]
 
 RATE_WINDOW = 60  # seconds: RATE_LIMIT counts requests per minute
 
@@ -40,30 +40,20 @@ def _request_metrics(route: str, method: str, status: int) -> tuple[Any, Any]:
     return REQUESTS.labels(route, method, str(status)), DURATION.labels(route)
 
 
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count every request once it is answered; a stream is timed to its last byte."""
-    started = time.perf_counter()
+def count_request(request: web.Request, status: int, started: float) -> None:
+    """Count a request once it is answered; a stream is timed to its last byte."""
     route = request.match_info.route.resource
     name = route.canonical if route is not None else "unmatched"
     method = request.method if request.method in _METHODS else "other"
-    status = 499  # the client left before an answer (nginx's convention)
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    finally:
-        requests, duration = _request_metrics(name, method, status)
-        requests.inc()
-        duration.observe(time.perf_counter() - started)
+    requests, duration = _request_metrics(name, method, status)
+    requests.inc()
+    duration.observe(time.perf_counter() - started)
 
 
-@web.middleware
-async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """`RATE_LIMIT` requests per minute per caller (`jti`); the admin and public routes are not counted."""
+async def enforce_rate_limit(request: web.Request, caller: Caller) -> None:
+    """`RATE_LIMIT` requests per minute per caller (`jti`); the admin is not counted."""
     limit = request.app[SETTINGS].rate_limit
-    caller = request.get(CALLER)
-    if limit and caller is not None and not caller.is_admin:
+    if limit and not caller.is_admin:
         count, reset_in = await request.app[STORE].count_hit(f"rate:{caller.identity}", RATE_WINDOW)
         if count > limit:
             raise ApiError(
@@ -72,4 +62,3 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
                 code="rate_limit_exceeded",
                 headers={"Retry-After": str(reset_in)},
             )
-    return await handler(request)

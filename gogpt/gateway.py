@@ -1,0 +1,42 @@
+"""The way in: every request meets the same steps, in one middleware, in this order.
+
+metrics (every answer counted, a stream timed to its last byte) → errors (every refusal and
+failure leaves in OpenAI's shape) → CORS (a preflight is answered before any credential is asked
+for) → authentication (the caller is recorded, or refused) → the caller's rate limit → the
+route's handler. One frame instead of a middleware per step: each level of aiohttp's middleware
+chain is a call and a coroutine more for every request.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from .auth import authenticate
+from .cors import preflight_answer
+from .errors import Handler, failure_answer
+from .ops import count_request, enforce_rate_limit
+
+__all__ = ["gateway_middleware"]
+
+
+@web.middleware
+async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 499  # the client left before an answer (nginx's convention)
+    try:
+        try:
+            if request.method == "OPTIONS":
+                response: web.StreamResponse = preflight_answer()
+            else:
+                caller = authenticate(request)
+                if caller is not None:
+                    await enforce_rate_limit(request, caller)
+                response = await handler(request)
+        except Exception as exc:  # a hang-up (CancelledError) is not one: nothing to answer
+            response = failure_answer(request, exc)
+        status = response.status
+        return response
+    finally:
+        count_request(request, status, started)
