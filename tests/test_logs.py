@@ -63,3 +63,40 @@ def test_the_formats_keep_logging_s_time_layouts():
     logger_to(json_line, JsonFormatter()).info("x")
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO \S+: x\n", text.getvalue())
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", json.loads(json_line.getvalue())["time"])
+
+
+def access_line_through(logger: logging.Logger) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from gogpt.logs import AccessLogger
+
+    request = make_mocked_request("POST", "/v1/chat/completions")
+    AccessLogger(logger, "").log(request, web.Response(status=201), 0.25)
+
+
+def test_an_access_line_reads_the_same_whether_or_not_logging_is_gogpts_own():
+    own = CountingStream()
+    access_line_through(logger_to(own, TextFormatter()))  # gogpt's handler alone: the fast way
+    other = CountingStream()
+    logger = logging.getLogger("gogpt.test.other")
+    handler = logging.StreamHandler(other)  # an embedding service's own handler: the ordinary way
+    handler.setFormatter(TextFormatter())
+    logger.handlers[:], logger.propagate, logger.level = [handler], False, logging.INFO
+    access_line_through(logger)
+    assert own.getvalue().split(" INFO ")[1] == other.getvalue().split(" INFO ")[1].replace(
+        ".other", f".{id(own)}"
+    )
+
+
+def test_a_json_access_line_carries_the_fields():
+    stream = CountingStream()
+    access_line_through(logger_to(stream, JsonFormatter()))
+    entry = json.loads(stream.getvalue())
+    assert (entry["method"], entry["path"], entry["status"], entry["duration"]) == (
+        "POST",
+        "/v1/chat/completions",
+        201,
+        0.25,
+    )
+    assert entry["message"].endswith('"POST /v1/chat/completions" 201 0 0.250s id=-')
