@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
 
 import aiohttp
@@ -52,6 +53,7 @@ _NOT_SENT_BACK = _HOP_BY_HOP | {
     "access-control-expose-headers",
     "access-control-max-age",
 }
+_STREAM_ASKED = re.compile(rb'"stream"\s*:\s*true')
 # Bodies up to this size are read whole and sent with a Content-Length; larger ones stream.
 _READ_WHOLE_BYTES = 1 << 20
 # Answers of known length up to this size are read whole and sent in one write with their head.
@@ -169,7 +171,7 @@ async def relay(
             headers = CIMultiDict(headers)
             headers["Content-Length"] = str(length)
     # The fast path (see splice.py) passes the upstream's chunking on: the client must speak HTTP/1.1.
-    spliceable = on_chunk is None and request.version >= aiohttp.HttpVersion11
+    spliceable = on_chunk is None and request.version >= aiohttp.HttpVersion11 and _may_stream(request, data)
     if keys is None:
         upstream = await call_upstream(request, method, url, headers=headers, data=data, splice=spliceable)
         return await _relay_answer(request, upstream, method, url, on_chunk=on_chunk, spliceable=spliceable)
@@ -182,6 +184,15 @@ async def relay(
         return await _relay_answer(request, upstream, method, url, on_chunk=on_chunk, spliceable=spliceable)
     finally:
         key.in_flight -= 1
+
+
+def _may_stream(request: web.Request, data: bytes | AsyncIterable[bytes] | None) -> bool:
+    """Whether the answer may be a stream worth splicing: OpenAI streams only when asked to, with
+    `"stream": true` in the body (or `stream=` in the query of a GET). A JSON call then skips the
+    splice's set-up; a stream it misses still goes the ordinary way, byte for byte."""
+    if isinstance(data, bytes):
+        return _STREAM_ASKED.search(data) is not None
+    return data is not None or "stream" in request.query_string
 
 
 async def _relay_answer(

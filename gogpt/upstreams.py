@@ -8,11 +8,13 @@ process; a key's in-flight count lasts from the call to the end of its answer.
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 import math
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -85,7 +87,7 @@ class KeyPool:
 
     def observe(self, key: Key, status: int, headers: Mapping[str, str]) -> None:
         """Count the answer and rest or set aside its key as it says."""
-        UPSTREAM_KEY_CALLS.labels(key.fingerprint, str(status)).inc()
+        _key_calls(key.fingerprint, status).inc()
         if len(self.keys) < 2:
             return
         if status == 429:
@@ -117,7 +119,7 @@ class KeyPool:
                 upstream = await send(outgoing)
             except ApiError as exc:  # unreachable, reset, or no headers in time
                 key.in_flight -= 1
-                UPSTREAM_KEY_CALLS.labels(key.fingerprint, str(exc.status)).inc()
+                _key_calls(key.fingerprint, exc.status).inc()
                 if exc.status in (502, 504) and may_retry and self.pick(tried) is not None:
                     continue
                 raise
@@ -127,6 +129,11 @@ class KeyPool:
                 upstream.close()
                 continue
             return upstream, key
+
+
+@functools.lru_cache(maxsize=1024)  # keys x statuses: few, and each labelled child is looked up once
+def _key_calls(fingerprint: str, status: int) -> Any:
+    return UPSTREAM_KEY_CALLS.labels(fingerprint, str(status))
 
 
 def _rest_seconds(retry_after: str | None) -> float:
