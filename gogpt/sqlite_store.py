@@ -1,0 +1,366 @@
+"""The Store protocol on one SQLite file, so every worker of a machine shares limits, caches and leases.
+
+Each call first runs on the event loop on a connection that never waits: uncontended it is one
+prepared statement, a few microseconds, and no fsync (WAL with `synchronous=NORMAL`). Only when
+another process holds the write lock does the call move to the store's own thread, whose
+connection waits for the lock up to `busy_timeout`. Past that, or on any other fault (read-only,
+full disk, corrupt file), the call raises `StoreUnavailable` (503) and the log says why, once per
+outage; the store tries again by itself and says when it is back. Checkpoints and the sweep of
+expired rows also run in that thread, so the loop never waits on an fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from .config import ConfigError
+from .store import StoreUnavailable
+
+__all__ = ["SCHEMA_VERSION", "SqliteStore", "create_database_file"]
+
+log = logging.getLogger("gogpt.store")
+T = TypeVar("T")
+
+# PRAGMA user_version: MIGRATIONS[n] brings a database from version n - 1 to n.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL NOT NULL)",
+        "CREATE TABLE leases (key TEXT PRIMARY KEY, token TEXT NOT NULL, expires REAL NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE hits (key TEXT PRIMARY KEY, window_start INTEGER NOT NULL, count INTEGER NOT NULL,"
+        " expires INTEGER NOT NULL) WITHOUT ROWID",
+    ),
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+BUSY_TIMEOUT = 2.0  # seconds a call waits for another process's write lock before answering 503
+_RETRY_AFTER_FAULT = 1.0  # seconds during which calls fail fast after a fault, before trying again
+_CHECKPOINT_EVERY = 1000  # calls; the WAL grows by about a page per write until a checkpoint
+_SWEEP_EVERY = 60.0  # seconds between deletions of expired rows
+_MAX_CACHE_ROWS = 100_000  # past this, the sweep drops the cached values closest to expiry
+_WAL_SIZE_LIMIT = 4 << 20  # bytes the WAL file is truncated to after a checkpoint
+
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+_FAULTS = {
+    sqlite3.SQLITE_BUSY: "is locked by another process",
+    sqlite3.SQLITE_LOCKED: "is locked by another process",
+    sqlite3.SQLITE_READONLY: "is read-only",
+    sqlite3.SQLITE_PERM: "may not be written (permission denied)",
+    sqlite3.SQLITE_FULL: "cannot grow: the disk is full",
+    sqlite3.SQLITE_IOERR: "cannot be read or written (I/O error)",
+    sqlite3.SQLITE_CORRUPT: "is corrupt",
+    sqlite3.SQLITE_NOTADB: "is not a SQLite database (corrupt?)",
+    sqlite3.SQLITE_CANTOPEN: "cannot be opened",
+}
+
+
+class _Fault(Exception):
+    """A problem with the file that SQLite does not report itself (a newer schema, no WAL)."""
+
+
+class _StillBusy(Exception):
+    """The call waited its whole busy timeout in the thread's queue."""
+
+
+def create_database_file(path: str) -> None:
+    """Open `path`, creating it if needed, or raise a ConfigError naming GOGPT_DB.
+
+    Run once at start-up, so a path that can never work stops gogpt with one line; what can get
+    better at run time (a lock, a full disk, a corrupt file) is left to the store to report.
+    """
+    try:
+        sqlite3.connect(path, timeout=0).close()
+    except sqlite3.Error as exc:
+        raise ConfigError(f"GOGPT_DB: cannot create or open {path} ({exc})") from None
+
+
+class SqliteStore:
+    """Shared state for every process that opens the same file; one instance per event loop."""
+
+    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._db: sqlite3.Connection | None = None  # the event loop's: never waits for a lock
+        self._waiting_db: sqlite3.Connection | None = None  # the thread's: only used there
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gogpt-store")
+        self._fault: str | None = None  # why the store is unusable, while it is
+        self._retry_at = 0.0
+        self._calls = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Create or upgrade the schema and open both connections; a fault is logged, not raised."""
+        with contextlib.suppress(StoreUnavailable):
+            await self._in_thread(_sweep)
+        self._sweeper = asyncio.create_task(self._sweep_every(_SWEEP_EVERY))
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        db, self._db = self._db, None
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._close_in_thread, db)
+        self._thread.shutdown()
+
+    async def get_json(self, key: str) -> Any | None:
+        text = await self._run(_get_text, key)
+        return None if text is None else json.loads(text)
+
+    async def set_json(self, key: str, value: Any, ttl: float) -> None:
+        await self._run(_set_text, key, json.dumps(value), ttl)
+
+    async def acquire(self, key: str, ttl: float) -> str | None:
+        return await self._run(_acquire, key, secrets.token_hex(8), ttl)
+
+    async def renew(self, key: str, token: str, ttl: float) -> bool:
+        return await self._run(_renew, key, token, ttl)
+
+    async def release(self, key: str, token: str) -> None:
+        await self._run(_release, key, token)
+
+    async def is_held(self, key: str) -> bool:
+        return await self._run(_is_held, key)
+
+    async def count_hit(self, key: str, window: int) -> tuple[int, int]:
+        return await self._run(_count_hit, key, window)
+
+    async def _run(self, operation: Callable[..., T], *args: Any) -> T:
+        """On the loop if the file is free, else in the thread; StoreUnavailable when neither works."""
+        db = self._db
+        if db is not None:
+            try:
+                result = operation(db, *args)
+            except sqlite3.Error as exc:
+                if not _is_busy(exc):
+                    self._went_wrong(exc)
+                    raise StoreUnavailable() from None
+            else:
+                self._calls += 1
+                if self._calls >= _CHECKPOINT_EVERY:
+                    self._calls = 0
+                    self._thread.submit(self._checkpoint_in_thread)
+                if self._fault is not None:
+                    self._recovered()
+                return result
+        elif time.monotonic() < self._retry_at:
+            raise StoreUnavailable()
+        return await self._in_thread(operation, *args)
+
+    async def _in_thread(self, operation: Callable[..., T], *args: Any) -> T:
+        deadline = time.monotonic() + self._busy_timeout
+        loop = asyncio.get_running_loop()
+        try:
+            result, db = await loop.run_in_executor(
+                self._thread, self._run_in_thread, deadline, self._db is None, operation, args
+            )
+        except (sqlite3.Error, _Fault, _StillBusy) as exc:
+            self._went_wrong(exc)
+            raise StoreUnavailable() from None
+        if db is not None:
+            if self._db is None:
+                self._db = db
+            else:  # another call opened one meanwhile
+                db.close()
+        if self._fault is not None:
+            self._recovered()
+        return result
+
+    def _run_in_thread(
+        self, deadline: float, open_loop_db: bool, operation: Callable[..., T], args: tuple[Any, ...]
+    ) -> tuple[T, sqlite3.Connection | None]:
+        waited = deadline - time.monotonic()
+        if waited <= 0:
+            raise _StillBusy()
+        try:
+            if self._waiting_db is None:
+                self._waiting_db = _open(self._path, waited)
+            db = self._waiting_db
+            db.execute(f"PRAGMA busy_timeout = {max(1, int(waited * 1000))}")
+            result = operation(db, *args)
+            return result, _connect_loop_db(self._path) if open_loop_db else None
+        except (sqlite3.Error, _Fault) as exc:
+            if not _is_busy(exc):
+                self._close_in_thread(None)  # reopened on the next call: the file may have been replaced
+            raise
+
+    def _went_wrong(self, exc: Exception) -> None:
+        """Log the fault once per outage; drop the connections unless another process merely holds a lock."""
+        busy = _is_busy(exc)
+        if busy:
+            fault = f"is locked by another process (waited {self._busy_timeout:g} s)"
+        elif isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+            fault = _FAULTS.get(code, f"failed ({getattr(exc, 'sqlite_errorname', type(exc).__name__)})")
+        else:
+            fault = str(exc)
+        if not busy:
+            db, self._db = self._db, None
+            if db is not None:
+                db.close()
+            self._retry_at = time.monotonic() + _RETRY_AFTER_FAULT
+        if fault != self._fault:
+            log.error(
+                "GOGPT_DB %s %s: calls that need the store answer 503 until it is fixed", self._path, fault
+            )
+            self._fault = fault
+
+    def _recovered(self) -> None:
+        log.warning("GOGPT_DB %s is usable again", self._path)
+        self._fault = None
+
+    async def _sweep_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(StoreUnavailable):
+                await self._in_thread(_sweep)
+
+    def _checkpoint_in_thread(self) -> None:
+        """Copy the WAL back into the file, so it restarts instead of growing (PASSIVE never waits)."""
+        if self._waiting_db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._waiting_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _close_in_thread(self, loop_db: sqlite3.Connection | None) -> None:
+        for db in (loop_db, self._waiting_db):
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+        self._waiting_db = None
+
+
+def _is_busy(exc: Exception) -> bool:
+    """Another connection holds a lock: worth waiting for, unlike every other fault."""
+    if isinstance(exc, _StillBusy):
+        return True
+    return isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _BUSY_CODES
+
+
+def _connect(path: str, busy_timeout: float) -> sqlite3.Connection:
+    # isolation_level=None: every statement is its own transaction unless a BEGIN says otherwise
+    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    db.execute(
+        "PRAGMA synchronous = NORMAL"
+    )  # with WAL: durable up to the last checkpoint, no fsync per write
+    return db
+
+
+def _connect_loop_db(path: str) -> sqlite3.Connection:
+    db = _connect(path, 0)
+    db.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints fsync: the thread runs them
+    return db
+
+
+def _open(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """The thread's connection, with the file in WAL mode and its schema brought up to date."""
+    db = _connect(path, busy_timeout)
+    try:
+        if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+            raise _Fault("cannot use write-ahead logging (is it on a network file system?)")
+        db.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+        _migrate(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")  # one worker migrates; the others wait, then find it done
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise _Fault(f"was written by a newer gogpt (schema {version}; this one knows {SCHEMA_VERSION})")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[step]:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+# The operations: each is one statement, so each is one transaction. A write statement takes the
+# write lock before it reads, as BEGIN IMMEDIATE would: a read-modify-write is atomic without one.
+
+
+def _get_text(db: sqlite3.Connection, key: str) -> str | None:
+    row = db.execute("SELECT value FROM cache WHERE key = ? AND expires > ?", (key, time.time())).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _set_text(db: sqlite3.Connection, key: str, text: str, ttl: float) -> None:
+    db.execute(
+        "INSERT INTO cache (key, value, expires) VALUES (?1, ?2, ?3)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires = excluded.expires",
+        (key, text, time.time() + ttl),
+    )
+
+
+def _acquire(db: sqlite3.Connection, key: str, token: str, ttl: float) -> str | None:
+    now = time.time()
+    row = db.execute(
+        "INSERT INTO leases (key, token, expires) VALUES (?1, ?2, ?3)"
+        " ON CONFLICT (key) DO UPDATE SET token = excluded.token, expires = excluded.expires"
+        " WHERE expires <= ?4"  # an expired lease is taken over in the same statement
+        " RETURNING token",
+        (key, token, now + ttl, now),
+    ).fetchone()
+    return None if row is None else token
+
+
+def _renew(db: sqlite3.Connection, key: str, token: str, ttl: float) -> bool:
+    now = time.time()
+    cursor = db.execute(
+        "UPDATE leases SET expires = ?1 WHERE key = ?2 AND token = ?3 AND expires > ?4",
+        (now + ttl, key, token, now),
+    )
+    return cursor.rowcount == 1
+
+
+def _release(db: sqlite3.Connection, key: str, token: str) -> None:
+    db.execute("DELETE FROM leases WHERE key = ? AND token = ?", (key, token))
+
+
+def _is_held(db: sqlite3.Connection, key: str) -> bool:
+    row = db.execute("SELECT 1 FROM leases WHERE key = ? AND expires > ?", (key, time.time())).fetchone()
+    return row is not None
+
+
+def _count_hit(db: sqlite3.Connection, key: str, window: int) -> tuple[int, int]:
+    now = int(time.time())
+    window_start = now - now % window
+    (count,) = db.execute(
+        "INSERT INTO hits (key, window_start, count, expires) VALUES (?1, ?2, 1, ?3)"
+        " ON CONFLICT (key) DO UPDATE SET"
+        " count = CASE WHEN window_start = excluded.window_start THEN count + 1 ELSE 1 END,"
+        " window_start = excluded.window_start, expires = excluded.expires"
+        " RETURNING count",
+        (key, window_start, window_start + window),
+    ).fetchone()
+    return int(count), window_start + window - now
+
+
+def _sweep(db: sqlite3.Connection) -> None:
+    """Delete what has expired, and the cached values closest to expiry past the bound."""
+    now = time.time()
+    for table in ("cache", "leases", "hits"):
+        db.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))  # noqa: S608 - table names are ours
+    db.execute(
+        "DELETE FROM cache WHERE rowid IN (SELECT rowid FROM cache ORDER BY expires"
+        " LIMIT max(0, (SELECT count(*) FROM cache) - ?))",
+        (_MAX_CACHE_ROWS,),
+    )
+    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
