@@ -12,6 +12,7 @@ from .config import ConfigError, load_settings
 from .conv import hide_all_conversations
 from .logs import configure_logging
 from .serve import serve
+from .sqlite_store import create_database_file
 
 
 def _port(text: str) -> int:
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.env_file or ".env").with_overrides(
             host=args.host, port=args.port, workers=args.workers, multi=args.multi or None
         )
+        if settings.store == "sqlite":
+            create_database_file(settings.gogpt_db)  # once, before any worker: a bad path stops here
     except ConfigError as exc:
         print(f"gogpt: {exc}", file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ from .ops import healthz_handler, metrics_handler
 from .redact import REDACTOR, Redactor, configured_secrets
 from .redis_store import RedisStore
 from .splice import SplicingResponse, check_internals, guard_connections
+from .sqlite_store import SqliteStore
 from .store import MemoryStore, Store
 from .upstreams import KEY_POOL, KeyPool
 
@@ -107,13 +108,16 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
-    """Caches, session leases and rate-limit counters; in the process unless REDIS_URL is set."""
+    """Caches, session leases and rate-limit counters: in Redis, in the GOGPT_DB file, or in the process."""
     settings = app[SETTINGS]
     store: Store
-    if settings.redis_url:
+    if settings.store == "redis":
         store = RedisStore(settings.redis_url)
         if not await store.ping():  # serve anyway: calls needing it answer 503 until it is back
             log.error("Redis is not reachable at start-up; limits and /conv answer 503 until it is")
+    elif settings.store == "sqlite":
+        store = SqliteStore(settings.gogpt_db)
+        await store.open()  # a fault is logged; calls needing the store answer 503 until it clears
     else:
         store = MemoryStore()
     app[STORE] = store

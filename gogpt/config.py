@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
 from environs import Env, EnvValidationError
 from marshmallow.validate import OneOf, Range
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
+
+_MEMORY_DB = ":memory:"  # GOGPT_DB's value for state kept in the process, as SQLite spells it
 
 
 class ConfigError(Exception):
@@ -39,6 +42,7 @@ class Settings:
     rate_limit: int = 0
     token_failure_limit: int = 10
     redis_url: str = field(default="", repr=False)
+    gogpt_db: str = "gogpt.db"
     workers: int = 1
     log_format: str = "text"
     multi: bool = False
@@ -46,6 +50,9 @@ class Settings:
     client_timeout: float = 60.0
     upstream_retries: int = 2
     sse_keepalive: float = 15.0
+    # Names this start of gogpt: every worker it starts gets the same settings, so the same id,
+    # and a once-per-start rule (/conv's first list) holds once for all of them. Not a variable.
+    run_id: str = field(default_factory=lambda: secrets.token_hex(8), compare=False)
 
     def __post_init__(self) -> None:
         if not self.secret_key:
@@ -63,6 +70,18 @@ class Settings:
 
         if self.redis_url and _split_url("REDIS_URL", self.redis_url).scheme not in _REDIS_SCHEMES:
             raise ConfigError("REDIS_URL: expected redis://, rediss:// or unix://")
+        if self.store == "memory" and self.workers > 1:
+            raise ConfigError(
+                f"GOGPT_DB: {_MEMORY_DB} keeps state inside one process, so {self.workers} workers would "
+                "each have their own limits and /conv locks; use a file (the default) or REDIS_URL"
+            )
+
+    @property
+    def store(self) -> Literal["redis", "sqlite", "memory"]:
+        """Where shared state lives: Redis when REDIS_URL is set, else the GOGPT_DB file, or the process."""
+        if self.redis_url:
+            return "redis"
+        return "memory" if self.gogpt_db == _MEMORY_DB else "sqlite"
 
     @property
     def chat_api_keys(self) -> tuple[str, ...]:
@@ -135,6 +154,7 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env") -> Settings:
         rate_limit=env.int("RATE_LIMIT", 0, validate=Range(min=0)),
         token_failure_limit=env.int("TOKEN_FAILURE_LIMIT", 10, validate=Range(min=0)),
         redis_url=env.str("REDIS_URL", ""),
+        gogpt_db=env.str("GOGPT_DB", "gogpt.db") or "gogpt.db",
         workers=env.int("WORKERS", 1, validate=positive),
         log_format=env.str("LOG_FORMAT", "text", validate=OneOf(("text", "json"))),
         splice=env.str("SPLICE", "on", validate=OneOf(("on", "off"))) != "off",

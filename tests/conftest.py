@@ -79,7 +79,8 @@ async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Fake
 
 
 @pytest.fixture
-def settings(upstream: FakeUpstream) -> Settings:
+def settings(upstream: FakeUpstream, tmp_path: Path) -> Settings:
+    """Settings for gogpt in front of `upstream`, its state in a file of the test's own directory."""
     return Settings(
         secret_key=SECRET_KEY,
         api_proxy=upstream.url,
@@ -88,6 +89,7 @@ def settings(upstream: FakeUpstream) -> Settings:
         access_token=ACCESS_TOKEN,
         upstream_timeout=5,
         splice=os.environ.get("SPLICE", "on") != "off",  # CI runs the suite both ways
+        gogpt_db=str(tmp_path / "gogpt.db"),
     )
 
 
@@ -123,6 +125,7 @@ GOGPT_VARIABLES = (
     "RATE_LIMIT",
     "TOKEN_FAILURE_LIMIT",
     "REDIS_URL",
+    "GOGPT_DB",
     "WORKERS",
     "LOG_FORMAT",
     "CLIENT_TIMEOUT",
