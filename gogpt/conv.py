@@ -42,6 +42,7 @@ _EMPTY_LIST = {"items": [], "total": 0, "limit": 1, "offset": 0, "has_missing_co
 _LIST_TTL = 300.0  # seconds a conversation list is answered from the cache
 _DETAIL_TTL = 86400.0
 _LEASE_TTL = 30.0  # a session lease outlives a dead instance by at most this long
+_FIRST_LIST_TTL = 30 * 86400.0  # seconds the first-list mark of one start is kept (then swept)
 _NOT_SENT_UPSTREAM = ("Chat-Type", "Accept-Encoding")  # routing header; JSON answers are parsed here
 # Lists are a few KiB and a long conversation some hundreds; json.loads builds objects up to
 # ~20 times the text's size, so the bound on the text is what bounds memory here.
@@ -50,9 +51,9 @@ _JSON_ANSWER_BYTES = 4 << 20
 
 @dataclass
 class ConvState:
-    """Per-process state: whether a list has been answered since start-up (the first-boot rule)."""
+    """What this process has learnt from the store and need not ask again."""
 
-    listed_since_start: bool = False
+    first_list_answered: bool = False  # by any worker of this start: the first-boot rule is spent
 
 
 CONV_STATE = web.AppKey("gogpt.conv_state", ConvState)
@@ -113,15 +114,23 @@ async def _list_conversations(settings: Settings, request: web.Request) -> web.S
             raise ApiError(502, "The ChatGPT back end answered an unexpected list.", code="upstream_error")
         if listing.get("total"):
             await store.set_json(key, listing, _LIST_TTL)
-    state = request.app[CONV_STATE]
-    first_list = not state.listed_since_start
-    state.listed_since_start = True
     total = listing.get("total")
     few = not isinstance(total, int) or total < _MULTI_MIN_CONVERSATIONS
-    if first_list or (settings.multi and few):
+    if await _is_first_list(request, store) or (settings.multi and few):
         listing = dict(_EMPTY_LIST)  # clients start a new conversation
     index = await _pick_index(store, listing["items"], settings.multi)
     return web.json_response({**listing, "index": index, "multi": settings.multi})
+
+
+async def _is_first_list(request: web.Request, store: Store) -> bool:
+    """True for the first successful list since start-up across all workers: one of them takes the mark."""
+    state = request.app[CONV_STATE]
+    if state.first_list_answered:
+        return False
+    mark = f"conv:first-list:{request.app[SETTINGS].run_id}"
+    first = await store.acquire(mark, _FIRST_LIST_TTL) is not None
+    state.first_list_answered = True
+    return first
 
 
 async def _pick_index(store: Store, items: list[Any], multi: bool) -> int:
