@@ -1,32 +1,59 @@
-"""Rate limits and /conv sessions, in the process and shared through a real Redis by two instances."""
+"""Rate limits, /conv sessions and the first-list rule, the same in the process, in a SQLite file
+shared by two apps (as by two workers), and in a real Redis shared by two instances."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass
 
 import pytest
-import redis.asyncio as redis
 from aiohttp.test_utils import TestClient
 from conftest import FakeUpstream, RedisServer
-from test_conv import POST, Backend, conversations, message
+from test_conv import POST, Backend, conversations, list_conv, message
 
 from gogpt import Settings, create_app
 from gogpt.redis_store import RedisStore
+from gogpt.sqlite_store import SqliteStore
+from gogpt.store import Store
 
 LIMITED = {"rate_limit": 3}
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def pair(
-    request, aiohttp_client, settings: Settings, redis_server: RedisServer
-) -> tuple[TestClient, TestClient]:
-    """Two gateways that must act as one: two apps on one Redis, or one in-process app twice."""
-    limited = settings.with_overrides(**LIMITED)
+@dataclass
+class SharedState:
+    """Where gateways built from `settings` keep their state, and a second way into it."""
+
+    kind: str
+    settings: Settings
+
+    async def open_another(self) -> Store:
+        """The store as another worker or instance opens it."""
+        if self.kind == "redis":
+            return RedisStore(self.settings.redis_url)
+        store = SqliteStore(self.settings.gogpt_db)
+        await store.open()
+        return store
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def shared(request: pytest.FixtureRequest, settings: Settings) -> SharedState:
     if request.param == "memory":
+        return SharedState("memory", settings.with_overrides(gogpt_db=":memory:"))
+    if request.param == "sqlite":
+        return SharedState("sqlite", settings)  # the fixture's file in tmp_path
+    redis_server: RedisServer = request.getfixturevalue("redis_server")
+    return SharedState("redis", settings.with_overrides(redis_url=redis_server.url))
+
+
+@pytest.fixture
+async def pair(aiohttp_client, shared: SharedState) -> tuple[TestClient, TestClient]:
+    """Two gateways that must act as one: two apps on one file or one Redis, or one in-process app twice."""
+    limited = shared.settings.with_overrides(**LIMITED)
+    if shared.kind == "memory":
         client = await aiohttp_client(create_app(limited))
         return client, client
-    shared = limited.with_overrides(redis_url=redis_server.url)
-    return await aiohttp_client(create_app(shared)), await aiohttp_client(create_app(shared))
+    return await aiohttp_client(create_app(limited)), await aiohttp_client(create_app(limited))
 
 
 @pytest.fixture
@@ -71,21 +98,27 @@ async def test_a_busy_session_is_busy_on_every_instance(pair, backend: Backend, 
     await streaming.read()
 
 
+@pytest.mark.parametrize("shared", ["sqlite", "redis"], indirect=True)
 async def test_a_lease_left_by_a_dead_instance_expires(
-    aiohttp_client, settings: Settings, redis_server: RedisServer, backend: Backend, auth
+    aiohttp_client, shared: SharedState, backend: Backend, auth
 ):
-    dead = RedisStore(redis_server.url)
-    assert await dead.acquire("conv:session:account", 0.3) is not None  # then the instance died
-    await dead.close()
-    client = await aiohttp_client(create_app(settings.with_overrides(redis_url=redis_server.url)))
+    ttl = 1.0
+    dead = await shared.open_another()
+    assert await dead.acquire("conv:session:account", ttl) is not None
+    expires = time.monotonic() + ttl
+    await dead.close()  # then the instance died without releasing it
+    client = await aiohttp_client(create_app(shared.settings))
     assert (await client.post("/conv", json=message(), headers={**auth, **POST})).status == 409
-    raw = redis.Redis.from_url(redis_server.url)
-    remaining_ms = await raw.pttl("gogpt:conv:session:account")
-    await raw.aclose()
-    await asyncio.sleep(remaining_ms / 1000 + 0.05)  # the lease's own expiry is the event awaited
+    await asyncio.sleep(expires - time.monotonic() + 0.05)  # the lease's own expiry is the event awaited
     resp = await client.post("/conv", json=message(), headers={**auth, **POST})
     assert resp.status == 200
     await resp.read()
+
+
+async def test_the_first_list_after_start_up_is_empty_on_one_instance_only(pair, backend: Backend, auth):
+    one, two = pair
+    totals = [(await list_conv(client, auth))["total"] for client in (one, two, one)]
+    assert totals == [0, 7, 7]
 
 
 async def test_redis_down_is_503_and_recovers_when_it_returns(
