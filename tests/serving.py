@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 
@@ -16,8 +18,12 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def start_gogpt(env: Mapping[str, str], cwd: Path, *args: str) -> asyncio.subprocess.Process:
-    """Start gogpt with only `env` (plus PATH) set; the caller waits for it to listen."""
+async def start_gogpt(
+    env: Mapping[str, str], cwd: Path, *args: str, preexec_fn: Callable[[], object] | None = None
+) -> asyncio.subprocess.Process:
+    """Start gogpt with only `env` (plus PATH) set; the caller waits for it to listen.
+
+    `preexec_fn` runs in the child before gogpt does (to set a resource limit, say)."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -32,6 +38,7 @@ async def start_gogpt(env: Mapping[str, str], cwd: Path, *args: str) -> asyncio.
         },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -50,3 +57,68 @@ async def wait_until_listening(port: int, process: asyncio.subprocess.Process, w
         await writer.wait_closed()
         return
     raise AssertionError(f"gogpt did not listen on {port} within {within} s")
+
+
+class Gateway:
+    """A running `python -m gogpt` whose log is read as it comes, so a test can await a line."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log: list[str] = []
+        self._new_line = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read_log())
+
+    @classmethod
+    async def start(
+        cls,
+        env: Mapping[str, str],
+        cwd: Path,
+        *args: str,
+        workers: int = 1,
+        preexec_fn: Callable[[], object] | None = None,
+    ) -> Gateway:
+        """Start gogpt on a free loopback port and return once each of its workers listens."""
+        port = free_port()
+        env = {**env, "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": str(workers)}
+        gateway = cls(await start_gogpt(env, cwd, *args, preexec_fn=preexec_fn), port)
+        await gateway.wait_for_log("serving on", workers)
+        return gateway
+
+    async def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        async for line in self.process.stderr:
+            async with self._new_line:
+                self.log.append(line.decode(errors="replace"))
+                self._new_line.notify_all()
+        async with self._new_line:
+            self._new_line.notify_all()  # the process ended: nobody should wait for more
+
+    async def wait_for_log(self, text: str, count: int = 1, within: float = 30) -> None:
+        """Until `text` has appeared in `count` log lines; fails if gogpt exits first."""
+
+        def seen() -> bool:
+            return sum(text in line for line in self.log) >= count or self._reader.done()
+
+        async with asyncio.timeout(within), self._new_line:
+            await self._new_line.wait_for(seen)
+        assert sum(text in line for line in self.log) >= count, "".join(self.log)
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes of a `--workers N` gogpt (its children)."""
+        pid = self.process.pid
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+    async def stop(self) -> int:
+        """SIGTERM, then its exit status (killed if it does not stop within 30 s)."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), 30)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        with contextlib.suppress(Exception):
+            await self._reader
+        return self.process.returncode if self.process.returncode is not None else -1

@@ -1,0 +1,182 @@
+"""A real `python -m gogpt --workers 2` keeps one machine's state in its GOGPT_DB file: a limit, a
+/conv lease and the first-list rule hold for the machine, and the state outlives a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import ACCESS_TOKEN, CHAT_API_KEY, SECRET_KEY, FakeUpstream
+from serving import Gateway
+from test_conv import LIST, POST, Backend, conversations, message
+
+from gogpt.serve import _MIN_WORKER_LIFE
+
+Starter = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+def backend(upstream: FakeUpstream) -> Backend:
+    fake = Backend(conversations=conversations(7))
+    upstream.respond = fake.respond
+    return fake
+
+
+@pytest.fixture
+async def start(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Starter]:
+    """`await start(workers=2, **variables)`: gogpt in tmp_path (so its GOGPT_DB is tmp_path/gogpt.db)."""
+    started: list[Gateway] = []
+
+    async def start_gateway(workers: int = 2, **variables: str) -> Gateway:
+        env = {
+            "SECRET_KEY": SECRET_KEY,
+            "API_PROXY": upstream.url,
+            "CHAT_API_KEY": CHAT_API_KEY,
+            "UNOFFICIAL_PROXY": upstream.url + "/backend-api",
+            "ACCESS_TOKEN": ACCESS_TOKEN,
+            **variables,
+        }
+        gateway = await Gateway.start(env, tmp_path, workers=workers)
+        started.append(gateway)
+        return gateway
+
+    yield start_gateway
+    for gateway in started:
+        await gateway.stop()
+
+
+def new_connections() -> aiohttp.ClientSession:
+    """A client that opens a new connection per request, so the kernel spreads them over the workers."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+
+
+async def test_a_rate_limit_of_3_lets_exactly_3_of_12_requests_through_on_2_workers(start: Starter, auth):
+    gateway = await start(RATE_LIMIT="3")
+    async with new_connections() as session:
+        statuses = []
+        for _ in range(12):
+            async with session.post(f"{gateway.url}/chat", json={}, headers=auth) as resp:
+                statuses.append(resp.status)
+    assert sorted(statuses) == [200] * 3 + [429] * 9
+
+
+async def test_a_conv_reply_on_one_worker_answers_409_on_the_other(start: Starter, backend: Backend, auth):
+    gateway = await start()
+    backend.gate.clear()
+    url = f"{gateway.url}/conv"
+    statuses = []
+    async with (
+        new_connections() as session,
+        session.post(url, json=message(), headers={**auth, **POST}) as streaming,
+    ):
+        await backend.started.wait()
+        for _ in range(8):
+            async with session.post(url, json=message(), headers={**auth, **POST}) as other:
+                statuses.append(other.status)
+        backend.gate.set()
+        await streaming.read()
+    assert statuses == [409] * 8
+
+
+async def test_the_first_list_after_start_up_is_empty_once_for_all_workers(
+    start: Starter, backend: Backend, auth
+):
+    gateway = await start()
+    async with new_connections() as session:
+        totals = []
+        for _ in range(8):
+            async with session.get(f"{gateway.url}/conv", headers={**auth, **LIST}) as resp:
+                totals.append((await resp.json())["total"])
+    assert totals == [0] + [7] * 7
+
+
+def _serving_worker(gateway: Gateway, client_port: int) -> int:
+    """The worker holding the server side of the connection from `client_port`."""
+    wanted = (f"0100007F:{gateway.port:04X}", f"0100007F:{client_port:04X}")  # 127.0.0.1, as /proc writes it
+    sockets = {
+        f"socket:[{fields[9]}]"
+        for fields in (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
+        if (fields[1], fields[2]) == wanted
+    }
+    for pid in gateway.worker_pids():
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in sockets:
+                    return pid
+    raise AssertionError(f"no worker holds the connection from port {client_port}")
+
+
+def _seconds_alive(pid: int) -> float:
+    start_ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+async def test_a_lease_left_by_a_killed_worker_holds_until_its_ttl_then_frees(
+    start: Starter, backend: Backend, auth, tmp_path: Path
+):
+    gateway = await start()
+    backend.gate.clear()
+    session = new_connections()
+    streaming = await session.post(f"{gateway.url}/conv", json=message(), headers={**auth, **POST})
+    await backend.started.wait()
+    assert streaming.connection is not None and streaming.connection.transport is not None
+    holder = _serving_worker(gateway, streaming.connection.transport.get_extra_info("sockname")[1])
+    # The supervisor gives up on a worker that dies right after starting; this one must look settled.
+    await asyncio.sleep(max(0.0, _MIN_WORKER_LIFE + 0.1 - _seconds_alive(holder)))
+    os.kill(holder, signal.SIGKILL)
+    await gateway.wait_for_log("serving on", 3)  # its replacement listens
+    streaming.close()
+    await session.close()
+
+    async with new_connections() as session:
+        for _ in range(4):  # both workers, the survivor and the new one, see the dead worker's lease
+            async with session.post(f"{gateway.url}/conv", json=message(), headers={**auth, **POST}) as resp:
+                assert resp.status == 409
+        with sqlite3.connect(tmp_path / "gogpt.db") as db:
+            [(expires,)] = db.execute("SELECT expires FROM leases WHERE key = 'conv:session:account'")
+            assert time.time() < expires <= time.time() + 30  # no more than its TTL left
+            db.execute("UPDATE leases SET expires = ? WHERE key = 'conv:session:account'", (time.time(),))
+        backend.gate.set()
+        async with session.post(f"{gateway.url}/conv", json=message(), headers={**auth, **POST}) as resp:
+            assert resp.status == 200  # the TTL has passed: any worker takes the session
+            await resp.read()
+
+
+async def test_cached_state_is_kept_across_a_restart(
+    start: Starter, backend: Backend, upstream: FakeUpstream, auth
+):
+    answers = []
+    for _ in range(2):
+        gateway = await start(workers=1)
+        async with new_connections() as session:
+            chat_type = {"Chat-Type": "conversation/conv-3"}
+            async with session.get(f"{gateway.url}/conv", headers={**auth, **chat_type}) as resp:
+                answers.append(await resp.json())
+        assert await gateway.stop() == 0
+    assert (
+        answers[0]
+        == answers[1]
+        == {"current_node": "node-1", "title": "Greeting", "update_time": 1700000000.5}
+    )
+    assert [request.path for request in upstream.requests] == ["/backend-api/conversation/conv-3"]
+
+
+async def test_the_first_list_after_a_restart_is_empty_again(start: Starter, backend: Backend, auth):
+    totals = []
+    for _ in range(2):
+        gateway = await start(workers=1)
+        async with new_connections() as session:
+            for _ in range(2):
+                async with session.get(f"{gateway.url}/conv", headers={**auth, **LIST}) as resp:
+                    totals.append((await resp.json())["total"])
+        assert await gateway.stop() == 0
+    assert totals == [0, 7, 0, 7]
