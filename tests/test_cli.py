@@ -69,8 +69,19 @@ async def _serve(env: dict[str, str], cwd: Path, port: int, *args: str) -> Proce
         ({"SECRET_KEY": SECRET_KEY, "API_PROXY": "ftp://files.example.com"}, "API_PROXY"),
         ({"SECRET_KEY": SECRET_KEY, "MAX_BODY_BYTES": "-4096"}, "MAX_BODY_BYTES"),
         ({"SECRET_KEY": SECRET_KEY, "UPSTREAM_TIMEOUT": "soon"}, "UPSTREAM_TIMEOUT"),
+        ({"SECRET_KEY": SECRET_KEY, "GOGPT_DB": "no/such/directory/gogpt.db"}, "GOGPT_DB"),
+        ({"SECRET_KEY": SECRET_KEY, "GOGPT_DB": ":memory:", "WORKERS": "2"}, "GOGPT_DB"),
     ],
-    ids=["missing SECRET_KEY", "empty SECRET_KEY", "PORT", "API_PROXY", "MAX_BODY_BYTES", "UPSTREAM_TIMEOUT"],
+    ids=[
+        "missing SECRET_KEY",
+        "empty SECRET_KEY",
+        "PORT",
+        "API_PROXY",
+        "MAX_BODY_BYTES",
+        "UPSTREAM_TIMEOUT",
+        "GOGPT_DB that cannot be created",
+        "GOGPT_DB=:memory: with 2 workers",
+    ],
 )
 async def test_a_bad_or_missing_variable_exits_1_with_one_line_naming_it(
     tmp_path: Path, env: dict[str, str], named: str

@@ -34,8 +34,23 @@ def test_defaults_are_the_documented_ones() -> None:
         shutdown_grace=30,
         rate_limit=0,
         redis_url="",
+        gogpt_db="gogpt.db",
         workers=1,
     )
+
+
+def test_state_lives_in_gogpt_db_unless_redis_url_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().store == "sqlite"
+    monkeypatch.setenv("GOGPT_DB", ":memory:")
+    assert load_settings().store == "memory"
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
+    assert load_settings().store == "redis"
+
+
+def test_gogpt_db_in_memory_is_refused_with_more_than_one_worker() -> None:
+    settings = Settings(secret_key=KEY, gogpt_db=":memory:")
+    with pytest.raises(ConfigError, match=r"^GOGPT_DB: :memory: keeps state inside one process"):
+        settings.with_overrides(workers=2)  # as --workers 2 does
 
 
 def test_the_environment_wins_over_the_env_file(environment: Path, monkeypatch: pytest.MonkeyPatch) -> None:
