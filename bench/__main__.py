@@ -3,6 +3,7 @@
     python -m bench                      # every profile and candidate, a table and bench/results/latest.json
     python -m bench --quick              # smaller counts, a smoke run of a minute
     python -m bench --profiles burst,wide --candidates direct,nginx,gogpt
+    python -m bench --profiles json --candidates gogpt --gogpt-env RATE_LIMIT=1000000000
 
 Loopback only; every run is bounded in count and time.
 """
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +140,9 @@ http {{
 
 
 @contextlib.contextmanager
-def candidate(name: str, upstream_port: int) -> Iterator[tuple[int, list[int]]]:
+def candidate(
+    name: str, upstream_port: int, gogpt_env: Mapping[str, str] | None = None
+) -> Iterator[tuple[int, list[int]]]:
     """Start a proxy (or none, for direct); yield its port and the pids whose CPU and memory count."""
     if name == "direct":
         yield upstream_port, []
@@ -164,6 +167,7 @@ def candidate(name: str, upstream_port: int) -> Iterator[tuple[int, list[int]]]:
                 "HOST": "127.0.0.1",
                 "PORT": str(port),
                 "WORKERS": "2" if name == "gogpt-2w" else "1",
+                **(gogpt_env or {}),
             }
         process = subprocess.Popen(
             command, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -185,9 +189,11 @@ def percentile(values: list[int], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] / 1000 if ordered else float("nan")
 
 
-async def measure(name: str, profile: Profile, upstream_port: int, token: str) -> dict:
+async def measure(
+    name: str, profile: Profile, upstream_port: int, token: str, gogpt_env: Mapping[str, str] | None = None
+) -> dict:
     spec = {"count": profile.count, "interval": profile.interval, "size": profile.size}
-    with candidate(name, upstream_port) as (port, pids):
+    with candidate(name, upstream_port, gogpt_env) as (port, pids):
         auth = token if name.startswith("gogpt") else ""
         await run_load(
             port, PATH, auth, 4, {**spec, "count": min(profile.count, 10)}, profile.stream, 1
@@ -266,7 +272,7 @@ async def main_async(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                     continue
-                row = await measure(name, profiles[profile_name], upstream_port, token)
+                row = await measure(name, profiles[profile_name], upstream_port, token, dict(args.gogpt_env))
                 failed |= row["errors"] > 0 or row["events"] != row["expected_events"]
                 rows.append(row)
             results[profile_name] = rows
@@ -276,9 +282,22 @@ async def main_async(args: argparse.Namespace) -> int:
         upstream.wait(10)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"quick": args.quick, "cpus": os.cpu_count(), "results": results}, indent=2))
+    report = {
+        "quick": args.quick,
+        "cpus": os.cpu_count(),
+        "gogpt_env": dict(args.gogpt_env),
+        "results": results,
+    }
+    out.write_text(json.dumps(report, indent=2))
     print(f"\nJSON: {out}")
     return 1 if failed else 0
+
+
+def _variable(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not (name and equals):
+        raise argparse.ArgumentTypeError("expected NAME=VALUE")
+    return name, value
 
 
 def main() -> None:
@@ -287,6 +306,14 @@ def main() -> None:
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
+    parser.add_argument(
+        "--gogpt-env",
+        type=_variable,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the gogpt candidates (RATE_LIMIT=1000000000 counts every request in the store)",
+    )
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2000 streams need 4000+ descriptors
