@@ -22,6 +22,7 @@ import resource
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -154,8 +155,9 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
         "UPSTREAM_TIMEOUT": str(UPSTREAM_TIMEOUT),
         "SHUTDOWN_GRACE": "5",
     }
+    workdir = tempfile.TemporaryDirectory(prefix="gogpt-soak-")  # for its GOGPT_DB file
     gogpt = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gogpt", "--multi", env=env, stderr=asyncio.subprocess.DEVNULL
+        sys.executable, "-m", "gogpt", "--multi", env=env, cwd=workdir.name, stderr=asyncio.subprocess.DEVNULL
     )
     base = f"http://127.0.0.1:{gogpt_port}"
     outcomes: Counter[str] = Counter()
@@ -210,6 +212,7 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
             gogpt.kill()
             await gogpt.wait()
         await runner.cleanup()
+        workdir.cleanup()
     warm = samples[len(samples) // 4 :] or samples
     print(
         json.dumps(

@@ -6,7 +6,8 @@
 # if there is none, then starts `python -m gogpt` under nohup; options after `start`
 # go to gogpt (`scripts/run.sh start --multi`).
 #
-#   GOGPT_HOME    directory holding .env, .venv, server.log and gogpt.pid (default: the repository)
+#   GOGPT_HOME    directory holding .env, .venv, server.log, gogpt.pid and gogpt.db (the state,
+#                 GOGPT_DB: a relative path is taken from here) (default: the repository)
 #   GOGPT_PYTHON  run gogpt with this interpreter instead of .venv (nothing is installed)
 #   GOGPT_START_TIMEOUT  seconds to wait for the server to answer (default 10)
 set -euo pipefail

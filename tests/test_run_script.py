@@ -80,6 +80,12 @@ def test_start_writes_env_with_a_fresh_secret_key_readable_only_by_its_owner(sta
     assert "CHAT_API_KEY=" in env  # the rest of .env.example came along
 
 
+def test_the_state_file_sits_in_gogpt_home_beside_env_and_server_log(started: Started) -> None:
+    home, _, result = started
+    assert result.returncode == 0, output(result)
+    assert {".env", "server.log", "gogpt.db"} <= {path.name for path in home.iterdir()}
+
+
 def test_start_writes_the_pid_file_and_prints_the_url(started: Started) -> None:
     home, port, result = started
     assert result.returncode == 0, output(result)
