@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from .config import ConfigError
 from .store import StoreUnavailable
 
-__all__ = ["SCHEMA_VERSION", "SqliteStore", "create_database_file"]
+__all__ = ["BUSY_TIMEOUT", "SCHEMA_VERSION", "SWEEP_EVERY", "SqliteStore", "create_database_file"]
 
 log = logging.getLogger("gogpt.store")
 T = TypeVar("T")
@@ -48,7 +48,7 @@ _FIRST_PAUSE, _LONGEST_PAUSE = 20e-6, 2e-3  # seconds between tries while anothe
 _BLOCK_BELOW = 100e-6  # shorter pauses are slept on the loop, longer ones awaited
 _RETRY_AFTER_FAULT = 1.0  # seconds during which calls fail fast after a fault, before trying again
 _CHECKPOINT_EVERY = 1000  # calls; the WAL grows by about a page per write until a checkpoint
-_SWEEP_EVERY = 60.0  # seconds between deletions of expired rows
+SWEEP_EVERY = 60.0  # seconds between deletions of expired rows
 _MAX_CACHE_ROWS = 100_000  # past this, the sweep drops the cached values closest to expiry
 _WAL_SIZE_LIMIT = 4 << 20  # bytes the WAL file is truncated to after a checkpoint
 
@@ -85,9 +85,12 @@ def create_database_file(path: str) -> None:
 class SqliteStore:
     """Shared state for every process that opens the same file; one instance per event loop."""
 
-    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
+    def __init__(
+        self, path: str, *, busy_timeout: float = BUSY_TIMEOUT, sweep_every: float = SWEEP_EVERY
+    ) -> None:
         self._path = path
         self._busy_timeout = busy_timeout
+        self._sweep_interval = sweep_every
         self._db: sqlite3.Connection | None = None  # the event loop's: never waits for a lock
         self._waiting_db: sqlite3.Connection | None = None  # the thread's: only used there
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gogpt-store")
@@ -100,7 +103,7 @@ class SqliteStore:
         """Create or upgrade the schema and open both connections; a fault is logged, not raised."""
         with contextlib.suppress(StoreUnavailable):
             await self._in_thread(_sweep)
-        self._sweeper = asyncio.create_task(self._sweep_every(_SWEEP_EVERY))
+        self._sweeper = asyncio.create_task(self._sweep_every(self._sweep_interval))
 
     async def close(self) -> None:
         if self._sweeper is not None:

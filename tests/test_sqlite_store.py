@@ -1,0 +1,56 @@
+"""The GOGPT_DB file itself: old rows do not pile up, and a file from a newer gogpt is left alone."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gogpt.sqlite_store import SCHEMA_VERSION, SqliteStore
+from gogpt.store import StoreUnavailable
+
+TABLES = ("cache", "leases", "hits")
+
+
+def rows(path: Path) -> dict[str, int]:
+    with sqlite3.connect(path) as db:
+        return {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in TABLES}  # noqa: S608
+
+
+async def test_expired_caches_leases_and_counters_are_deleted_as_they_go(tmp_path: Path):
+    path = tmp_path / "gogpt.db"
+    store = SqliteStore(str(path), sweep_every=0.1)
+    await store.open()
+    try:
+        await store.set_json("conv:list:0:5", {"items": []}, 0.1)
+        assert await store.acquire("conv:session:account", 0.1) is not None
+        await store.count_hit("rate:alice", 1)  # a one-second window
+        assert rows(path) == {"cache": 1, "leases": 1, "hits": 1}
+        empty = {"cache": 0, "leases": 0, "hits": 0}
+        for _ in range(100):  # up to 10 s
+            if rows(path) == empty:
+                break
+            await asyncio.sleep(0.1)  # the sweep runs on its own timer: nothing to await but time
+        assert rows(path) == empty
+    finally:
+        await store.close()
+
+
+async def test_a_file_written_by_a_newer_gogpt_is_refused_and_left_as_it_is(tmp_path: Path, caplog):
+    path = tmp_path / "gogpt.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        db.execute("CREATE TABLE from_the_future (x)")
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.count_hit("rate:alice", 60)
+    finally:
+        await store.close()
+    assert f"was written by a newer gogpt (schema {SCHEMA_VERSION + 1}" in caplog.text
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("from_the_future",)]
