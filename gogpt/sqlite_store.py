@@ -24,24 +24,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from . import sqlite_schema as schema
 from .config import ConfigError
+from .sqlite_schema import FileFault
 from .store import StoreUnavailable
 
-__all__ = ["BUSY_TIMEOUT", "SCHEMA_VERSION", "SWEEP_EVERY", "SqliteStore", "create_database_file"]
+__all__ = ["BUSY_TIMEOUT", "SWEEP_EVERY", "SqliteStore", "create_database_file"]
 
 log = logging.getLogger("gogpt.store")
 T = TypeVar("T")
-
-# PRAGMA user_version: MIGRATIONS[n] brings a database from version n - 1 to n.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        "CREATE TABLE cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL NOT NULL)",
-        "CREATE TABLE leases (key TEXT PRIMARY KEY, token TEXT NOT NULL, expires REAL NOT NULL) WITHOUT ROWID",
-        "CREATE TABLE hits (key TEXT PRIMARY KEY, window_start INTEGER NOT NULL, count INTEGER NOT NULL,"
-        " expires INTEGER NOT NULL) WITHOUT ROWID",
-    ),
-}
-SCHEMA_VERSION = max(MIGRATIONS)
 
 BUSY_TIMEOUT = 2.0  # seconds a call waits for another process's write lock before answering 503
 _FIRST_PAUSE, _LONGEST_PAUSE = 20e-6, 2e-3  # seconds between tries while another process holds it
@@ -49,7 +40,6 @@ _BLOCK_BELOW = 100e-6  # shorter pauses are slept on the loop, longer ones await
 _RETRY_AFTER_FAULT = 1.0  # seconds during which calls fail fast after a fault, before trying again
 _CHECKPOINT_EVERY = 1000  # calls; the WAL grows by about a page per write until a checkpoint
 SWEEP_EVERY = 60.0  # seconds between deletions of expired rows
-_MAX_CACHE_ROWS = 100_000  # past this, the sweep drops the cached values closest to expiry
 _WAL_SIZE_LIMIT = 4 << 20  # bytes the WAL file is truncated to after a checkpoint
 
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
@@ -64,10 +54,6 @@ _FAULTS = {
     sqlite3.SQLITE_NOTADB: "is not a SQLite database (corrupt?)",
     sqlite3.SQLITE_CANTOPEN: "cannot be opened",
 }
-
-
-class _Fault(Exception):
-    """A problem with the file that SQLite does not report itself (a newer schema, no WAL)."""
 
 
 def create_database_file(path: str) -> None:
@@ -102,7 +88,7 @@ class SqliteStore:
     async def open(self) -> None:
         """Create or upgrade the schema and open both connections; a fault is logged, not raised."""
         with contextlib.suppress(StoreUnavailable):
-            await self._in_thread(_sweep)
+            await self._in_thread(schema.sweep)
         self._sweeper = asyncio.create_task(self._sweep_every(self._sweep_interval))
 
     async def close(self) -> None:
@@ -115,26 +101,26 @@ class SqliteStore:
         self._thread.shutdown()
 
     async def get_json(self, key: str) -> Any | None:
-        text = await self._run(_get_text, key)
+        text = await self._run(schema.get_text, key)
         return None if text is None else json.loads(text)
 
     async def set_json(self, key: str, value: Any, ttl: float) -> None:
-        await self._run(_set_text, key, json.dumps(value), ttl)
+        await self._run(schema.set_text, key, json.dumps(value), ttl)
 
     async def acquire(self, key: str, ttl: float) -> str | None:
-        return await self._run(_acquire, key, secrets.token_hex(8), ttl)
+        return await self._run(schema.acquire, key, secrets.token_hex(8), ttl)
 
     async def renew(self, key: str, token: str, ttl: float) -> bool:
-        return await self._run(_renew, key, token, ttl)
+        return await self._run(schema.renew, key, token, ttl)
 
     async def release(self, key: str, token: str) -> None:
-        await self._run(_release, key, token)
+        await self._run(schema.release, key, token)
 
     async def is_held(self, key: str) -> bool:
-        return await self._run(_is_held, key)
+        return await self._run(schema.is_held, key)
 
     async def count_hit(self, key: str, window: int) -> tuple[int, int]:
-        return await self._run(_count_hit, key, window)
+        return await self._run(schema.count_hit, key, window)
 
     async def _run(self, operation: Callable[..., T], *args: Any) -> T:
         """On the loop, pausing while another process holds the lock; StoreUnavailable past the wait."""
@@ -178,7 +164,7 @@ class SqliteStore:
             result, db = await loop.run_in_executor(
                 self._thread, self._run_in_thread, self._db is None, operation, args
             )
-        except (sqlite3.Error, _Fault) as exc:
+        except (sqlite3.Error, FileFault) as exc:
             self._went_wrong(exc)
             raise StoreUnavailable() from None
         if db is not None:
@@ -198,7 +184,7 @@ class SqliteStore:
                 self._waiting_db = _open(self._path, self._busy_timeout)
             result = operation(self._waiting_db, *args)
             return result, _connect_loop_db(self._path) if open_loop_db else None
-        except (sqlite3.Error, _Fault) as exc:
+        except (sqlite3.Error, FileFault) as exc:
             if not _is_busy(exc):
                 self._close_in_thread(None)  # reopened on the next call: the file may have been replaced
             raise
@@ -231,7 +217,7 @@ class SqliteStore:
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(StoreUnavailable):
-                await self._in_thread(_sweep)
+                await self._in_thread(schema.sweep)
 
     def _checkpoint_in_thread(self) -> None:
         """Copy the WAL back into the file, so it restarts instead of growing (PASSIVE never waits)."""
@@ -255,9 +241,8 @@ def _is_busy(exc: Exception) -> bool:
 def _connect(path: str, busy_timeout: float) -> sqlite3.Connection:
     # isolation_level=None: every statement is its own transaction unless a BEGIN says otherwise
     db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-    db.execute(
-        "PRAGMA synchronous = NORMAL"
-    )  # with WAL: durable up to the last checkpoint, no fsync per write
+    # with WAL: durable up to the last checkpoint, and no fsync per write
+    db.execute("PRAGMA synchronous = NORMAL")
     return db
 
 
@@ -272,103 +257,10 @@ def _open(path: str, busy_timeout: float) -> sqlite3.Connection:
     db = _connect(path, busy_timeout)
     try:
         if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-            raise _Fault("cannot use write-ahead logging (is it on a network file system?)")
+            raise FileFault("cannot use write-ahead logging (is it on a network file system?)")
         db.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
-        _migrate(db)
+        schema.migrate(db)
     except BaseException:
         db.close()
         raise
     return db
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-        return
-    db.execute("BEGIN IMMEDIATE")  # one worker migrates; the others wait, then find it done
-    try:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise _Fault(f"was written by a newer gogpt (schema {version}; this one knows {SCHEMA_VERSION})")
-        for step in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[step]:
-                db.execute(statement)
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-
-
-# The operations: each is one statement, so each is one transaction. A write statement takes the
-# write lock before it reads, as BEGIN IMMEDIATE would: a read-modify-write is atomic without one.
-
-
-def _get_text(db: sqlite3.Connection, key: str) -> str | None:
-    row = db.execute("SELECT value FROM cache WHERE key = ? AND expires > ?", (key, time.time())).fetchone()
-    return None if row is None else str(row[0])
-
-
-def _set_text(db: sqlite3.Connection, key: str, text: str, ttl: float) -> None:
-    db.execute(
-        "INSERT INTO cache (key, value, expires) VALUES (?1, ?2, ?3)"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires = excluded.expires",
-        (key, text, time.time() + ttl),
-    )
-
-
-def _acquire(db: sqlite3.Connection, key: str, token: str, ttl: float) -> str | None:
-    now = time.time()
-    row = db.execute(
-        "INSERT INTO leases (key, token, expires) VALUES (?1, ?2, ?3)"
-        " ON CONFLICT (key) DO UPDATE SET token = excluded.token, expires = excluded.expires"
-        " WHERE expires <= ?4"  # an expired lease is taken over in the same statement
-        " RETURNING token",
-        (key, token, now + ttl, now),
-    ).fetchone()
-    return None if row is None else token
-
-
-def _renew(db: sqlite3.Connection, key: str, token: str, ttl: float) -> bool:
-    now = time.time()
-    cursor = db.execute(
-        "UPDATE leases SET expires = ?1 WHERE key = ?2 AND token = ?3 AND expires > ?4",
-        (now + ttl, key, token, now),
-    )
-    return cursor.rowcount == 1
-
-
-def _release(db: sqlite3.Connection, key: str, token: str) -> None:
-    db.execute("DELETE FROM leases WHERE key = ? AND token = ?", (key, token))
-
-
-def _is_held(db: sqlite3.Connection, key: str) -> bool:
-    row = db.execute("SELECT 1 FROM leases WHERE key = ? AND expires > ?", (key, time.time())).fetchone()
-    return row is not None
-
-
-def _count_hit(db: sqlite3.Connection, key: str, window: int) -> tuple[int, int]:
-    now = int(time.time())
-    window_start = now - now % window
-    (count,) = db.execute(
-        "INSERT INTO hits (key, window_start, count, expires) VALUES (?1, ?2, 1, ?3)"
-        " ON CONFLICT (key) DO UPDATE SET"
-        " count = CASE WHEN window_start = excluded.window_start THEN count + 1 ELSE 1 END,"
-        " window_start = excluded.window_start, expires = excluded.expires"
-        " RETURNING count",
-        (key, window_start, window_start + window),
-    ).fetchone()
-    return int(count), window_start + window - now
-
-
-def _sweep(db: sqlite3.Connection) -> None:
-    """Delete what has expired, and the cached values closest to expiry past the bound."""
-    now = time.time()
-    for table in ("cache", "leases", "hits"):
-        db.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))  # noqa: S608 - table names are ours
-    db.execute(
-        "DELETE FROM cache WHERE rowid IN (SELECT rowid FROM cache ORDER BY expires"
-        " LIMIT max(0, (SELECT count(*) FROM cache) - ?))",
-        (_MAX_CACHE_ROWS,),
-    )
-    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gogpt.sqlite_store import SCHEMA_VERSION, SqliteStore
+from gogpt.sqlite_schema import SCHEMA_VERSION
+from gogpt.sqlite_store import SqliteStore
 from gogpt.store import StoreUnavailable
 
 TABLES = ("cache", "leases", "hits")

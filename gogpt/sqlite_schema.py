@@ -1,0 +1,135 @@
+"""What the GOGPT_DB file holds, and each Store operation as the one SQL statement it is.
+
+A write statement takes the write lock before it reads, as BEGIN IMMEDIATE would, and in
+autocommit mode each statement is its own transaction: so a read-modify-write (counting a hit,
+taking over an expired lease) is atomic across processes in one round trip, with no rollback to
+get wrong. Times are wall-clock seconds, since the file outlives the process.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "FileFault",
+    "acquire",
+    "count_hit",
+    "get_text",
+    "is_held",
+    "migrate",
+    "release",
+    "renew",
+    "set_text",
+    "sweep",
+]
+
+# PRAGMA user_version: MIGRATIONS[n] brings a file from version n - 1 to n.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL NOT NULL)",
+        "CREATE TABLE leases (key TEXT PRIMARY KEY, token TEXT NOT NULL, expires REAL NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE hits (key TEXT PRIMARY KEY, window_start INTEGER NOT NULL, count INTEGER NOT NULL,"
+        " expires INTEGER NOT NULL) WITHOUT ROWID",
+    ),
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+MAX_CACHE_ROWS = 100_000  # past this, the sweep drops the cached values closest to expiry
+
+
+class FileFault(Exception):
+    """What is wrong with the file, in words, where SQLite itself reports no error."""
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring the file's schema up to SCHEMA_VERSION; refuse one from a newer gogpt, untouched."""
+    if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")  # one worker migrates; the others wait, then find it done
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise FileFault(
+                f"was written by a newer gogpt (schema {version}; this one knows {SCHEMA_VERSION})"
+            )
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[step]:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def get_text(db: sqlite3.Connection, key: str) -> str | None:
+    row = db.execute("SELECT value FROM cache WHERE key = ? AND expires > ?", (key, time.time())).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_text(db: sqlite3.Connection, key: str, text: str, ttl: float) -> None:
+    db.execute(
+        "INSERT INTO cache (key, value, expires) VALUES (?1, ?2, ?3)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires = excluded.expires",
+        (key, text, time.time() + ttl),
+    )
+
+
+def acquire(db: sqlite3.Connection, key: str, token: str, ttl: float) -> str | None:
+    now = time.time()
+    row = db.execute(
+        "INSERT INTO leases (key, token, expires) VALUES (?1, ?2, ?3)"
+        " ON CONFLICT (key) DO UPDATE SET token = excluded.token, expires = excluded.expires"
+        " WHERE expires <= ?4"  # an expired lease is taken over in the same statement
+        " RETURNING token",
+        (key, token, now + ttl, now),
+    ).fetchone()
+    return None if row is None else token
+
+
+def renew(db: sqlite3.Connection, key: str, token: str, ttl: float) -> bool:
+    now = time.time()
+    cursor = db.execute(
+        "UPDATE leases SET expires = ?1 WHERE key = ?2 AND token = ?3 AND expires > ?4",
+        (now + ttl, key, token, now),
+    )
+    return cursor.rowcount == 1
+
+
+def release(db: sqlite3.Connection, key: str, token: str) -> None:
+    db.execute("DELETE FROM leases WHERE key = ? AND token = ?", (key, token))
+
+
+def is_held(db: sqlite3.Connection, key: str) -> bool:
+    row = db.execute("SELECT 1 FROM leases WHERE key = ? AND expires > ?", (key, time.time())).fetchone()
+    return row is not None
+
+
+def count_hit(db: sqlite3.Connection, key: str, window: int) -> tuple[int, int]:
+    now = int(time.time())
+    window_start = now - now % window
+    (count,) = db.execute(
+        "INSERT INTO hits (key, window_start, count, expires) VALUES (?1, ?2, 1, ?3)"
+        " ON CONFLICT (key) DO UPDATE SET"
+        " count = CASE WHEN window_start = excluded.window_start THEN count + 1 ELSE 1 END,"
+        " window_start = excluded.window_start, expires = excluded.expires"
+        " RETURNING count",
+        (key, window_start, window_start + window),
+    ).fetchone()
+    return int(count), window_start + window - now
+
+
+def sweep(db: sqlite3.Connection) -> None:
+    """Delete what has expired, and the cached values closest to expiry past the bound."""
+    now = time.time()
+    for table in ("cache", "leases", "hits"):
+        db.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))  # noqa: S608 - table names are ours
+    db.execute(
+        "DELETE FROM cache WHERE rowid IN (SELECT rowid FROM cache ORDER BY expires"
+        " LIMIT max(0, (SELECT count(*) FROM cache) - ?))",
+        (MAX_CACHE_ROWS,),
+    )
+    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
