@@ -1,4 +1,4 @@
-"""The relay benchmark: direct, nginx, a bare uvloop pipe and gogpt (1 and 2 workers) on one fake upstream.
+"""The relay benchmark: direct, nginx, a bare pipe, a bare aiohttp relay and gogpt on one fake upstream.
 
     python -m bench                      # every profile and candidate, a table and bench/results/latest.json
     python -m bench --quick              # smaller counts, a smoke run of a minute
@@ -63,7 +63,7 @@ QUICK = {
     "json": Profile(streams=8, count=1, interval=0, size=512, stream=False, repeat=30),
     "long": Profile(streams=50, count=80, interval=0.02),
 }
-CANDIDATES = ("direct", "nginx", "pipe", "gogpt", "gogpt-2w")
+CANDIDATES = ("direct", "nginx", "pipe", "floor", "gogpt", "gogpt-2w")
 
 
 def free_port() -> int:
@@ -154,8 +154,8 @@ def candidate(
             conf.write_text(NGINX_CONF.format(dir=workdir, upstream=upstream_port, port=port))
             command = [shutil.which("nginx") or "nginx", "-p", workdir, "-c", str(conf)]
             env = dict(os.environ)
-        elif name == "pipe":
-            command = [sys.executable, "-m", "bench.pipe", str(port), str(upstream_port)]
+        elif name in ("pipe", "floor"):
+            command = [sys.executable, "-m", f"bench.{name}", str(port), str(upstream_port)]
             env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
         else:
             command = [sys.executable, "-m", "gogpt"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from bench import floor
 from bench.client import run_load
 from bench.pipe import ClientSide
 from bench.summary import markdown
@@ -57,6 +58,21 @@ async def test_the_bare_pipe_row_relays_every_byte():
             2,
         )
     assert (tally.errors, tally.events) == ([], 3 * 2 * 200)
+
+
+async def test_the_bare_aiohttp_floor_relays_streams_and_json_answers_byte_for_byte(aiohttp_server):
+    loop = asyncio.get_running_loop()
+    upstream = await loop.create_server(UpstreamProtocol, "127.0.0.1", 0)
+    async with upstream:
+        relay = await aiohttp_server(floor.create_app(upstream.sockets[0].getsockname()[1]))
+        streamed = await run_load(
+            relay.port, "/v1/chat/completions", "", 3, {"count": 200, "interval": 0, "size": 500}, True, 2
+        )
+        answered = await run_load(
+            relay.port, "/v1/chat/completions", "", 2, {"count": 1, "interval": 0, "size": 30}, False, 5
+        )
+    assert (streamed.errors, streamed.events) == ([], 3 * 2 * 200)
+    assert (answered.errors, answered.events) == ([], 10)
 
 
 def test_the_summary_gives_ratios_to_the_nginx_row_of_each_profile():
