@@ -4,6 +4,7 @@
     python -m bench --quick              # smaller counts, a smoke run of a minute
     python -m bench --profiles burst,wide --candidates direct,nginx,gogpt
     python -m bench --profiles json --candidates gogpt --gogpt-env RATE_LIMIT=1000000000
+    python -m bench --profiles json,short,burst --candidates floor,gogpt   # gogpt over bare aiohttp
 
 Loopback only; every run is bounded in count and time.
 """
@@ -45,13 +46,17 @@ class Profile:
     size: int = 64
     stream: bool = True
     repeat: int = 1
+    # then this many requests in turn on one connection, outside the CPU count: one request's latency alone
+    one_at_a_time: int = 0
 
 
 PROFILES = {
     "burst": Profile(streams=32, count=3000, interval=0),
     "slow": Profile(streams=500, count=100, interval=0.02),
     "wide": Profile(streams=2000, count=40, interval=0.05),
-    "json": Profile(streams=32, count=1, interval=0, size=512, stream=False, repeat=300),
+    "json": Profile(streams=32, count=1, interval=0, size=512, stream=False, repeat=300, one_at_a_time=1000),
+    # many short streams: CPU per stream is mostly each request's setup, not its events
+    "short": Profile(streams=32, count=20, interval=0, repeat=100),
     # slow's streams, four times as long: with each request's cost spread over 400 events,
     # CPU per event here is mostly the cost of relaying an event
     "long": Profile(streams=500, count=400, interval=0.02),
@@ -60,7 +65,8 @@ QUICK = {
     "burst": Profile(streams=8, count=300, interval=0),
     "slow": Profile(streams=50, count=20, interval=0.02),
     "wide": Profile(streams=200, count=10, interval=0.05),
-    "json": Profile(streams=8, count=1, interval=0, size=512, stream=False, repeat=30),
+    "json": Profile(streams=8, count=1, interval=0, size=512, stream=False, repeat=30, one_at_a_time=100),
+    "short": Profile(streams=8, count=20, interval=0, repeat=10),
     "long": Profile(streams=50, count=80, interval=0.02),
 }
 CANDIDATES = ("direct", "nginx", "pipe", "floor", "gogpt", "gogpt-2w")
@@ -207,13 +213,18 @@ async def measure(
         wall = time.perf_counter() - started
         cpu = cpu_seconds(pids) - cpu_before
         rss = peak_rss_mb(pids)
+        alone = Tally()
+        if profile.one_at_a_time:
+            alone = await asyncio.wait_for(
+                run_load(port, PATH, auth, 1, spec, profile.stream, profile.one_at_a_time), 600
+            )
     expected = profile.streams * profile.repeat * (profile.count if profile.stream else 1)
     return {
         "candidate": name,
         "events": tally.events,
         "expected_events": expected,
-        "errors": len(tally.errors),
-        "first_errors": tally.errors[:3],
+        "errors": len(tally.errors) + len(alone.errors),
+        "first_errors": (tally.errors + alone.errors)[:3],
         "wall_s": round(wall, 3),
         "events_per_s": round(tally.events / wall, 1),
         "streams_per_s": round(tally.streams / wall, 1),
@@ -224,6 +235,8 @@ async def measure(
         },
         "ttfb_ms_p50": round(statistics.median(tally.first_byte_ms), 2) if tally.first_byte_ms else None,
         "cpu_s_per_10k_events": round(cpu / tally.events * 10_000, 3) if pids and tally.events else None,
+        "cpu_ms_per_request": round(cpu / tally.streams * 1000, 4) if pids and tally.streams else None,
+        "one_at_a_time_ms_p50": percentile(alone.round_trips_us, 0.5) if alone.round_trips_us else None,
         "peak_rss_mb": round(rss, 1) if pids else None,
     }
 
@@ -234,7 +247,8 @@ def print_table(profile: str, rows: list[dict]) -> None:
     print(f"\n{profile}")
     print(
         f"{'candidate':<10} {'events/s':>10} {'vs nginx':>8} {'streams/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'max ms':>7} {'added p50':>9} {'added p99':>9} {'ttfb ms':>7} {'cpu/10k':>8} {'RSS MB':>7} {'ok':>4}"
+        f"{'max ms':>7} {'added p50':>9} {'added p99':>9} {'ttfb ms':>7} {'cpu/10k':>8} {'cpu ms/req':>10} "
+        f"{'RSS MB':>7} {'ok':>4}"
     )
     for row in rows:
         latency = row["latency_ms"]
@@ -242,13 +256,13 @@ def print_table(profile: str, rows: list[dict]) -> None:
         added99 = latency["p99"] - direct["latency_ms"]["p99"] if direct else float("nan")
         ratio = row["events_per_s"] / nginx["events_per_s"] if nginx else float("nan")
         ok = "yes" if row["errors"] == 0 and row["events"] == row["expected_events"] else "NO"
-        cpu = row["cpu_s_per_10k_events"]
+        cpu, per_request = row["cpu_s_per_10k_events"], row["cpu_ms_per_request"]
         rss = row["peak_rss_mb"]
         print(
             f"{row['candidate']:<10} {row['events_per_s']:>10.0f} {ratio:>8.2f} {row['streams_per_s']:>9.1f} "
             f"{latency['p50']:>7.2f} {latency['p99']:>7.2f} {latency['max']:>7.1f} {added50:>9.2f} {added99:>9.2f} "
-            f"{row['ttfb_ms_p50'] or 0:>7.2f} {cpu if cpu is not None else '-':>8} {rss if rss is not None else '-':>7} "
-            f"{ok:>4}"
+            f"{row['ttfb_ms_p50'] or 0:>7.2f} {cpu if cpu is not None else '-':>8} "
+            f"{per_request if per_request is not None else '-':>10} {rss if rss is not None else '-':>7} {ok:>4}"
         )
 
 

@@ -21,6 +21,9 @@ class Tally:
     errors: list[str] = field(default_factory=list)
     latencies_us: list[int] = field(default_factory=list)
     first_byte_ms: list[float] = field(default_factory=list)
+    round_trips_us: list[int] = field(
+        default_factory=list
+    )  # each request, from its write to its answer's end
 
 
 class StreamProtocol(asyncio.Protocol):
@@ -133,6 +136,7 @@ class StreamProtocol(asyncio.Protocol):
         self.next_request()
 
     def next_request(self) -> None:
+        self.tally.round_trips_us.append(int((time.perf_counter() - self.sent_at) * 1_000_000))
         self.tally.streams += 1
         self.repeat -= 1
         if self.repeat <= 0:

@@ -72,7 +72,7 @@ async def test_the_bare_aiohttp_floor_relays_streams_and_json_answers_byte_for_b
             relay.port, "/v1/chat/completions", "", 2, {"count": 1, "interval": 0, "size": 30}, False, 5
         )
     assert (streamed.errors, streamed.events) == ([], 3 * 2 * 200)
-    assert (answered.errors, answered.events) == ([], 10)
+    assert (answered.errors, answered.events, len(answered.round_trips_us)) == ([], 10, 10)
 
 
 def test_the_summary_gives_ratios_to_the_nginx_row_of_each_profile():
