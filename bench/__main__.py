@@ -32,6 +32,7 @@ from pathlib import Path
 import uvloop
 
 from .client import Tally, run_load
+from .summary import against_floor
 
 SECRET_KEY = "bench-secret-key-0123456789abcdef0123456789"
 PATH = "/v1/chat/completions"
@@ -304,6 +305,9 @@ async def main_async(args: argparse.Namespace) -> int:
     }
     out.write_text(json.dumps(report, indent=2))
     print(f"\nJSON: {out}")
+    floor = against_floor(results)
+    if floor:
+        print(f"\nAgainst the bare aiohttp relay (floor):\n{floor}")
     return 1 if failed else 0
 
 

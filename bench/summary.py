@@ -1,7 +1,8 @@
-"""A Markdown table of a benchmark run, for docs and notes: `python -m bench.summary [results.json]`.
+"""Markdown tables of a benchmark run, for docs and notes: `python -m bench.summary [results.json]`.
 
-Reads what `python -m bench` wrote (bench/results/latest.json unless told otherwise); ratios
-are to the nginx row of the same profile, as the run's own table shows them.
+Reads what `python -m bench` wrote (bench/results/latest.json unless told otherwise). The first
+table's ratios are to the nginx row of the same profile, as the run's own table shows them; when
+the run has a `floor` row (bare aiohttp), a second table gives every row's ratios to it.
 """
 
 from __future__ import annotations
@@ -38,9 +39,42 @@ def markdown(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def against_floor(results: dict[str, list[dict]]) -> str:
+    """Each profile with a floor row: what every row costs next to bare aiohttp, per request and per event."""
+    columns = (
+        ("events/s", "events_per_s", 0),
+        ("CPU ms/request", "cpu_ms_per_request", 3),
+        ("CPU s/10k ev", "cpu_s_per_10k_events", 3),
+        ("one at a time p50 ms", "one_at_a_time_ms_p50", 3),
+    )
+    lines = [
+        "| profile | candidate | " + " | ".join(f"{title} | vs floor" for title, _, _ in columns) + " |",
+        "|---|---|" + "--:|--:|" * len(columns),
+    ]
+    for profile, rows in results.items():
+        floor = next((row for row in rows if row["candidate"] == "floor"), None)
+        if floor is None:
+            continue
+        for row in rows:
+            cells = [
+                f"{_number(row.get(key), digits)} | {_ratio(row.get(key), floor.get(key))}"
+                for _, key, digits in columns
+            ]
+            lines.append(f"| {profile} | {row['candidate']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main() -> None:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT
-    print(markdown(json.loads(path.read_text())["results"]))
+    results = json.loads(path.read_text())["results"]
+    print(markdown(results))
+    floor = against_floor(results)
+    if floor:
+        print(f"\n{floor}")
 
 
 if __name__ == "__main__":

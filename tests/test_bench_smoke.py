@@ -7,7 +7,7 @@ import asyncio
 from bench import floor
 from bench.client import run_load
 from bench.pipe import ClientSide
-from bench.summary import markdown
+from bench.summary import against_floor, markdown
 from bench.upstream import UpstreamProtocol
 
 
@@ -88,3 +88,22 @@ def test_the_summary_gives_ratios_to_the_nginx_row_of_each_profile():
 
     table = markdown({"wide": [row("direct", 3000, None), row("nginx", 2000, 0.2), row("gogpt", 1000, 0.5)]})
     assert "| wide | gogpt | 1,000 | 0.50 | 0.0 | 5 | 0.5 | 2.50 | 50.0 |" in table.splitlines()
+
+
+def test_the_summary_gives_ratios_to_the_floor_row_where_a_profile_has_one():
+    def row(name: str, cpu_ms: float, alone_ms: float | None) -> dict:
+        return {
+            "candidate": name,
+            "events_per_s": 1000 / cpu_ms,
+            "cpu_ms_per_request": cpu_ms,
+            "cpu_s_per_10k_events": cpu_ms * 10,
+            "one_at_a_time_ms_p50": alone_ms,
+        }
+
+    table = against_floor(
+        {"json": [row("floor", 0.2, 0.25), row("gogpt", 0.3, 0.3)], "wide": [row("gogpt", 1.0, None)]}
+    )
+    assert table.splitlines()[2:] == [
+        "| json | floor | 5,000 | 1.00 | 0.200 | 1.00 | 2.000 | 1.00 | 0.250 | 1.00 |",
+        "| json | gogpt | 3,333 | 0.67 | 0.300 | 1.50 | 3.000 | 1.50 | 0.300 | 1.20 |",
+    ]
