@@ -101,8 +101,13 @@ class Gateway:
         def seen() -> bool:
             return sum(text in line for line in self.log) >= count or self._reader.done()
 
-        async with asyncio.timeout(within), self._new_line:
-            await self._new_line.wait_for(seen)
+        try:
+            async with asyncio.timeout(within), self._new_line:
+                await self._new_line.wait_for(seen)
+        except TimeoutError:
+            raise AssertionError(
+                f"{text!r} not logged {count} times in {within} s:\n" + "".join(self.log)
+            ) from None
         assert sum(text in line for line in self.log) >= count, "".join(self.log)
 
     def worker_pids(self) -> list[int]:
