@@ -22,11 +22,12 @@ import aiohttp
 from aiohttp import web
 
 from .answers import DECODABLE, ERROR_ANSWER_BYTES, read_decoded
+from .bodies import read_body
 from .config import Settings
 from .errors import ApiError, UpstreamAnswer, json_object
 from .keys import SETTINGS, STORE
 from .redact import REDACTOR
-from .relay import call_upstream, read_body, relay, upstream_headers
+from .relay import call_upstream, relay, upstream_headers
 from .sse_ids import MessageIds
 from .store import Store, StoreUnavailable
 

@@ -8,10 +8,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from .bodies import read_body, request_body
 from .config import Settings
 from .errors import ApiError, json_object
 from .keys import SETTINGS
-from .relay import read_body, relay, request_body, upstream_headers
+from .relay import relay, upstream_headers
 from .upstreams import KEY_POOL, KeyPool
 
 __all__ = ["chat_handler", "v1_handler"]

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .answers import ERROR_ANSWER_BYTES, accept_encoding, read_decoded
+from .bodies import body_was_decoded
 from .errors import ApiError, upstream_error
 from .keys import HTTP, SETTINGS, SPLICING_HTTP
 from .metrics import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
@@ -24,7 +25,7 @@ from .redact import REDACTOR
 from .splice import EVENT_ENDS, KEEPALIVE, held_body
 from .upstreams import KeyPool
 
-__all__ = ["call_upstream", "read_body", "relay", "request_body", "upstream_headers"]
+__all__ = ["call_upstream", "relay", "upstream_headers"]
 
 log = logging.getLogger("gogpt.relay")
 
@@ -54,13 +55,8 @@ _NOT_SENT_BACK = _HOP_BY_HOP | {
     "access-control-max-age",
 }
 _STREAM_ASKED = re.compile(rb'"stream"\s*:\s*true')
-# Bodies up to this size are read whole and sent with a Content-Length; larger ones stream.
-_READ_WHOLE_BYTES = 1 << 20
 # Answers of known length up to this size are read whole and sent in one write with their head.
 _SMALL_ANSWER_BYTES = 64 << 10
-# aiohttp's server decodes request bodies in these encodings (its parser's list), so what gogpt
-# passes on is the decoded body: its Content-Encoding and Content-Length no longer describe it.
-_DECODED_BY_AIOHTTP = frozenset({"gzip", "deflate", "br", "zstd"})
 
 
 def _end_to_end(headers: Mapping[str, str], dropped: frozenset[str]) -> CIMultiDict[str]:
@@ -77,70 +73,11 @@ def upstream_headers(
     """The client's end-to-end headers with gogpt's own credential for the upstream."""
     headers = _end_to_end(request.headers, _NOT_SENT_UPSTREAM | {name.lower() for name in also_drop})
     headers["Accept-Encoding"] = accept_encoding(headers.getall("Accept-Encoding", ()))
-    if _body_was_decoded(request):
+    if body_was_decoded(request):
         headers.popall("Content-Encoding", None)
     if authorization:
         headers["Authorization"] = authorization
     return headers
-
-
-def _body_was_decoded(request: web.BaseRequest) -> bool:
-    return any(
-        value.lower() in _DECODED_BY_AIOHTTP for value in request.headers.getall("Content-Encoding", ())
-    )
-
-
-async def request_body(request: web.Request, max_bytes: int) -> bytes | AsyncIterable[bytes] | None:
-    """The client's body for the upstream: small ones read whole, large ones streamed.
-
-    Streaming keeps uploads out of memory; the limit is enforced either way.
-    """
-    length = request.content_length
-    if not request.body_exists:
-        return None
-    if length is not None and length > max_bytes:
-        raise _too_large(max_bytes)
-    if length is not None and length <= _READ_WHOLE_BYTES:
-        return await read_body(request, max_bytes)
-    return _limited(request.content, max_bytes)
-
-
-async def read_body(request: web.Request, max_bytes: int) -> bytes:
-    """The whole body, refused with 413 past `max_bytes`.
-
-    Checked here rather than by `client_max_size`, which aiohttp takes from the outermost
-    application: a gateway mounted with `add_subapp` would get its host's limit instead.
-    """
-    length = request.content_length
-    if length is not None and length > max_bytes:
-        raise _too_large(max_bytes)
-    if length is not None and not _body_was_decoded(request):  # it cannot outgrow its length
-        try:
-            return await request.content.read()
-        except web.RequestPayloadError:
-            raise _unreadable() from None
-    chunks = [chunk async for chunk in _limited(request.content, max_bytes)]
-    return b"".join(chunks)
-
-
-async def _limited(content: aiohttp.StreamReader, max_bytes: int) -> AsyncIterable[bytes]:
-    received = 0
-    try:
-        async for chunk in content.iter_any():
-            received += len(chunk)
-            if received > max_bytes:
-                raise _too_large(max_bytes)
-            yield chunk
-    except web.RequestPayloadError:  # a broken chunk or compressed body: the client's fault
-        raise _unreadable() from None
-
-
-def _unreadable() -> ApiError:
-    return ApiError(400, "The request body could not be read.", code="invalid_body")
-
-
-def _too_large(max_bytes: int) -> ApiError:
-    return ApiError(413, f"The request body is larger than {max_bytes} bytes.", code="request_too_large")
 
 
 async def relay(
@@ -167,7 +104,7 @@ async def relay(
     """
     if isinstance(data, AsyncIterable) and "content-length" not in headers:
         length = request.content_length
-        if length is not None and not _body_was_decoded(request):
+        if length is not None and not body_was_decoded(request):
             headers = CIMultiDict(headers)
             headers["Content-Length"] = str(length)
     # The fast path (see splice.py) passes the upstream's chunking on: the client must speak HTTP/1.1.
