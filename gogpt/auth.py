@@ -11,8 +11,9 @@ from typing import Any
 import jwt
 from aiohttp import web
 
+from .bodies import token_fields
 from .config import Settings
-from .errors import ApiError, Handler, json_object
+from .errors import ApiError, Handler
 from .keys import CALLER, SETTINGS, STORE, Caller
 from .lockout import LOCKOUT, client_address
 
@@ -173,14 +174,7 @@ async def token_handler(request: web.Request) -> web.Response:
 
 
 async def _token_params(request: web.Request) -> dict[str, Any]:
-    if request.method != "POST":
-        return dict(request.query)
-    if request.content_type == "application/json":
-        return json_object(await request.read())
-    try:
-        return dict(await request.post())
-    except (ValueError, LookupError):  # a multipart body without its boundary, an unknown charset
-        raise ApiError(400, "The body is not a valid form.", code="invalid_form") from None
+    return await token_fields(request) if request.method == "POST" else dict(request.query)
 
 
 def _positive_hours(value: Any) -> int:

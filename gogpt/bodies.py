@@ -1,17 +1,47 @@
-"""Request bodies: read bounded in bytes, whatever their encoding."""
+"""Request bodies: read bounded in decoded bytes and in time, whatever their encoding.
+
+aiohttp decodes gzip, deflate, br and zstd bodies as they arrive, a piece of at most 64 KiB at a
+time, pausing its parser until the piece is read (since 3.14.1; before, a small compressed body
+could still be inflated whole). So counting what the stream yields bounds a body's decoded size
+while it is decoded: a bomb is refused at the limit, never inflated first and measured after.
+Each wait for the client is bounded too: a body that stops arriving is answered 408 and its
+connection closed, so slow uploads cannot hold connections for ever.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterator
+from contextlib import contextmanager
+from email.parser import BytesParser
+from email.policy import HTTP as HTTP_POLICY
+from typing import Any
+from urllib.parse import parse_qsl
 
-import aiohttp
 from aiohttp import web
 
-from .errors import ApiError
+from .errors import ApiError, json_object
+from .keys import SETTINGS
 
-__all__ = ["body_was_decoded", "read_body", "request_body"]
+__all__ = [
+    "TOKEN_BODY_BYTES",
+    "body_was_decoded",
+    "end_unfinished_body",
+    "read_json_object",
+    "request_body",
+    "token_fields",
+]
 
-# Bodies up to this size are read whole and sent with a Content-Length; larger ones stream.
+# /token's id, hour and key fit in this many times over; it is public, so it gets no more.
+TOKEN_BODY_BYTES = 8 << 10
+_TOKEN_BODY_SECONDS = 30.0  # for the whole /token body (never more than UPSTREAM_TIMEOUT)
+# Reads ask for at most aiohttp's own read size: `read(n)` past it raises the stream's buffer and
+# decompression limits to n (and `read()` lifts them), which would inflate a bomb in one go. A
+# read returns at once while data is buffered, and taking data resumes aiohttp's parser, which
+# decodes more on the spot: so after each piece the loop gets its turn, or a large compressed
+# body would be inflated and read in one go (about 0.1 s for 32 MiB) while nothing else runs.
+_STEP_BYTES = 1 << 16
+# /v1 bodies up to this size are read whole and sent with a Content-Length; larger ones stream.
 _READ_WHOLE_BYTES = 1 << 20
 # aiohttp's server decodes request bodies in these encodings (its parser's list), so what gogpt
 # passes on is the decoded body: its Content-Encoding and Content-Length no longer describe it.
@@ -24,54 +54,187 @@ def body_was_decoded(request: web.BaseRequest) -> bool:
     )
 
 
-async def request_body(request: web.Request, max_bytes: int) -> bytes | AsyncIterable[bytes] | None:
-    """The client's body for the upstream: small ones read whole, large ones streamed.
+class _Body:
+    """A request body read in steps, each wait for the client at most `idle` seconds (None: no bound)."""
 
-    Streaming keeps uploads out of memory; the limit is enforced either way.
-    """
-    length = request.content_length
-    if not request.body_exists:
-        return None
-    if length is not None and length > max_bytes:
-        raise _too_large(max_bytes)
-    if length is not None and length <= _READ_WHOLE_BYTES:
-        return await read_body(request, max_bytes)
-    return _limited(request.content, max_bytes)
+    def __init__(self, request: web.BaseRequest, idle: float | None) -> None:
+        self._content = request.content
+        self._idle = idle
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.complete = False
 
+    async def read_past(self, limit: int) -> None:
+        """Read until the body ends or more than `limit` bytes are in."""
+        content = self._content
+        if not self.chunks and content.is_eof():  # all of it came with the head: one read, no timer
+            self._add(await content.readany())
+            self.complete = True
+            return
+        while not self.complete and self.size <= limit:
+            chunk = await self.next_chunk(min(_STEP_BYTES, limit + 1 - self.size))
+            if chunk:
+                self._add(chunk)
+                await asyncio.sleep(0)  # see _STEP_BYTES
+            else:
+                self.complete = True
 
-async def read_body(request: web.Request, max_bytes: int) -> bytes:
-    """The whole body, refused with 413 past `max_bytes`.
+    async def next_chunk(self, at_most: int = _STEP_BYTES) -> bytes:
+        """Up to `at_most` bytes of what has arrived (or of the next to arrive), decoded."""
+        async with asyncio.timeout(self._idle):
+            return await self._content.read(at_most)
 
-    Checked here rather than by `client_max_size`, which aiohttp takes from the outermost
-    application: a gateway mounted with `add_subapp` would get its host's limit instead.
-    """
-    length = request.content_length
-    if length is not None and length > max_bytes:
-        raise _too_large(max_bytes)
-    if length is not None and not body_was_decoded(request):  # it cannot outgrow its length
-        try:
-            return await request.content.read()
-        except web.RequestPayloadError:
-            raise _unreadable() from None
-    chunks = [chunk async for chunk in _limited(request.content, max_bytes)]
-    return b"".join(chunks)
+    def _add(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.size += len(chunk)
 
+    async def read_all(self, max_bytes: int) -> None:
+        """Read to the end, refused with 413 past `max_bytes`."""
+        await self.read_past(max_bytes)
+        if not self.complete or self.size > max_bytes:
+            raise _too_large(max_bytes)
 
-async def _limited(content: aiohttp.StreamReader, max_bytes: int) -> AsyncIterable[bytes]:
-    received = 0
-    try:
-        async for chunk in content.iter_any():
-            received += len(chunk)
-            if received > max_bytes:
+    def joined(self) -> bytes:
+        if len(self.chunks) > 1:
+            self.chunks = [b"".join(self.chunks)]  # the pieces go at once, not when the request ends
+        return self.chunks[0] if self.chunks else b""
+
+    async def whole(self, max_bytes: int) -> bytes:
+        """All of it, refused with 413 past `max_bytes`."""
+        await self.read_all(max_bytes)
+        return self.joined()
+
+    async def stream(self, max_bytes: int) -> AsyncIterator[bytes]:
+        """What was read so far, then the rest as it arrives; 413 past `max_bytes`."""
+        read, self.chunks = self.chunks, []
+        for chunk in read:
+            yield chunk
+        while True:
+            with _client_faults():
+                chunk = await self.next_chunk()
+            if not chunk:
+                return
+            self.size += len(chunk)
+            if self.size > max_bytes:
                 raise _too_large(max_bytes)
             yield chunk
-    except web.RequestPayloadError:  # a broken chunk or compressed body: the client's fault
-        raise _unreadable() from None
+            await asyncio.sleep(0)  # see _STEP_BYTES
 
 
-def _unreadable() -> ApiError:
-    return ApiError(400, "The request body could not be read.", code="invalid_body")
+@contextmanager
+def _client_faults() -> Iterator[None]:
+    """A broken or stalled body is the client's doing: 400 or 408, never a 5xx."""
+    try:
+        yield
+    except web.RequestPayloadError:  # a broken chunk or compressed body
+        raise ApiError(400, "The request body could not be read.", code="invalid_body") from None
+    except TimeoutError:
+        raise ApiError(408, "The request body did not arrive in time.", code="request_timeout") from None
 
 
 def _too_large(max_bytes: int) -> ApiError:
     return ApiError(413, f"The request body is larger than {max_bytes} bytes.", code="request_too_large")
+
+
+def _refuse_declared_past(request: web.BaseRequest, max_bytes: int) -> None:
+    """Checked here rather than by `client_max_size`, which aiohttp takes from the outermost
+    application: a gateway mounted with `add_subapp` would get its host's limit instead."""
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise _too_large(max_bytes)
+
+
+async def request_body(request: web.Request) -> bytes | AsyncIterable[bytes] | None:
+    """/v1: the client's body for the upstream, read whole up to 1 MiB, streamed beyond it.
+
+    Streaming keeps uploads (and compressed bodies that swell) out of memory; the limit holds
+    either way, and each wait for the client is bounded by UPSTREAM_TIMEOUT.
+    """
+    if not request.body_exists:
+        return None
+    settings = request.app[SETTINGS]
+    _refuse_declared_past(request, settings.max_body_bytes)
+    body = _Body(request, settings.upstream_timeout)
+    length = request.content_length
+    if length is None or length <= _READ_WHOLE_BYTES or body_was_decoded(request):
+        with _client_faults():
+            await body.read_past(_READ_WHOLE_BYTES)
+            if body.complete:
+                return await body.whole(settings.max_body_bytes)
+    return body.stream(settings.max_body_bytes)
+
+
+async def read_json_object(request: web.Request, names: Collection[str] = ()) -> tuple[bytes, dict[str, Any]]:
+    """The body, checked to be a JSON object, and its fields `names`."""
+    settings = request.app[SETTINGS]
+    _refuse_declared_past(request, settings.max_body_bytes)
+    body = _Body(request, settings.upstream_timeout)
+    with _client_faults():
+        whole = await body.whole(settings.max_body_bytes)
+    parsed = json_object(whole)
+    return whole, {name: parsed[name] for name in names if name in parsed}
+
+
+async def token_fields(request: web.Request) -> dict[str, Any]:
+    """POST /token's fields, from a JSON or form body.
+
+    The route is public, so its body is small (TOKEN_BODY_BYTES) and must arrive whole within
+    30 s; it is refused (413, 408) before anything in it is parsed.
+    """
+    settings = request.app[SETTINGS]
+    _refuse_declared_past(request, TOKEN_BODY_BYTES)
+    body = _Body(request, idle=None)
+    with _client_faults():
+        async with asyncio.timeout(min(_TOKEN_BODY_SECONDS, settings.upstream_timeout)):
+            data = await body.whole(TOKEN_BODY_BYTES)
+    content_type = request.content_type
+    if content_type == "application/json":
+        return json_object(data)
+    try:
+        if content_type == "multipart/form-data":
+            return _multipart_fields(request.headers["Content-Type"], data)
+        if content_type in ("application/x-www-form-urlencoded", ""):
+            charset = request.charset or "utf-8"
+            return _first_of_each(parse_qsl(data.rstrip().decode(charset), keep_blank_values=True))
+    except (ValueError, LookupError):  # not in its charset, or an unknown charset
+        raise ApiError(400, "The body is not a valid form.", code="invalid_form") from None
+    return {}
+
+
+def _multipart_fields(content_type: str, data: bytes) -> dict[str, Any]:
+    """The text fields of a small multipart/form-data body (what `fetch` sends for a FormData)."""
+    head = f"Content-Type: {content_type}\r\n\r\n".encode("utf-8", "surrogateescape")
+    message = BytesParser(policy=HTTP_POLICY).parsebytes(head + data)
+    if not message.is_multipart():
+        raise ValueError("not multipart")
+    pairs = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        value = part.get_payload(decode=True)
+        if isinstance(name, str) and isinstance(value, bytes):
+            pairs.append((name, value.decode(part.get_content_charset() or "utf-8")))
+    return _first_of_each(pairs)
+
+
+def _first_of_each(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, value in pairs:
+        fields.setdefault(name, value)
+    return fields
+
+
+async def end_unfinished_body(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """After the answer, close the connection at once if the body was left unfinished and reading
+    the rest would cost: a 408 (the client stalled; RFC 9110 has the server close rather than wait
+    on), or a compressed body (aiohttp lingers up to 10 s reading the rest, which means inflating
+    it: 10 s of CPU for a few MB of gzip, whoever sends it, token or not)."""
+    if (
+        request.body_exists
+        and not request.content.is_eof()
+        and (response.status == 408 or body_was_decoded(request))
+        and request.transport is not None
+    ):
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()  # skips aiohttp's lingering read of the rest

@@ -22,9 +22,9 @@ import aiohttp
 from aiohttp import web
 
 from .answers import DECODABLE, ERROR_ANSWER_BYTES, read_decoded
-from .bodies import read_body
+from .bodies import read_json_object
 from .config import Settings
-from .errors import ApiError, UpstreamAnswer, json_object
+from .errors import ApiError, UpstreamAnswer
 from .keys import SETTINGS, STORE
 from .redact import REDACTOR
 from .relay import call_upstream, relay, upstream_headers
@@ -164,7 +164,7 @@ async def _get_conversation(
 
 
 async def _post_message(settings: Settings, request: web.Request) -> web.StreamResponse:
-    body = json_object(await read_body(request, settings.max_body_bytes))
+    _, body = await read_json_object(request, ("content", "parent_message_id", "conversation_id"))
     content = body.get("content")
     if not isinstance(content, str) or not content:
         raise ApiError(400, "content must be a non-empty string.", code="invalid_content")

@@ -8,9 +8,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .bodies import read_body, request_body
+from .bodies import read_json_object, request_body
 from .config import Settings
-from .errors import ApiError, json_object
+from .errors import ApiError
 from .keys import SETTINGS
 from .relay import relay, upstream_headers
 from .upstreams import KEY_POOL, KeyPool
@@ -26,8 +26,7 @@ _V1_ALLOW = "GET, HEAD, POST, DELETE, OPTIONS"  # OPTIONS: the CORS preflight, a
 async def chat_handler(request: web.Request) -> web.StreamResponse:
     """POST /chat: the body, checked to be a JSON object, goes unchanged to /v1/chat/completions."""
     settings = request.app[SETTINGS]
-    body = await read_body(request, settings.max_body_bytes)
-    json_object(body)  # checked, then forwarded as the client wrote it
+    body, _ = await read_json_object(request)  # checked, then forwarded as the client wrote it
     headers = _openai_headers(request, settings)
     headers["Content-Type"] = "application/json"  # browsers may send text/plain to skip a preflight
     url = settings.api_proxy + "/v1/chat/completions"
@@ -49,7 +48,7 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "Invalid API path.", code="invalid_path")
     if request.query_string:
         url = URL(f"{url}?{request.rel_url.raw_query_string}", encoded=True)
-    data = await request_body(request, settings.max_body_bytes)
+    data = await request_body(request)
     headers = _openai_headers(request, settings)
     return await relay(request, request.method, url, headers=headers, data=data, keys=_keys(request))
 
