@@ -16,6 +16,7 @@ from .cors import add_cors_headers
 from .errors import expect_continue
 from .event import event_handler
 from .gateway import gateway_middleware
+from .json_parser import JSON_PARSER, JsonParser
 from .keys import HTTP, SETTINGS, SPLICING_HTTP, STORE
 from .lockout import LOCKOUT, Lockout
 from .openai_api import chat_handler, v1_handler
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[LOCKOUT] = Lockout(settings.token_failure_limit)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_json_parser)
     app.on_response_prepare.append(add_cors_headers)
 
     router = app.router
@@ -123,3 +125,11 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     yield
     await store.close()
+
+
+async def _json_parser(app: web.Application) -> AsyncIterator[None]:
+    """Parses large JSON bodies off the loop, in a child process started on first need."""
+    parser = JsonParser(app[SETTINGS].max_body_bytes)
+    app[JSON_PARSER] = parser
+    yield
+    await parser.close()

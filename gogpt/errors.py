@@ -161,6 +161,11 @@ def failure_answer(request: web.BaseRequest, failure: Exception) -> web.StreamRe
         # The traceback names only our code; request bodies and headers are not in it.
         log.exception("unhandled error on %s %s", request.method, printable(request.path))
         return error_response(500, "The gateway failed to handle the request.")
+    finally:
+        # Raised here, `failure` holds this frame in its traceback, and the frame holds `failure`:
+        # a cycle that would keep every frame it passed through, and the request bodies they
+        # hold, until the garbage collector's next full pass.
+        del failure
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:

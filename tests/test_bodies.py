@@ -6,14 +6,19 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import jwt
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import SECRET_KEY, FakeUpstream
+from conftest import ACCESS_TOKEN, SECRET_KEY, FakeUpstream
+from serving import free_port, start_gogpt, wait_until_listening
 
-from gogpt import Settings, create_app
+from gogpt import Settings, create_app, mint_token
+from gogpt.json_parser import INLINE_BYTES, JsonParser
 
 CONV = {"Chat-Type": "conversation"}
 MIB = 1 << 20
@@ -99,6 +104,115 @@ async def test_a_large_body_that_is_not_a_json_object_is_400(
     resp = await client.post(path, data=body, headers={**auth, **CONV})
     assert resp.status == 400
     assert upstream.requests == []
+
+
+@pytest.fixture
+async def small_bodies(aiohttp_client, settings: Settings) -> TestClient:
+    return await aiohttp_client(create_app(settings.with_overrides(max_body_bytes=8 * MIB)))
+
+
+@pytest.mark.parametrize(
+    "path, prefix, suffix",
+    [("/chat", b'{"messages":[', b"]}"), ("/conv", b'{"content":[', b"]}")],
+)
+async def test_a_json_body_that_swells_when_parsed_is_413_and_never_reaches_the_upstream(
+    small_bodies: TestClient, upstream: FakeUpstream, auth, path: str, prefix: bytes, suffix: bytes
+):
+    """8 MiB of `{},` is within the limit, and 200 MB of Python objects once parsed."""
+    headers = {**auth, **CONV, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    resp = await small_bodies.post(path, data=gzip_bomb(8 * MIB, prefix, suffix), headers=headers)
+    assert resp.status == 413
+    assert upstream.requests == []
+
+
+async def test_a_parse_whose_client_left_never_answers_the_next_body():
+    """The child answers in order: a request cancelled mid-parse must not leave its answer behind."""
+    parser = JsonParser(MIB)
+    first, second = (
+        json.dumps({"who": who, "pad": "x" * INLINE_BYTES}).encode() for who in ("first", "second")
+    )
+    try:
+        leaving = asyncio.ensure_future(parser.fields_in_child([first], len(first), ["who"]))
+        await asyncio.sleep(0)  # it has taken the child and sent its body
+        leaving.cancel()
+        async with asyncio.timeout(10):  # out of step, the child would wait for the rest of a body
+            assert await parser.fields_in_child([second], len(second), ["who"]) == {"who": "second"}
+    finally:
+        await parser.close()
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """Peak resident memory (VmHWM) of `pid` plus that of its child processes, in MiB."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        try:
+            status = Path(f"/proc/{entry}/status").read_text() if entry.isdigit() else ""
+        except OSError:  # gone meanwhile
+            continue
+        if entry == str(pid) or f"\nPPid:\t{pid}\n" in status:
+            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return total / 1024
+
+
+@pytest.fixture
+async def gogpt_process(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[tuple[int, str]]:
+    """A real `python -m gogpt` with MAX_BODY_BYTES of 8 MiB: (pid, base URL)."""
+    port = free_port()
+    env = {
+        "SECRET_KEY": SECRET_KEY,
+        "API_PROXY": upstream.url,
+        "UNOFFICIAL_PROXY": upstream.url + "/backend-api",
+        "ACCESS_TOKEN": ACCESS_TOKEN,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "MAX_BODY_BYTES": str(8 * MIB),
+    }
+    process = await start_gogpt(env, tmp_path)
+    assert process.stderr is not None
+    log = asyncio.ensure_future(process.stderr.read())  # an access line per request: keep the pipe open
+    try:
+        await wait_until_listening(port, process)
+        yield process.pid, f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        await process.wait()
+        await log
+
+
+async def test_fifty_json_bombs_at_once_keep_gogpt_small_and_healthz_answering(
+    gogpt_process: tuple[int, str],
+):
+    pid, base = gogpt_process
+    auth = {"Authorization": f"Bearer {mint_token(SECRET_KEY, 'bomber', 1)}"}
+    compressed = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    requests = [
+        ("/chat", {}, gzip_bomb(8 * MIB)),
+        ("/conv", CONV, gzip_bomb(8 * MIB, b'{"content":[', b"]}")),
+        ("/v1/chat/completions", {}, gzip_bomb(8 * MIB)),
+    ]
+    baseline = _peak_rss_mib(pid)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+
+        async def bomb(number: int) -> int:
+            path, headers, body = requests[number % len(requests)]
+            async with session.post(
+                base + path, data=body, headers={**auth, **headers, **compressed}
+            ) as resp:
+                await resp.read()
+                return resp.status
+
+        async with aiohttp.ClientSession() as health:
+            bombs = asyncio.ensure_future(asyncio.gather(*(bomb(n) for n in range(50))))
+            answered = []
+            while not bombs.done():
+                async with health.get(base + "/healthz") as resp:
+                    answered.append(resp.status)
+            statuses = await bombs
+    peak = _peak_rss_mib(pid)
+    print(f"peak RSS {peak:.0f} MiB (at start {baseline:.0f} MiB); /healthz answered {len(answered)} times")
+    assert answered and set(answered) == {200}
+    assert set(statuses) <= {200, 400, 413}
+    assert peak < 350
 
 
 # ---- bodies that never finish arriving ---------------------------------------------------------

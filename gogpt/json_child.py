@@ -1,0 +1,80 @@
+"""What parses JSON bodies, and the child process that does it for large ones.
+
+Run as `python -I -S json_child.py EXTRA_MEMORY` it imports nothing but the standard library
+(so it starts in milliseconds, and re-runs no caller's `__main__` as multiprocessing would),
+caps its own address space at what it uses plus EXTRA_MEMORY, and answers on stdout each
+request read from stdin:
+
+    request:  b"<len(names)> <len(body)>\\n" + names (a JSON array of field names) + body
+    answer:   b"<len(answer)>\\n" + answer (JSON: {"fields": {...}} or {"refusal": "..."})
+
+It ends when stdin closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Collection
+from typing import Any, BinaryIO
+
+__all__ = ["INVALID", "NOT_AN_OBJECT", "TOO_COSTLY", "object_fields"]
+
+INVALID = "invalid"
+NOT_AN_OBJECT = "not an object"
+TOO_COSTLY = "too costly"
+
+
+def object_fields(body: bytes, names: Collection[str]) -> dict[str, Any] | str:
+    """The fields `names` of a JSON object body, or why it is not one (INVALID, NOT_AN_OBJECT,
+    TOO_COSTLY). A field holding an array or object comes back empty (of its kind): callers read
+    scalars, and what crosses back from the child stays small."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
+        return INVALID
+    except MemoryError:  # only in the capped child, where it is the cap doing its work
+        return TOO_COSTLY
+    if not isinstance(parsed, dict):
+        return NOT_AN_OBJECT
+    return {name: _emptied(parsed[name]) for name in names if name in parsed}
+
+
+def _emptied(value: Any) -> Any:
+    return type(value)() if isinstance(value, (dict, list)) else value
+
+
+def _cap_memory(extra: int) -> None:
+    """Allow `extra` bytes of address space beyond what this process uses now (Linux)."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as statm:
+            in_use = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (ImportError, OSError):  # elsewhere: parsed off the loop all the same, without a cap
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = in_use + extra if hard == resource.RLIM_INFINITY else min(in_use + extra, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _serve(requests: BinaryIO, answers: BinaryIO) -> None:
+    while head := requests.readline():
+        names_size, body_size = map(int, head.split())
+        names = json.loads(requests.read(names_size))
+        try:
+            found = object_fields(requests.read(body_size), names)
+            answer = json.dumps({"refusal": found} if isinstance(found, str) else {"fields": found})
+        except MemoryError:  # reading the body itself went past the cap
+            answer = json.dumps({"refusal": TOO_COSTLY})
+        encoded = answer.encode()
+        answers.write(b"%d\n" % len(encoded) + encoded)
+        answers.flush()
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is gogpt's to handle; it closes our stdin
+    _cap_memory(int(sys.argv[1]))
+    _serve(sys.stdin.buffer, sys.stdout.buffer)
