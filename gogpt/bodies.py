@@ -27,9 +27,9 @@ from .keys import SETTINGS
 __all__ = [
     "TOKEN_BODY_BYTES",
     "body_was_decoded",
-    "end_unfinished_body",
     "read_json_object",
     "request_body",
+    "settle_connection",
     "token_fields",
 ]
 
@@ -233,14 +233,27 @@ def _first_of_each(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     return fields
 
 
-async def end_unfinished_body(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """After the answer, close the connection at once if the body was left unfinished and reading
-    the rest would cost: a 408 (the client stalled; RFC 9110 has the server close rather than wait
-    on), or a compressed body (aiohttp lingers up to 10 s reading the rest, which means inflating
-    it: 10 s of CPU for a few MB of gzip, whoever sends it, token or not)."""
+async def settle_connection(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """After the answer to a request with a body: end the connection if that body leaves it unfit
+    for another request (gateway.py calls this).
+
+    A chunked body: aiohttp's request parser (3.14.5 and before) keeps the last trailer field of
+    a chunked body and adds it to the headers of the next request on the connection, so a trailer
+    `OpenAI-Organization: org-x` went upstream with the following call. aiohttp reads trailers but
+    does not expose them (https://github.com/aio-libs/aiohttp/issues/1652), so which bodies had
+    one cannot be told: every chunked one ends its connection after the answer. Browsers and the
+    OpenAI SDKs send bodies of known length, so this costs a reconnect only to clients that stream
+    uploads.
+
+    A body left unfinished whose rest would cost to read: on a 408 (the client stalled; RFC 9110
+    has the server close rather than wait on), or when compressed (aiohttp lingers up to 10 s
+    reading the rest, which means inflating it: 10 s of CPU for a few MB of gzip, token or not).
+    Then the connection closes as soon as the answer is out.
+    """
+    if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        response.force_close()  # says `Connection: close` unless the answer is already under way
     if (
-        request.body_exists
-        and not request.content.is_eof()
+        not request.content.is_eof()
         and (response.status == 408 or body_was_decoded(request))
         and request.transport is not None
     ):

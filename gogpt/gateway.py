@@ -3,7 +3,7 @@
 metrics (every answer counted, a stream timed to its last byte) → errors (every refusal and
 failure leaves in OpenAI's shape) → CORS (a preflight is answered before any credential is asked
 for) → authentication (the caller is recorded, or refused) → the caller's rate limit → the
-route's handler; after the answer, a body left unfinished may end its connection (bodies.py).
+route's handler; after the answer, the request's body may end its connection (bodies.py).
 One frame instead of a middleware per step: each level of aiohttp's middleware chain is a call
 and a coroutine more for every request.
 """
@@ -15,7 +15,7 @@ import time
 from aiohttp import web
 
 from .auth import authenticate
-from .bodies import end_unfinished_body
+from .bodies import settle_connection
 from .cors import preflight_answer
 from .errors import Handler, failure_answer
 from .ops import count_request, enforce_rate_limit
@@ -40,7 +40,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             response = failure_answer(request, exc)
         status = response.status
         if request.body_exists:
-            await end_unfinished_body(request, response)
+            await settle_connection(request, response)
         return response
     finally:
         count_request(request, status, started)

@@ -271,3 +271,29 @@ async def test_a_compressed_body_left_unfinished_ends_the_connection_instead_of_
     )
     answer = await exchange(client, head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
     assert status_of(answer) == status
+
+
+# ---- trailers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %(token)s\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n",  # a body gogpt never reads
+    ],
+    ids=["relayed body", "unread body"],
+)
+async def test_a_chunked_requests_trailer_never_reaches_the_upstream_with_the_next_request(
+    client: TestClient, upstream: FakeUpstream, token: str, first: bytes
+):
+    chunked = first % {b"token": token.encode()} + (
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nOpenAI-Organization: org-x\r\n\r\n"
+    )
+    second = (
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n"
+        % (token.encode())
+    )
+    answer = await exchange(client, chunked + second)
+    assert status_of(answer) == 200
+    assert all("OpenAI-Organization" not in request.headers for request in upstream.requests)
