@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+from pathlib import Path
 
 from bench import floor
 from bench.client import run_load
@@ -107,3 +109,17 @@ def test_the_summary_gives_ratios_to_the_floor_row_where_a_profile_has_one():
         "| json | floor | 5,000 | 1.00 | 0.200 | 1.00 | 2.000 | 1.00 | 0.250 | 1.00 |",
         "| json | gogpt | 3,333 | 0.67 | 0.300 | 1.50 | 3.000 | 1.50 | 0.300 | 1.20 |",
     ]
+
+
+async def test_the_bombs_bench_sends_each_attack_and_reports_what_it_cost():
+    bombs = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "bench.bombs", "--max-body", "200000", "--token", "2", "--uploads", "3"),
+        *("--quiet", "0", "--within", "60"),
+        cwd=Path(__file__).parent.parent,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    report = (await asyncio.wait_for(bombs.communicate(), 120))[0].decode()
+    assert bombs.returncode == 0, report
+    token, uploads = report.splitlines()[1:]
+    assert "'statuses': {'413': 2}" in token
+    assert "peak RSS MB" in uploads and "longest loop step" in uploads
