@@ -69,7 +69,7 @@ def free_port() -> int:
 
 
 def peak_rss_mb(pid: int) -> float:
-    """VmHWM of `pid` and of its children, in MB."""
+    """Peak resident memory (VmHWM) of `pid` plus that of its child processes, in MiB."""
     total_kb = 0
     for entry in os.listdir("/proc"):
         try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from conftest import ACCESS_TOKEN, SECRET_KEY, FakeUpstream
 from serving import free_port, start_gogpt, wait_until_listening
 
+from bench.bombs import peak_rss_mb
 from gogpt import Settings, create_app, mint_token
 from gogpt.json_parser import INLINE_BYTES, JsonParser
 
@@ -141,19 +141,6 @@ async def test_a_parse_whose_client_left_never_answers_the_next_body():
         await parser.close()
 
 
-def _peak_rss_mib(pid: int) -> float:
-    """Peak resident memory (VmHWM) of `pid` plus that of its child processes, in MiB."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        try:
-            status = Path(f"/proc/{entry}/status").read_text() if entry.isdigit() else ""
-        except OSError:  # gone meanwhile
-            continue
-        if entry == str(pid) or f"\nPPid:\t{pid}\n" in status:
-            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    return total / 1024
-
-
 @pytest.fixture
 async def gogpt_process(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[tuple[int, str]]:
     """A real `python -m gogpt` with MAX_BODY_BYTES of 8 MiB: (pid, base URL)."""
@@ -190,7 +177,7 @@ async def test_fifty_json_bombs_at_once_keep_gogpt_small_and_healthz_answering(
         ("/conv", CONV, gzip_bomb(8 * MIB, b'{"content":[', b"]}")),
         ("/v1/chat/completions", {}, gzip_bomb(8 * MIB)),
     ]
-    baseline = _peak_rss_mib(pid)
+    baseline = peak_rss_mb(pid)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
 
         async def bomb(number: int) -> int:
@@ -208,7 +195,7 @@ async def test_fifty_json_bombs_at_once_keep_gogpt_small_and_healthz_answering(
                 async with health.get(base + "/healthz") as resp:
                     answered.append(resp.status)
             statuses = await bombs
-    peak = _peak_rss_mib(pid)
+    peak = peak_rss_mb(pid)
     print(f"peak RSS {peak:.0f} MiB (at start {baseline:.0f} MiB); /healthz answered {len(answered)} times")
     assert answered and set(answered) == {200}
     assert set(statuses) <= {200, 400, 413}
