@@ -18,7 +18,7 @@ from multidict import CIMultiDictProxy
 
 from .errors import ApiError, upstream_error
 
-__all__ = ["DECODABLE", "ERROR_ANSWER_BYTES", "accept_encoding", "read_decoded"]
+__all__ = ["DECODABLE", "ERROR_ANSWER_BYTES", "accept_encoding", "content_codings", "decoded", "read_decoded"]
 
 log = logging.getLogger("gogpt.relay")
 
@@ -70,11 +70,21 @@ async def read_decoded(upstream: aiohttp.ClientResponse, max_bytes: int) -> byte
     to the pool with the rest still coming.
     """
     body = await _read_at_most(upstream, max_bytes)
-    codings = _content_codings(upstream.headers)
+    try:
+        return decoded(body, upstream.headers, max_bytes)
+    except _TooLarge:
+        raise _too_large(max_bytes) from None
+    except ValueError:
+        raise _undecodable() from None
+
+
+def decoded(body: bytes, headers: CIMultiDictProxy[str], max_bytes: int) -> bytes:
+    """`body` without the content codings `headers` name; ValueError if undecodable or past `max_bytes`."""
+    codings = content_codings(headers)
     if not codings or not body:
         return body
     if len(codings) > _MAX_CODINGS or any(coding not in _DECODABLE for coding in codings):
-        raise _undecodable()
+        raise ValueError("an unknown content coding")
     try:
         for coding in reversed(codings):  # the last one listed was applied last
             body = (
@@ -83,8 +93,12 @@ async def read_decoded(upstream: aiohttp.ClientResponse, max_bytes: int) -> byte
                 else _inflate(body, _GZIP_WBITS, max_bytes)
             )
     except zlib.error:
-        raise _undecodable() from None
+        raise ValueError("a body that does not decode") from None
     return body
+
+
+class _TooLarge(ValueError):
+    """A body that decodes to more than it may."""
 
 
 async def _read_at_most(upstream: aiohttp.ClientResponse, max_bytes: int) -> bytes:
@@ -109,7 +123,7 @@ async def _read_at_most(upstream: aiohttp.ClientResponse, max_bytes: int) -> byt
     return b"".join(chunks)
 
 
-def _content_codings(headers: CIMultiDictProxy[str]) -> list[str]:
+def content_codings(headers: CIMultiDictProxy[str]) -> list[str]:
     """Every coding of every Content-Encoding header, in the order applied, without `identity`."""
     values = headers.getall("Content-Encoding", ())
     codings = (coding.strip().lower() for value in values for coding in value.split(","))
@@ -132,7 +146,7 @@ def _inflate(data: bytes, wbits: int, max_bytes: int) -> bytes:
         inflater = zlib.decompressobj(wbits)
         part = inflater.decompress(data, room + 1)
         if len(part) > room:
-            raise _too_large(max_bytes)
+            raise _TooLarge()
         if not inflater.eof:  # cut short
             raise zlib.error("truncated")
         parts.append(part)
