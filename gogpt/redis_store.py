@@ -1,4 +1,4 @@
-"""The Store protocol on Redis, so any number of gogpt instances share limits, caches and leases."""
+"""The Store protocol on Redis, so any number of gogpt instances share limits, caches, leases and usage."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from .store import StoreUnavailable
+from .store import USAGE_COUNTS, StoreUnavailable, UsageQuery, UsageRow, sorted_rows
 
 __all__ = ["RedisStore"]
 
@@ -22,6 +22,18 @@ T = TypeVar("T")
 # Only the holder of a lease may extend or drop it: compare the token and act in one step.
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# Usage: one hash per UTC day, a field per (id, model, count), and the set of days. The batch's
+# marker makes a batch sent twice (its first answer lost) count once.
+_ADD_USAGE = """
+if not redis.call('set', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+for i = 3, #ARGV, 3 do
+  redis.call('hincrby', ARGV[2] .. 'usage:' .. ARGV[i], ARGV[i + 1], ARGV[i + 2])
+  redis.call('sadd', ARGV[2] .. 'usage:days', ARGV[i])
+end
+return 1
+"""
+_BATCH_MEMORY = 7 * 86400  # seconds a batch id is remembered: far longer than any outage it outlives
+_ROWS_PER_CALL = 500  # a script runs alone on the server: keep each short
 
 
 class RedisStore:
@@ -34,6 +46,7 @@ class RedisStore:
         self._prefix = prefix
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
+        self._add_usage = self._redis.register_script(_ADD_USAGE)
         self._down = False
 
     async def _call(self, operation: Awaitable[T]) -> T:
@@ -85,6 +98,36 @@ class RedisStore:
             pipe.expire(window_key, window + 1)
             count, _ = await self._call(pipe.execute())
         return int(count), window - now % window
+
+    async def add_usage(self, batch: str, rows: Sequence[UsageRow]) -> None:
+        for part in range(0, len(rows), _ROWS_PER_CALL):
+            args: list[str | int] = [_BATCH_MEMORY, self._prefix]
+            for row in rows[part : part + _ROWS_PER_CALL]:
+                for name, amount in zip(USAGE_COUNTS, row.counts, strict=True):
+                    if amount:
+                        args += [row.day, json.dumps([row.id, row.model, name]), amount]
+            marker = f"{self._prefix}usage:batch:{batch}:{part}"
+            await self._call(self._add_usage(keys=[marker], args=args))
+
+    async def usage(self, query: UsageQuery) -> list[UsageRow]:
+        known = await self._call(self._redis.smembers(self._prefix + "usage:days"))
+        days = sorted(day for day in map(str, known) if query.day_matches(day))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for day in days:
+                pipe.hgetall(f"{self._prefix}usage:{day}")
+            tables = await self._call(pipe.execute()) if days else []
+        rows = []
+        for day, table in zip(days, tables, strict=True):
+            counts: dict[tuple[str, str], dict[str, int]] = {}
+            for field, value in table.items():
+                identity, model, name = json.loads(field)
+                counts.setdefault((identity, model), {})[name] = int(value)
+            rows += [
+                UsageRow(identity, day, model, **named)
+                for (identity, model), named in counts.items()
+                if query.matches(UsageRow(identity, day, model))
+            ]
+        return sorted_rows(rows)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -1,4 +1,4 @@
-"""Shared state behind one small interface: caches, session leases and rate-limit counters.
+"""Shared state behind one small interface: caches, session leases, rate-limit counters and usage.
 
 `MemoryStore` keeps everything in the process (the default, nothing to install); the Redis
 store (gogpt.redis_store) implements the same protocol so several instances act as one.
@@ -7,17 +7,75 @@ store (gogpt.redis_store) implements the same protocol so several instances act 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["MemoryStore", "Store", "StoreUnavailable"]
+__all__ = [
+    "USAGE_COUNTS",
+    "MemoryStore",
+    "Store",
+    "StoreUnavailable",
+    "UsageQuery",
+    "UsageRow",
+    "sorted_rows",
+]
+
+log = logging.getLogger("gogpt.store")
 
 
 class StoreUnavailable(Exception):
     """The shared store cannot be reached; the error middleware answers 503 rather than serve
     unlimited or unlocked."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """What one identity used of one model on one UTC day (`YYYY-MM-DD`), or an addition to it."""
+
+    id: str
+    day: str
+    model: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated_requests: int = 0
+
+    @property
+    def counts(self) -> tuple[int, int, int, int]:
+        return self.requests, self.prompt_tokens, self.completion_tokens, self.estimated_requests
+
+
+USAGE_COUNTS = ("requests", "prompt_tokens", "completion_tokens", "estimated_requests")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    """Which usage rows to read: every filter left None matches everything; days are inclusive."""
+
+    id: str | None = None
+    model: str | None = None
+    since: str | None = None
+    until: str | None = None
+
+    def matches(self, row: UsageRow) -> bool:
+        return (
+            (self.id is None or row.id == self.id)
+            and (self.model is None or row.model == self.model)
+            and self.day_matches(row.day)
+        )
+
+    def day_matches(self, day: str) -> bool:
+        return (self.since is None or day >= self.since) and (self.until is None or day <= self.until)
+
+
+def sorted_rows(rows: Sequence[UsageRow]) -> list[UsageRow]:
+    """The order /usage answers in: by day, then id, then model."""
+    return sorted(rows, key=lambda row: (row.day, row.id, row.model))
 
 
 class Store(Protocol):
@@ -40,17 +98,27 @@ class Store(Protocol):
     async def count_hit(self, key: str, window: int) -> tuple[int, int]:
         """Count one hit in the current `window`-second window: (hits so far, seconds until it resets)."""
 
+    async def add_usage(self, batch: str, rows: Sequence[UsageRow]) -> None:
+        """Add `rows` to the usage kept per (id, day, model), all or none. A batch id already added
+        is not added again, so a batch whose answer was lost can be sent again safely."""
+
+    async def usage(self, query: UsageQuery) -> list[UsageRow]:
+        """The usage rows `query` matches, by day, id and model."""
+
     async def close(self) -> None: ...
 
 
 class MemoryStore:
     """The in-process store. Caches are LRU-bounded so they never grow without limit."""
 
-    def __init__(self, max_entries: int = 4096) -> None:
+    def __init__(self, max_entries: int = 4096, max_usage_rows: int = 100_000) -> None:
         self._max_entries = max_entries
         self._cache: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._leases: dict[str, tuple[float, str]] = {}
         self._hits: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._max_usage_rows = max_usage_rows
+        self._usage: dict[tuple[str, str, str], UsageRow] = {}
+        self._batches: OrderedDict[str, None] = OrderedDict()  # the last batch ids added
 
     async def get_json(self, key: str) -> Any | None:
         entry = self._cache.get(key)
@@ -107,6 +175,29 @@ class MemoryStore:
         while len(self._hits) > self._max_entries * 4:  # oldest callers first
             self._hits.popitem(last=False)
         return count, window_start + window - now
+
+    async def add_usage(self, batch: str, rows: Sequence[UsageRow]) -> None:
+        if batch in self._batches:
+            return
+        self._batches[batch] = None
+        while len(self._batches) > 1024:
+            self._batches.popitem(last=False)
+        usage = self._usage
+        for row in rows:
+            key = (row.day, row.id, row.model)
+            kept = usage.get(key)
+            if kept is not None:
+                sums = [a + b for a, b in zip(kept.counts, row.counts, strict=True)]
+                row = UsageRow(row.id, row.day, row.model, *sums)
+            usage[key] = row
+        if len(usage) > self._max_usage_rows:  # the process's memory is not a ledger: oldest days go
+            oldest = min(day for day, _, _ in usage)
+            log.warning("usage kept in memory passed %d rows: %s is forgotten", self._max_usage_rows, oldest)
+            for key in [key for key in usage if key[0] == oldest]:
+                del usage[key]
+
+    async def usage(self, query: UsageQuery) -> list[UsageRow]:
+        return sorted_rows([row for row in self._usage.values() if query.matches(row)])
 
     async def close(self) -> None:
         self._cache.clear()
