@@ -1,0 +1,282 @@
+"""Finding the usage in an answer as it passes (gogpt/usage_watch.py) and asking for it
+(gogpt/usage_request.py), on plain bytes: every way the upstream's reads and chunks may split a
+stream gives the client the same events, the usage-only chunk taken out when gogpt asked for it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gogpt.splice import ChunkedFraming
+from gogpt.usage_request import with_usage_asked
+from gogpt.usage_watch import Dechunker, EventWatch
+
+USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+
+
+def event(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def delta(content: str) -> bytes:
+    return event(
+        {"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}], "usage": None}
+    )
+
+
+ROLE = event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "usage": None})
+FINISH = event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": None})
+USAGE_ONLY = event({"id": "c", "choices": [], "usage": USAGE})
+DONE = b"data: [DONE]\n\n"
+STREAM = ROLE + delta("Hel") + delta("lo") + delta("!") + FINISH + USAGE_ONLY + DONE
+WITHOUT_USAGE = STREAM.replace(USAGE_ONLY, b"")
+
+
+class Seen:
+    """What the watch reported: the usage events it read."""
+
+    def __init__(self) -> None:
+        self.events: list[bytes] = []
+
+    def __call__(self, event: bytes) -> bool:
+        self.events.append(event)
+        chunk = json.loads(event.removeprefix(b"data: "))
+        return chunk.get("choices") == [] and chunk.get("usage") is not None
+
+
+def watch(strip: bool = True) -> tuple[EventWatch, Seen]:
+    seen = Seen()
+    return EventWatch(seen, delta=b'"content":"', strip=strip), seen
+
+
+def relayed(reads: list[bytes], strip: bool = True) -> tuple[bytes, EventWatch, Seen]:
+    """The bytes a client gets when the upstream's body arrives as `reads` (no chunk framing)."""
+    w, seen = watch(strip)
+    out = b"".join(w.feed(data) for data in reads) + w.end()
+    return out, w, seen
+
+
+def framed(data: bytes, chunk_sizes: list[int]) -> bytes:
+    """`data` in chunks of these sizes (the rest in a last one), then the terminal chunk."""
+    chunks, pos = [], 0
+    for size in [*chunk_sizes, len(data)]:
+        piece = data[pos : pos + size]
+        pos += len(piece)
+        if piece:
+            chunks.append(b"%x\r\n%s\r\n" % (len(piece), piece))
+    return b"".join(chunks) + b"0\r\n\r\n"
+
+
+def spliced(wire: bytes, reads: list[int], strip: bool = True) -> tuple[bytes, EventWatch, Seen]:
+    """The data a client gets when chunked `wire` arrives in reads cut at these offsets, checked by
+    the splice's framing and passed through the watch as the splice does."""
+    w, seen = watch(strip)
+    framing = ChunkedFraming()
+    out, cuts = b"", [0, *reads, len(wire)]
+    for start, end in itertools.pairwise(cuts):
+        body, terminal = framing.feed(wire[start:end])
+        out += w.feed_framed(body, framing.chunks, framing.between_chunks, terminal is not None)
+        if terminal is not None:
+            break
+    return Dechunker().feed(out), w, seen
+
+
+def test_the_usage_only_chunk_is_taken_out_wherever_one_cut_splits_the_stream():
+    for cut in range(len(STREAM) + 1):
+        out, w, seen = relayed([STREAM[:cut], STREAM[cut:]])
+        assert out == WITHOUT_USAGE, cut
+        assert seen.events == [USAGE_ONLY], cut
+        assert w.deltas == 3, cut
+
+
+def test_the_usage_only_chunk_is_taken_out_arriving_a_byte_at_a_time():
+    out, _, seen = relayed([STREAM[i : i + 1] for i in range(len(STREAM))])
+    assert out == WITHOUT_USAGE
+    assert seen.events == [USAGE_ONLY]
+
+
+def test_two_events_in_one_read_lose_only_the_usage_one():
+    out, _, _ = relayed([delta("a"), FINISH + USAGE_ONLY + DONE])
+    assert out == delta("a") + FINISH + DONE
+
+
+def test_when_the_client_asked_every_byte_goes_as_it_came_and_the_usage_is_still_read():
+    for cut in range(0, len(STREAM) + 1, 7):
+        out, _, seen = relayed([STREAM[:cut], STREAM[cut:]], strip=False)
+        assert out == STREAM, cut
+        assert seen.events == [USAGE_ONLY], cut
+
+
+def test_reads_that_end_between_events_without_usage_pass_as_they_are():
+    w, seen = watch()
+    first = delta("a") + delta("b")
+    assert w.feed(first) is first  # the same object: nothing copied
+    assert seen.events == []
+    assert w.deltas == 2
+
+
+def test_an_unfinished_event_is_held_back_until_its_end_comes_then_sent_whole():
+    w, _ = watch()
+    assert w.feed(delta("a") + b'data: {"choi') == delta("a")
+    assert w.feed(b'ces":[]}\n\n') == b'data: {"choices":[]}\n\n'
+
+
+def test_a_stream_that_ends_inside_an_event_still_sends_every_byte():
+    out, _, _ = relayed([delta("a"), b"data: cut sho", b"rt"])
+    assert out == delta("a") + b"data: cut short"
+
+
+def test_crlf_and_cr_line_ends_are_event_boundaries_too():
+    usage = USAGE_ONLY.replace(b"\n\n", b"\r\n\r\n")
+    stream = delta("a").replace(b"\n\n", b"\r\r") + usage + DONE.replace(b"\n\n", b"\r\n\r\n")
+    for cut in range(len(stream) + 1):
+        out, _, seen = relayed([stream[:cut], stream[cut:]])
+        assert out == stream.replace(usage, b""), cut
+        assert len(seen.events) == 1, cut
+
+
+def test_the_responses_api_usage_is_read_from_its_completed_event_and_never_dropped():
+    created = b'event: response.created\ndata: {"type":"response.created","response":{"max_output_tokens":null,"usage":null}}\n\n'
+    text = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi"}\n\n'
+    done = b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":{"input_tokens":5,"output_tokens":1}}}\n\n'
+    read: list[bytes] = []
+    w = EventWatch(lambda event: read.append(event) is not None, delta=b'"delta":"', strip=False)
+    stream = created + text + done
+    assert b"".join(w.feed(stream[i : i + 10]) for i in range(0, len(stream), 10)) + w.end() == stream
+    assert read == [created, done]
+    assert w.deltas == 1
+
+
+def _cut_in_every_usage_key() -> list[int]:
+    """Chunk sizes that cut the stream inside each `_tokens"` of the usage event."""
+    cuts, at = [], STREAM.find(b'_tokens"')
+    while at >= 0:
+        cuts.append(at + 3)
+        at = STREAM.find(b'_tokens"', at + 1)
+    return [end - start for start, end in zip([0, *cuts], cuts, strict=False)]
+
+
+@pytest.mark.parametrize(
+    "chunk_sizes",
+    [
+        [],  # one chunk for all
+        [len(ROLE), len(delta("Hel")), len(delta("lo")), len(delta("!")), len(FINISH), len(USAGE_ONLY)],
+        [7, 40, 3, 100, 1, 60],  # chunks that cut events anywhere
+        [STREAM.index(USAGE_ONLY) + 10],  # the usage event split before its usage keys
+        _cut_in_every_usage_key(),
+    ],
+    ids=[
+        "one chunk",
+        "a chunk per event",
+        "chunks across events",
+        "usage split by a chunk",
+        "usage keys split",
+    ],
+)
+def test_through_the_splice_the_usage_chunk_is_taken_out_wherever_reads_and_chunks_cut(chunk_sizes):
+    wire = framed(STREAM, chunk_sizes)
+    for cut in range(len(wire) + 1):
+        out, w, seen = spliced(wire, [cut])
+        assert out == WITHOUT_USAGE, cut
+        assert seen.events == [USAGE_ONLY], cut
+        assert w.deltas == 3, cut
+
+
+def test_through_the_splice_the_usage_chunk_is_taken_out_arriving_a_byte_at_a_time():
+    wire = framed(STREAM, [7, 40, 3, 100, 1, 60])
+    out, _, seen = spliced(wire, list(range(1, len(wire))))
+    assert out == WITHOUT_USAGE
+    assert seen.events == [USAGE_ONLY]
+
+
+def test_through_the_splice_reads_of_whole_events_without_usage_go_framed_as_they_came():
+    w, _ = watch()
+    framing = ChunkedFraming()
+    wire = framed(delta("a") + delta("b"), [len(delta("a"))]).removesuffix(b"0\r\n\r\n")
+    body, _ = framing.feed(wire)
+    assert w.feed_framed(body, framing.chunks, framing.between_chunks, False) is body
+
+
+def test_through_the_splice_a_client_that_asked_gets_the_wire_bytes_unchanged():
+    wire = framed(STREAM, [7, 40, 3, 100, 1, 60])
+    for cut in range(0, len(wire) + 1, 5):
+        w, seen = watch(strip=False)
+        framing, out = ChunkedFraming(), b""
+        for part in (wire[:cut], wire[cut:]):
+            body, terminal = framing.feed(part)
+            out += w.feed_framed(body, framing.chunks, framing.between_chunks, terminal is not None)
+            if terminal is not None:
+                break
+        assert out == wire.removesuffix(b"0\r\n\r\n"), cut
+        assert seen.events == [USAGE_ONLY], cut
+
+
+def test_the_dechunker_gives_back_the_data_wherever_the_framing_let_reads_end():
+    data = STREAM
+    wire = framed(data, [5, 17, 1, 200]).removesuffix(b"0\r\n\r\n")
+    for cut in range(len(wire) + 1):
+        framing, dechunker, out = ChunkedFraming(), Dechunker(), b""
+        for part in (wire[:cut], wire[cut:]):
+            body, _ = framing.feed(part)
+            out += dechunker.feed(body)
+        assert out == data, cut
+
+
+# ---- asking for the usage ----------------------------------------------------------------------
+
+
+def test_the_request_is_asked_for_usage_with_every_other_byte_as_sent():
+    body = (
+        b'{"model": "gpt-4o-mini", "stream": true,\n "messages": [{"role": "user", "content": "h\\u00e9"}]}'
+    )
+    sent = with_usage_asked(body, json.loads(body))
+    assert sent == b'{"stream_options":{"include_usage":true},' + body[1:]
+    assert json.loads(sent)["stream_options"] == {"include_usage": True}
+
+
+def test_a_request_that_asked_is_sent_as_it_is():
+    body = b'{"stream": true, "stream_options": {"include_usage": true}}'
+    assert with_usage_asked(body, json.loads(body)) is body
+
+
+@pytest.mark.parametrize("options", ["{}", "null", '{"include_usage": false, "x": 1}'])
+def test_stream_options_that_do_not_ask_are_rewritten_and_nothing_else(options: str):
+    body = f'{{"a": [1, {{"stream_options": 2}}], "stream_options": {options} , "stream": true}}'.encode()
+    sent = with_usage_asked(body, json.loads(body))
+    head, tail = body.split(options.encode())
+    assert sent.startswith(head) and sent.endswith(tail)
+    fields = json.loads(sent)
+    assert fields["stream_options"]["include_usage"] is True
+    assert fields["a"] == [1, {"stream_options": 2}]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(
+    fields=st.dictionaries(st.text(max_size=8), json_values, max_size=5),
+    options=st.none()
+    | st.just("absent")
+    | st.dictionaries(st.sampled_from(["include_usage", "x"]), json_values),
+    indent=st.none() | st.integers(0, 3),
+    ascii_only=st.booleans(),
+)
+def test_any_streamed_request_asks_for_usage_and_keeps_the_rest(fields, options, indent, ascii_only):
+    fields = {**fields, "stream": True}
+    if options != "absent":
+        fields["stream_options"] = options
+    else:
+        fields.pop("stream_options", None)
+    body = json.dumps(fields, indent=indent, ensure_ascii=ascii_only).encode()
+    sent = json.loads(with_usage_asked(body, json.loads(body)))
+    kept = dict(options) if isinstance(options, dict) else {}
+    assert sent == {**fields, "stream_options": {**kept, "include_usage": True}}
