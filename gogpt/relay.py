@@ -24,6 +24,7 @@ from .metrics import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
 from .redact import REDACTOR
 from .splice import EVENT_ENDS, KEEPALIVE, held_body
 from .upstreams import KeyPool
+from .watching import AnswerWatch, BodyWatch
 
 __all__ = ["call_upstream", "relay", "upstream_headers"]
 
@@ -89,6 +90,7 @@ async def relay(
     data: bytes | AsyncIterable[bytes] | None = None,
     on_chunk: Callable[[bytes], None] | None = None,
     keys: KeyPool | None = None,
+    watch: AnswerWatch | None = None,
 ) -> web.StreamResponse:
     """Send one request upstream and stream its answer back unchanged.
 
@@ -101,6 +103,7 @@ async def relay(
     written, so observing never delays the client. With `keys`, the call goes to the pool's
     best key, and to others while it fails before any byte was relayed (upstreams.py).
     An event stream that has sent nothing for SSE_KEEPALIVE gets a comment between events.
+    `watch` is shown a successful answer's head, and its body as it goes (watching.py).
     """
     if isinstance(data, AsyncIterable) and "content-length" not in headers:
         length = request.content_length
@@ -111,14 +114,18 @@ async def relay(
     spliceable = on_chunk is None and request.version >= aiohttp.HttpVersion11 and _may_stream(request, data)
     if keys is None:
         upstream = await call_upstream(request, method, url, headers=headers, data=data, splice=spliceable)
-        return await _relay_answer(request, upstream, method, url, on_chunk=on_chunk, spliceable=spliceable)
+        return await _relay_answer(
+            request, upstream, method, url, on_chunk=on_chunk, spliceable=spliceable, answer_watch=watch
+        )
 
     def send(outgoing: Mapping[str, str]) -> Awaitable[aiohttp.ClientResponse]:
         return call_upstream(request, method, url, headers=outgoing, data=data, splice=spliceable)
 
     upstream, key = await keys.call(send, headers, data)
     try:
-        return await _relay_answer(request, upstream, method, url, on_chunk=on_chunk, spliceable=spliceable)
+        return await _relay_answer(
+            request, upstream, method, url, on_chunk=on_chunk, spliceable=spliceable, answer_watch=watch
+        )
     finally:
         key.in_flight -= 1
 
@@ -140,6 +147,7 @@ async def _relay_answer(
     *,
     on_chunk: Callable[[bytes], None] | None,
     spliceable: bool,
+    answer_watch: AnswerWatch | None,
 ) -> web.StreamResponse:
     if upstream.status == 101:  # a protocol switch is not an answer gogpt can relay
         upstream.close()
@@ -153,8 +161,9 @@ async def _relay_answer(
         splice = None
     if error:
         return await _whole_answer(request, upstream, reason, answer_headers, redact=True)
+    body_watch = answer_watch.observe(upstream) if answer_watch is not None else None
     if on_chunk is None and _is_small_answer(upstream, method):  # one write, not a head and a body
-        return await _whole_answer(request, upstream, reason, answer_headers, redact=False)
+        return await _whole_answer(request, upstream, reason, answer_headers, redact=False, watch=body_watch)
     response = web.StreamResponse(status=upstream.status, reason=reason, headers=answer_headers)
     if splice is not None:
         response.enable_chunked_encoding()  # the upstream's chunks go out as they came
@@ -168,8 +177,19 @@ async def _relay_answer(
         watch = _StallWatch(request, settings.client_timeout)
         write = response.write
         if splice is not None:
-            await splice.forward_to(request, keepalive=keepalive)
+            await splice.forward_to(request, keepalive=keepalive, watch=body_watch)
             await upstream.content.read()  # the terminal chunk, back with aiohttp's parser
+        elif body_watch is not None:  # it may hold back or drop bytes: what it returns is sent
+            idle = _KeepAlive(request, response, keepalive) if keepalive else None
+            async for chunk in upstream.content.iter_any():
+                ready = body_watch.feed(chunk)
+                if ready:
+                    if idle is not None:
+                        idle.tail = ready
+                    await write(ready)
+            ready = body_watch.end()
+            if ready:
+                await write(ready)
         elif keepalive and on_chunk is None:
             idle = _KeepAlive(request, response, keepalive)
             async for chunk in upstream.content.iter_any():
@@ -302,6 +322,7 @@ async def _whole_answer(
     headers: CIMultiDict[str],
     *,
     redact: bool,
+    watch: BodyWatch | None = None,
 ) -> web.Response:
     """An answer read whole and sent with its head in one write.
 
@@ -319,6 +340,8 @@ async def _whole_answer(
                 body = await upstream.read()
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise upstream_error(exc) from None
+            if watch is not None:
+                watch.whole(body)
     headers.popall("Content-Length", None)
     RELAYED_BYTES.inc(len(body))
     return web.Response(status=upstream.status, reason=reason, body=body, headers=headers)

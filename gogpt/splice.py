@@ -31,6 +31,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler  # internal: the client's protocol class
 
+from .watching import BodyWatch
+
 __all__ = [
     "EVENT_ENDS",
     "KEEPALIVE",
@@ -80,13 +82,14 @@ class ChunkedFraming:
     and, once the terminal chunk has come, the bytes from it on; it raises `MalformedChunk`.
     """
 
-    __slots__ = ("_crlf_due", "_in_chunk", "_partial", "data_bytes")
+    __slots__ = ("_crlf_due", "_in_chunk", "_partial", "chunks", "data_bytes")
 
     def __init__(self) -> None:
         self._partial = b""  # an unfinished size line, or the CRLF after a chunk's data
         self._in_chunk = 0  # bytes of chunk data still to come
         self._crlf_due = False  # the CRLF that closes a chunk's data, when it did not come with it
         self.data_bytes = 0  # chunk data seen, framing excluded
+        self.chunks = 0  # chunks whose size line has been read
 
     @property
     def between_chunks(self) -> bool:
@@ -121,6 +124,7 @@ class ChunkedFraming:
             if size == 0:
                 return data[:pos], data[pos:]
             self.data_bytes += size
+            self.chunks += 1
             pos = eol + 1
             after = pos + size
             if data[after : after + 2] == b"\r\n":  # the usual case: the whole chunk is here
@@ -252,6 +256,7 @@ class Splice:
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._last_write = 0.0
         self._last_written = b"\n\n\r\n"  # the last bytes written: a stream starts between events
+        self._watch: BodyWatch | None = None
         self.forwarded_bytes = 0  # wire bytes written to the client
 
     @property
@@ -269,10 +274,13 @@ class Splice:
         if self._state in (_HEAD, _HOLD):
             self._give_back(b"".join(self._held))
 
-    async def forward_to(self, request: web.BaseRequest, *, keepalive: float = 0.0) -> None:
+    async def forward_to(
+        self, request: web.BaseRequest, *, keepalive: float = 0.0, watch: BodyWatch | None = None
+    ) -> None:
         """Move the body to `request`'s client until the terminal chunk; raise if either side fails.
 
         With `keepalive`, an SSE comment goes out between events after that many quiet seconds.
+        With `watch`, each read's checked bytes pass through it (watching.py) on their way.
 
         internal: the server protocol's `writing_paused`, and the writer's `buffer_size` and
         `output_size`, which the access log and aiohttp's "response started" read.
@@ -284,6 +292,7 @@ class Splice:
             raise ConnectionResetError("The client closed the connection.")
         client_protocol, writer = request.protocol, request.writer
         self._client, self._client_protocol = client, client_protocol
+        self._watch = watch
         self._state = _FORWARD
         protocol = self._protocol
         self._read_timeout = protocol.read_timeout  # aiohttp's sock_read, kept here with one timer
@@ -386,6 +395,9 @@ class Splice:
             body, terminal = self._framing.feed(data)
         except MalformedChunk:
             return self._fail(UpstreamBrokeOff("The upstream sent a malformed chunk."))
+        if self._watch is not None:
+            framing = self._framing
+            body = self._watch.feed_framed(body, framing.chunks, framing.between_chunks, terminal is not None)
         if body:
             client = self._client
             if client.is_closing():  # the client left; its handler is being cancelled

@@ -1,0 +1,37 @@
+"""What the relay shows an answer to: one watcher per answer, asked once, at the answer's head.
+
+A leaf: the relay and the splice call these without knowing what watches (usage.py does).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import aiohttp
+
+__all__ = ["AnswerWatch", "BodyWatch"]
+
+
+class BodyWatch(Protocol):
+    """Sees a body as it is relayed and says what to send; it may hold back or drop whole events."""
+
+    def feed(self, data: bytes) -> bytes:
+        """Body bytes as they arrive (no chunk framing); returns the bytes to send now."""
+
+    def feed_framed(self, framed: bytes, chunks: int, between_chunks: bool, last: bool) -> bytes:
+        """Chunked bytes checked by the splice's framing; returns the chunked bytes to send now.
+
+        `chunks`: chunks the framing has started so far; `between_chunks`: `framed` ends between
+        two; `last`: the terminal chunk follows `framed` (anything still held goes now).
+        """
+
+    def end(self) -> bytes:
+        """The body has ended (no chunk framing): what is still held back, to send now."""
+
+    def whole(self, body: bytes) -> None:
+        """The body, read whole and sent as it is."""
+
+
+class AnswerWatch(Protocol):
+    def observe(self, upstream: aiohttp.ClientResponse) -> BodyWatch | None:
+        """Called once with a successful (2xx) answer's head: the watcher of its body, if any."""
