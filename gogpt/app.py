@@ -18,6 +18,7 @@ from .event import event_handler
 from .gateway import gateway_middleware
 from .json_parser import JSON_PARSER, JsonParser
 from .keys import HTTP, SETTINGS, SPLICING_HTTP, STORE
+from .ledger import usage_ledger
 from .lockout import LOCKOUT, Lockout
 from .openai_api import chat_handler, v1_handler
 from .ops import healthz_handler, metrics_handler
@@ -27,6 +28,7 @@ from .splice import SplicingResponse, check_internals, guard_connections
 from .sqlite_store import SqliteStore
 from .store import MemoryStore, Store
 from .upstreams import KEY_POOL, KeyPool
+from .usage_api import usage_handler
 
 __all__ = ["create_app"]
 
@@ -52,6 +54,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_json_parser)
+    app.cleanup_ctx.append(usage_ledger)  # after the store: closed first, so it can still write
     app.on_response_prepare.append(add_cors_headers)
 
     router = app.router
@@ -63,6 +66,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     router.add_route("*", "/conv", conv_handler, expect_handler=expect_continue)
     router.add_get("/healthz", healthz_handler, expect_handler=expect_continue)
     router.add_get("/metrics", metrics_handler, expect_handler=expect_continue)
+    router.add_get("/usage", usage_handler, expect_handler=expect_continue)
     return app
 
 

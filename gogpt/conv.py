@@ -30,6 +30,7 @@ from .redact import REDACTOR
 from .relay import call_upstream, relay, upstream_headers
 from .sse_ids import MessageIds
 from .store import Store, StoreUnavailable
+from .usage import meter_conv_call
 
 __all__ = ["CONV_STATE", "ConvState", "conv_handler", "hide_all_conversations"]
 
@@ -190,14 +191,16 @@ async def _post_message(settings: Settings, request: web.Request) -> web.StreamR
     session = _session_key(settings.multi, conversation_id or str(uuid.uuid4()))
     async with _session_lease(store, session):
         try:
-            return await relay(
-                request,
-                "POST",
-                settings.unofficial_proxy + "/conversation",
-                headers=headers,
-                data=json.dumps(upstream_body).encode(),
-                on_chunk=ids.feed,
-            )
+            with meter_conv_call(request, _MODEL) as meter:
+                return await relay(
+                    request,
+                    "POST",
+                    settings.unofficial_proxy + "/conversation",
+                    headers=headers,
+                    data=json.dumps(upstream_body).encode(),
+                    on_chunk=ids.feed,
+                    watch=meter,
+                )
         finally:
             await _remember_current_node(store, ids.conversation_id or conversation_id, ids.message_id)
 

@@ -17,8 +17,10 @@ __all__ = [
     "RELAYED_BYTES",
     "REQUESTS",
     "STREAMS_ACTIVE",
+    "TOKENS",
     "UPSTREAM_ERRORS",
     "UPSTREAM_KEY_CALLS",
+    "USAGE_DROPPED",
     "exposition",
 ]
 
@@ -38,6 +40,16 @@ UPSTREAM_KEY_CALLS = Counter(
     "gogpt_upstream_key_calls_total",
     "Upstream calls per OpenAI key (by fingerprint) and answer status.",
     ["key", "status"],
+)
+
+TOKENS = Counter(
+    "gogpt_tokens_total",
+    "Tokens used, by the model the upstream named, prompt or completion, and exact or estimated.",
+    ["model", "kind", "source"],
+)
+USAGE_DROPPED = Counter(
+    "gogpt_usage_dropped_total",
+    "Calls whose usage was lost: the store was down and the usage kept waiting for it was full.",
 )
 
 

@@ -14,6 +14,7 @@ from .errors import ApiError
 from .keys import SETTINGS
 from .relay import relay, upstream_headers
 from .upstreams import KEY_POOL, KeyPool
+from .usage import METERED_PATHS, REQUEST_FIELDS, meter_openai_call
 
 __all__ = ["chat_handler", "v1_handler"]
 
@@ -26,11 +27,14 @@ _V1_ALLOW = "GET, HEAD, POST, DELETE, OPTIONS"  # OPTIONS: the CORS preflight, a
 async def chat_handler(request: web.Request) -> web.StreamResponse:
     """POST /chat: the body, checked to be a JSON object, goes unchanged to /v1/chat/completions."""
     settings = request.app[SETTINGS]
-    body, _ = await read_json_object(request)  # checked, then forwarded as the client wrote it
+    # checked, then forwarded as the client wrote it (but for asking a stream for its usage)
+    body, fields = await read_json_object(request, REQUEST_FIELDS)
     headers = _openai_headers(request, settings)
     headers["Content-Type"] = "application/json"  # browsers may send text/plain to skip a preflight
     url = settings.api_proxy + "/v1/chat/completions"
-    return await relay(request, "POST", url, headers=headers, data=body, keys=_keys(request))
+    body, meter = meter_openai_call(request, "chat/completions", body, fields, headers)
+    with meter:
+        return await relay(request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter)
 
 
 async def v1_handler(request: web.Request) -> web.StreamResponse:
@@ -48,8 +52,16 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "Invalid API path.", code="invalid_path")
     if request.query_string:
         url = URL(f"{url}?{request.rel_url.raw_query_string}", encoded=True)
-    data = await request_body(request)
     headers = _openai_headers(request, settings)
+    path = request.match_info["path"]
+    if request.method == "POST" and path in METERED_PATHS:  # a JSON object whose usage is counted
+        body, fields = await read_json_object(request, REQUEST_FIELDS)
+        body, meter = meter_openai_call(request, path, body, fields, headers)
+        with meter:
+            return await relay(
+                request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter
+            )
+    data = await request_body(request)
     return await relay(request, request.method, url, headers=headers, data=data, keys=_keys(request))
 
 

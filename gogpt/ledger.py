@@ -1,0 +1,173 @@
+"""The usage ledger: each worker adds up its calls' usage in memory and writes it to the store once a second.
+
+Batching keeps the store off every call's path: one write a second per worker, whatever the
+traffic. A batch the store did not take is kept as it is, under its id, and sent again until it
+is taken, so it counts once even when the store took it but the answer was lost. Meanwhile new
+usage adds up beside it, up to a bound of distinct (id, day, model) rows; past the bound a call's
+usage is dropped, counted in gogpt_usage_dropped_total and logged. At shutdown, the app's cleanup
+waits for the calls still ending, then writes what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from .keys import STORE
+from .metrics import TOKENS, USAGE_DROPPED
+from .store import Store, StoreUnavailable, UsageRow
+
+__all__ = ["LEDGER", "UsageLedger", "usage_ledger"]
+
+log = logging.getLogger("gogpt.usage")
+
+FLUSH_INTERVAL = 1.0  # seconds between two writes of a worker's usage
+_MAX_WAITING_ROWS = 10_000  # distinct (id, day, model) kept while the store is down
+_MAX_MODEL_LABELS = 100  # gogpt_tokens_total's model values; the rest are counted as "other"
+_CALLS_ENDING_WAIT = 5.0  # seconds the shutdown waits for cancelled calls to settle their usage
+
+_Key = tuple[str, str, str]  # (id, day, model)
+
+
+class UsageLedger:
+    def __init__(self, store: Store, *, max_waiting_rows: int = _MAX_WAITING_ROWS) -> None:
+        self._store = store
+        self._max_waiting_rows = max_waiting_rows
+        self._adding: dict[_Key, list[int]] = {}  # requests, prompt, completion, estimated
+        self._unsent: tuple[str, list[UsageRow]] | None = None  # a batch the store has not taken yet
+        self._lock = asyncio.Lock()
+        self._open_calls = 0
+        self._no_open_calls = asyncio.Event()
+        self._no_open_calls.set()
+        self._store_down = False
+        self._dropping = False
+        self._model_labels: set[str] = set()
+
+    def call_started(self) -> None:
+        self._open_calls += 1
+        self._no_open_calls.clear()
+
+    def call_ended(self) -> None:
+        self._open_calls -= 1
+        if not self._open_calls:
+            self._no_open_calls.set()
+
+    def record(
+        self,
+        identity: str,
+        day: str,
+        model: str,
+        *,
+        prompt: int,
+        completion: int,
+        estimated: bool,
+        reported_model: str,
+    ) -> None:
+        """Add one call's usage; `reported_model` (as the upstream named it) labels the token metric."""
+        source = "estimated" if estimated else "exact"
+        if prompt or completion:
+            prompt_tokens, completion_tokens = _token_counters(self._model_label(reported_model), source)
+            prompt_tokens.inc(prompt)
+            completion_tokens.inc(completion)
+        key = (identity, day, model)
+        counts = self._adding.get(key)
+        if counts is None:
+            unsent = len(self._unsent[1]) if self._unsent is not None else 0
+            if len(self._adding) + unsent >= self._max_waiting_rows:
+                self._drop(1)
+                return
+            counts = self._adding[key] = [0, 0, 0, 0]
+        counts[0] += 1
+        counts[1] += prompt
+        counts[2] += completion
+        counts[3] += estimated
+
+    async def flush(self) -> bool:
+        """Write what is waiting: the batch left by a failure, then what added up since. False if the
+        store is down (everything stays waiting)."""
+        async with self._lock:
+            for _ in range(2):
+                if self._unsent is None:
+                    if not self._adding:
+                        break
+                    rows = [UsageRow(*key, *counts) for key, counts in self._adding.items()]
+                    self._unsent, self._adding = (uuid.uuid4().hex, rows), {}
+                batch, rows = self._unsent
+                try:
+                    await self._store.add_usage(batch, rows)
+                except StoreUnavailable:
+                    if not self._store_down:
+                        log.error("usage cannot be written to the store: it is kept until the store is back")
+                        self._store_down = True
+                    return False
+                self._unsent = None
+            if self._store_down:
+                log.warning("the store is back: the usage kept meanwhile is written")
+                self._store_down = self._dropping = False
+            return True
+
+    async def run(self, interval: float = FLUSH_INTERVAL) -> None:
+        """Write every `interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.flush()
+            except Exception:  # a fault of its own must not stop the writing for good
+                log.exception("writing usage failed")
+
+    async def close(self) -> None:
+        """Wait (a little) for calls still ending, then write what is left; what cannot be is lost and said so."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CALLS_ENDING_WAIT):
+                await self._no_open_calls.wait()
+        if not await self.flush():
+            lost = sum(counts[0] for counts in self._adding.values())
+            lost += sum(row.requests for row in self._unsent[1]) if self._unsent else 0
+            USAGE_DROPPED.inc(lost)
+            log.error("the store is down at shutdown: the usage of %d calls is lost", lost)
+
+    def _drop(self, calls: int) -> None:
+        USAGE_DROPPED.inc(calls)
+        if not self._dropping:
+            log.error(
+                "usage waiting for the store passed %d rows: new rows are dropped until it is back"
+                " (counted in gogpt_usage_dropped_total)",
+                self._max_waiting_rows,
+            )
+            self._dropping = True
+
+    def _model_label(self, model: str) -> str:
+        if model not in self._model_labels:
+            if len(self._model_labels) >= _MAX_MODEL_LABELS:
+                return "other"
+            self._model_labels.add(model)
+        return model
+
+
+@functools.lru_cache(maxsize=2 * _MAX_MODEL_LABELS + 2)
+def _token_counters(model: str, source: str) -> tuple[Any, Any]:
+    """The labelled prompt and completion counters for a model and source, looked up once."""
+    return TOKENS.labels(model, "prompt", source), TOKENS.labels(model, "completion", source)
+
+
+LEDGER = web.AppKey("gogpt.ledger", UsageLedger)
+
+
+async def usage_ledger(app: web.Application) -> AsyncIterator[None]:
+    """The ledger and its writer, opened after the store and closed before it."""
+    ledger = app[LEDGER] = UsageLedger(app[STORE])
+    writer = asyncio.create_task(ledger.run())
+    try:
+        yield
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        await ledger.close()

@@ -1,0 +1,255 @@
+"""Usage per call: asked of the upstream, read from its answer, and written to the ledger when the call ends.
+
+Exact when the upstream reports it (a JSON answer's `usage`, a stream's usage chunk or
+`response.completed` event); estimated, and marked so, when it does not or the answer ends
+early (client hang-up, upstream cut or timeout): completion tokens are the content deltas
+relayed, prompt tokens the request body's bytes / 4. A call counts once the upstream has
+accepted it (a 2xx head), or when it ended while the upstream was still working on it (the
+client left, or the upstream did not answer in time); an upstream's refusal is not usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Mapping, MutableMapping
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .answers import content_codings, decoded
+from .errors import ApiError
+from .keys import CALLER
+from .ledger import LEDGER, UsageLedger
+from .usage_request import asks_for_usage, with_usage_asked
+from .usage_watch import EventWatch, JsonWatch
+
+__all__ = ["METERED_PATHS", "REQUEST_FIELDS", "Meter", "meter_conv_call", "meter_openai_call"]
+
+# The OpenAI API paths (under /v1) whose answers report usage, and what a content delta looks
+# like in each one's stream (counted for an estimate).
+METERED_PATHS: Mapping[str, bytes] = {
+    "chat/completions": b'"content":"',
+    "completions": b'"text":"',
+    "responses": b'"delta":"',
+    "embeddings": b'"content":"',  # never streamed
+}
+# The request's fields a meter reads (bodies.read_json_object finds them).
+REQUEST_FIELDS = ("model", "stream", "stream_options", "stream_options.include_usage")
+_MAX_MODEL_CHARS = 256
+_MAX_DECODED_JSON = 64 << 20
+_PARSED_WHOLE_JSON = 1 << 20  # JSON answers up to this are parsed; in larger ones the usage is looked up
+_COLON = re.compile(rb"\s*:\s*")
+_DECODER = json.JSONDecoder()
+
+
+def meter_openai_call(
+    request: web.Request,
+    path: str,
+    body: bytes,
+    fields: dict[str, Any] | None,
+    headers: MutableMapping[str, str],
+) -> tuple[bytes, Meter]:
+    """The body to send for a call to `/v1/{path}` (one of METERED_PATHS) and the meter of its usage.
+
+    A streamed chat completion whose client did not ask for usage asks for it here, and the
+    usage-only chunk it brings is taken out of the answer again. A stream is asked for without
+    compression (`headers` are changed), so its events can be read as they pass.
+    """
+    fields = fields or {}
+    streamed = fields.get("stream") is True
+    strip = path == "chat/completions" and streamed and not asks_for_usage(fields)
+    meter = Meter(
+        request.app[LEDGER],
+        request[CALLER].identity,
+        _model_name(fields.get("model")),
+        prompt_estimate=len(body) // 4,
+        delta=METERED_PATHS[path],
+        strip=strip,
+    )
+    if strip:
+        body = with_usage_asked(body, fields)
+    if streamed:
+        headers["Accept-Encoding"] = "identity"
+    return body, meter
+
+
+def meter_conv_call(request: web.Request, model: str) -> Meter:
+    """The meter of a /conv reply: the backend-api reports no tokens, so the call alone is counted."""
+    return Meter(request.app[LEDGER], request[CALLER].identity, model, requests_only=True)
+
+
+class Meter:
+    """One call's usage. Used as a context manager around the relay, which it watches (AnswerWatch);
+    on exit it writes the usage to the ledger, exact if the answer reported it, else estimated."""
+
+    def __init__(
+        self,
+        ledger: UsageLedger,
+        identity: str,
+        model: str,
+        *,
+        prompt_estimate: int = 0,
+        delta: bytes = b'"content":"',
+        strip: bool = False,
+        requests_only: bool = False,
+    ) -> None:
+        self._ledger = ledger
+        self._identity = identity
+        self._model = model
+        self._day = time.strftime("%Y-%m-%d", time.gmtime())
+        self._prompt_estimate = prompt_estimate
+        self._delta = delta
+        self._strip = strip
+        self._requests_only = requests_only
+        self._answered = False
+        self._answer_headers: Any = None
+        self._watch: EventWatch | JsonWatch | None = None
+        self._usage: tuple[int, int] | None = None
+        self._reported_model: str | None = None
+
+    def __enter__(self) -> Meter:
+        self._ledger.call_started()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        try:
+            left_early = kind is asyncio.CancelledError or (
+                isinstance(error, ApiError) and error.status == 504
+            )
+            if self._answered or left_early:
+                self._settle()
+        finally:
+            self._ledger.call_ended()
+
+    def observe(self, upstream: aiohttp.ClientResponse) -> EventWatch | JsonWatch | None:
+        self._answered = True
+        if self._requests_only or upstream.method == "HEAD":
+            return None
+        self._answer_headers = upstream.headers
+        codings = content_codings(upstream.headers)
+        if upstream.content_type == "text/event-stream":
+            if codings:  # compressed although asked not to be: read nothing, estimate
+                return None
+            # A length sent with the answer would no longer be true without the usage chunk.
+            strip = self._strip and "Content-Length" not in upstream.headers
+            self._watch = EventWatch(self._read_event, delta=self._delta, strip=strip)
+        elif upstream.content_type == "application/json":
+            self._watch = JsonWatch(encoded=bool(codings))
+        return self._watch
+
+    def _read_event(self, event: bytes) -> bool:
+        """Read an event that holds a usage key; True if it is a usage-only chat chunk."""
+        data = b"\n".join(
+            line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")
+        )
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return False
+        if not isinstance(chunk, dict):
+            return False
+        holder = chunk["response"] if isinstance(chunk.get("response"), dict) else chunk  # /v1/responses
+        tokens = _tokens(holder.get("usage"))
+        if tokens is None:
+            return False
+        self._usage = tokens
+        if isinstance(holder.get("model"), str):
+            self._reported_model = holder["model"]
+        return chunk.get("choices") == []
+
+    def _settle(self) -> None:
+        if self._requests_only:
+            self._ledger.record(
+                self._identity,
+                self._day,
+                self._model,
+                prompt=0,
+                completion=0,
+                estimated=False,
+                reported_model=self._model,
+            )
+            return
+        watch = self._watch
+        if isinstance(watch, JsonWatch):
+            self._read_json(watch)
+        usage = self._usage
+        if usage is None:
+            prompt, completion = self._prompt_estimate, watch.deltas if isinstance(watch, EventWatch) else 0
+        else:
+            prompt, completion = usage
+        self._ledger.record(
+            self._identity,
+            self._day,
+            self._model,
+            prompt=prompt,
+            completion=completion,
+            estimated=usage is None,
+            reported_model=_model_name(self._reported_model) if self._reported_model else self._model,
+        )
+
+    def _read_json(self, watch: JsonWatch) -> None:
+        body = watch.body()
+        if body is None:
+            return
+        try:
+            body = decoded(body, self._answer_headers, _MAX_DECODED_JSON)
+        except ValueError:
+            return
+        usage, model = _usage_in_json(body, whole=watch.complete)
+        self._usage = _tokens(usage)
+        if isinstance(model, str):
+            self._reported_model = model
+
+
+def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
+    """A JSON answer's top-level `usage` and `model`.
+
+    A large answer (an embedding of many inputs) is not parsed: its last `"usage"` member is the
+    top-level one (it comes after the choices, data or output, and inside a string a quote is
+    escaped), and so is its last `"model"` but in /v1/responses, whose tools may name models.
+    """
+    if whole and len(body) <= _PARSED_WHOLE_JSON:
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            return None, None
+        return (answer.get("usage"), answer.get("model")) if isinstance(answer, dict) else (None, None)
+    return _last_member(body, b'"usage"'), _last_member(body, b'"model"')
+
+
+def _last_member(body: bytes, name: bytes) -> Any:
+    """The value of the last member called `name` (quoted) in a JSON text, or None."""
+    key = body.rfind(name)
+    while key >= 0:
+        colon = _COLON.match(body, key + len(name))
+        if colon is not None:
+            try:
+                return _DECODER.raw_decode(body[colon.end() :].decode("utf-8", "replace"))[0]
+            except ValueError:
+                pass
+        key = body.rfind(name, 0, key)
+    return None
+
+
+def _tokens(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) from a usage object, in the chat or the responses API's names."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))  # embeddings have none
+    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
+        return None
+    return prompt, completion
+
+
+def _model_name(model: object) -> str:
+    if isinstance(model, str) and 0 < len(model) <= _MAX_MODEL_CHARS and model.isprintable():
+        return model
+    return "unknown"

@@ -1,0 +1,459 @@
+"""Usage counted per identity, model and UTC day, through real HTTP against a fake upstream that
+reports usage as OpenAI does: exact from JSON answers and streams, estimated (and marked so) when
+the upstream says nothing or the answer ends early; the usage-only chunk gogpt asks for itself
+never reaches the client, spliced or not, however the upstream's writes cut the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import time
+from collections.abc import Callable
+
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from conftest import SECRET_KEY, FakeUpstream
+
+from gogpt import Settings, create_app, mint_token
+
+ADMIN = {"Authorization": f"Bearer {SECRET_KEY}"}
+MODEL = "gpt-4o-mini"
+SNAPSHOT = "gpt-4o-mini-2024-07-18"  # the model the upstream says answered
+USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello"}]}
+
+
+def sse(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def chunk(delta: dict, finish: str | None = None, *, usage: bool = True) -> bytes:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": SNAPSHOT}
+    return sse({**body, "choices": [choice], **({"usage": None} if usage else {})})
+
+
+def chat_stream(*, with_usage: bool) -> list[bytes]:
+    """OpenAI's events for "Hello!": a role chunk, three content deltas, the finish, the usage-only
+    chunk when asked for (with `"usage": null` in every other chunk), and [DONE]."""
+    events = [chunk({"role": "assistant", "content": "", "refusal": None}, usage=with_usage)]
+    events += [chunk({"content": text}, usage=with_usage) for text in ("Hel", "lo", "!")]
+    events.append(chunk({}, "stop", usage=with_usage))
+    if with_usage:
+        body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": SNAPSHOT}
+        events.append(sse({**body, "choices": [], "usage": USAGE}))
+    return [*events, b"data: [DONE]\n\n"]
+
+
+Writes = Callable[[list[bytes]], list[bytes]]
+
+
+def one_write_per_event(events: list[bytes]) -> list[bytes]:
+    return events
+
+
+class OpenAIChat:
+    """Answers chat completions as OpenAI does: JSON with usage, or a stream with the usage-only
+    chunk only when the request asks for it. `writes` groups the stream's events into the
+    upstream's writes; before write i, the upstream waits for `gates[i]` when there is one."""
+
+    def __init__(self, *, honours_stream_options: bool = True) -> None:
+        self.honours_stream_options = honours_stream_options
+        self.writes: Writes = one_write_per_event
+        self.gates: dict[int, asyncio.Event] = {}
+        self.sent = b""
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "Hello!"}
+            answer = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": SNAPSHOT,
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": USAGE,
+            }
+            return web.json_response(answer)
+        asked = (body.get("stream_options") or {}).get("include_usage") is True
+        events = chat_stream(with_usage=asked and self.honours_stream_options)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index, data in enumerate(self.writes(events)):
+            if index in self.gates:
+                await self.gates[index].wait()
+            self.sent += data
+            await response.write(data)
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+def openai_chat(upstream: FakeUpstream) -> OpenAIChat:
+    fake = OpenAIChat()
+    upstream.respond = fake
+    return fake
+
+
+def today() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def row(requests: int = 1, prompt: int = 9, completion: int = 3, estimated: int = 0, **fields: str) -> dict:
+    return {
+        "id": fields.get("id", "alice"),
+        "day": fields.get("day", today()),
+        "model": fields.get("model", MODEL),
+        "requests": requests,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "estimated_requests": estimated,
+    }
+
+
+async def usage(client: TestClient, **filters: str) -> list[dict]:
+    resp = await client.get("/usage", params=filters, headers=ADMIN)
+    assert resp.status == 200, await resp.text()
+    return (await resp.json())["usage"]
+
+
+# ---- exact ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/chat", "/v1/chat/completions"])
+async def test_a_json_completion_is_counted_as_the_upstream_reported_it(
+    client: TestClient, openai_chat: OpenAIChat, auth, path: str
+):
+    resp = await client.post(path, json=CHAT, headers=auth)
+    assert (await resp.json())["usage"] == USAGE
+    assert await usage(client) == [row()]
+
+
+async def test_a_gzipped_json_answer_is_relayed_as_it_came_and_counted(
+    client: TestClient, upstream: FakeUpstream, auth
+):
+    answer = {"object": "chat.completion", "model": SNAPSHOT, "choices": [], "usage": USAGE}
+    packed = gzip.compress(json.dumps(answer).encode())
+
+    async def gzipped(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=packed, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        )
+
+    upstream.respond = gzipped
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers={**auth, "Accept-Encoding": "gzip"})
+    assert await resp.json() == answer  # the client library undoes the gzip
+    assert await usage(client) == [row()]
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "ordinary path"])
+async def test_a_json_answer_sent_in_chunks_is_counted(
+    aiohttp_client, settings: Settings, upstream: FakeUpstream, auth, splice: bool
+):
+    answer = json.dumps(
+        {"object": "chat.completion", "model": SNAPSHOT, "choices": [], "usage": USAGE}
+    ).encode()
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for at in range(0, len(answer), 10):
+            await response.write(answer[at : at + 10])
+        return response
+
+    upstream.respond = chunked
+    client = await aiohttp_client(create_app(settings.with_overrides(splice=splice)))
+    assert await (await client.post("/v1/chat/completions", json=CHAT, headers=auth)).read() == answer
+    assert await usage(client) == [row()]
+
+
+async def test_a_stream_is_counted_exactly_and_the_usage_chunk_gogpt_asked_for_never_reaches_the_client(
+    client: TestClient, upstream: FakeUpstream, openai_chat: OpenAIChat, auth
+):
+    sent = json.dumps({**CHAT, "stream": True}).encode()
+    resp = await client.post("/v1/chat/completions", data=sent, headers=auth)
+    received = await resp.read()
+    assert upstream.last.body == b'{"stream_options":{"include_usage":true},' + sent[1:]
+    assert received == b"".join(
+        event for event in chat_stream(with_usage=True) if b'"choices":[]' not in event
+    )
+    assert all(
+        json.loads(line[6:])["choices"] for line in received.split(b"\n\n")[:-2]
+    )  # choices[0] everywhere
+    assert await usage(client) == [row()]
+
+
+async def test_a_client_that_asks_for_usage_gets_the_chunk_and_its_body_goes_byte_for_byte(
+    client: TestClient, upstream: FakeUpstream, openai_chat: OpenAIChat, auth
+):
+    sent = (
+        b'{"stream": true, "stream_options": {"include_usage": true}, "model": "gpt-4o-mini", "messages": []}'
+    )
+    resp = await client.post("/chat", data=sent, headers=auth)
+    assert await resp.read() == b"".join(chat_stream(with_usage=True))
+    assert upstream.last.body == sent
+    assert await usage(client) == [row()]
+
+
+def split_usage_event(events: list[bytes]) -> list[bytes]:
+    """The finish and the usage event's first half in one write; its second half and [DONE] in another."""
+    *start, finish, usage_event, done = events
+    half = len(usage_event) // 2
+    return [*start, finish + usage_event[:half], usage_event[half:] + done]
+
+
+def usage_event_with_others(events: list[bytes]) -> list[bytes]:
+    """The last three events (finish, usage, [DONE]) in one write."""
+    return [*events[:-3], b"".join(events[-3:])]
+
+
+def events_cut_anywhere(events: list[bytes]) -> list[bytes]:
+    """Writes that ignore the events' ends: every 23 bytes."""
+    stream = b"".join(events)
+    return [stream[at : at + 23] for at in range(0, len(stream), 23)]
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "ordinary path"])
+@pytest.mark.parametrize(
+    "writes",
+    [split_usage_event, usage_event_with_others, events_cut_anywhere],
+    ids=["usage event split across two reads", "two events in one read", "writes cut anywhere"],
+)
+async def test_the_usage_chunk_is_taken_out_at_event_boundaries_however_the_writes_cut_the_stream(
+    aiohttp_client, settings: Settings, openai_chat: OpenAIChat, auth, splice: bool, writes: Writes
+):
+    client = await aiohttp_client(create_app(settings.with_overrides(splice=splice)))
+    openai_chat.writes = writes
+    if writes is split_usage_event:  # the second half is written only once the client has the first
+        openai_chat.gates = {len(chat_stream(with_usage=True)) - 2: asyncio.Event()}
+    resp = await client.post("/chat", json={**CHAT, "stream": True}, headers=auth)
+    expected = b"".join(event for event in chat_stream(with_usage=True) if b'"choices":[]' not in event)
+    received = b""
+    if openai_chat.gates:
+        finish = chat_stream(with_usage=True)[-3]
+        while not received.endswith(finish):  # gogpt sent the finish, and holds the half event back
+            received += await asyncio.wait_for(resp.content.readany(), 5)
+        next(iter(openai_chat.gates.values())).set()
+    received += await resp.read()
+    assert received == expected
+    assert await usage(client) == [row()]
+
+
+# ---- estimated -------------------------------------------------------------------------------------
+
+
+async def test_an_upstream_that_ignores_stream_options_is_estimated_from_the_deltas_relayed(
+    client: TestClient, upstream: FakeUpstream, auth
+):
+    upstream.respond = OpenAIChat(honours_stream_options=False)
+    sent = json.dumps({**CHAT, "stream": True}).encode()
+    resp = await client.post("/chat", data=sent, headers=auth)
+    assert await resp.read() == b"".join(chat_stream(with_usage=False))
+    assert await usage(client) == [row(prompt=len(sent) // 4, completion=3, estimated=1)]
+
+
+async def test_a_hang_up_after_3_events_closes_the_upstream_and_is_estimated(
+    client: TestClient, upstream: FakeUpstream, openai_chat: OpenAIChat, auth
+):
+    openai_chat.gates = {4: asyncio.Event()}  # role and three deltas, then the model thinks for ever
+    sent = json.dumps({**CHAT, "stream": True}).encode()
+    resp = await client.post("/chat", data=sent, headers=auth)
+    received = b""
+    while received.count(b"\n\n") < 4:
+        received += await asyncio.wait_for(resp.content.readany(), 5)
+    resp.close()
+    await asyncio.wait_for(upstream.disconnected.wait(), 5)
+    assert await usage(client) == [row(prompt=len(sent) // 4, completion=3, estimated=1)]
+
+
+async def test_a_hang_up_before_the_upstream_answers_is_estimated_from_the_prompt(
+    client: TestClient, upstream: FakeUpstream, auth
+):
+    thinking = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        thinking.set()
+        await asyncio.Event().wait()  # never answers
+        raise AssertionError
+
+    upstream.respond = slow
+    sent = json.dumps(CHAT).encode()
+    calling = asyncio.create_task(client.post("/chat", data=sent, headers=auth))
+    await thinking.wait()
+    calling.cancel()  # the client gives up waiting
+    await asyncio.wait_for(upstream.disconnected.wait(), 5)
+    assert await usage(client) == [row(prompt=len(sent) // 4, completion=0, estimated=1)]
+
+
+async def test_an_upstream_cut_mid_stream_is_estimated(client: TestClient, upstream: FakeUpstream, auth):
+    async def cut(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in chat_stream(with_usage=True)[:3]:
+            await response.write(event)
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    upstream.respond = cut
+    sent = json.dumps({**CHAT, "stream": True}).encode()
+    resp = await client.post("/chat", data=sent, headers=auth)
+    with pytest.raises(Exception):  # noqa: B017 - cut, as the upstream was
+        await resp.read()
+    assert await usage(client) == [row(prompt=len(sent) // 4, completion=2, estimated=1)]
+
+
+async def test_a_call_the_upstream_refuses_is_not_usage(client: TestClient, upstream: FakeUpstream, auth):
+    async def refuses(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": {"message": "no such model"}}, status=404)
+
+    upstream.respond = refuses
+    assert (await client.post("/chat", json=CHAT, headers=auth)).status == 404
+    assert await usage(client) == []
+
+
+# ---- other endpoints ---------------------------------------------------------------------------------
+
+
+async def test_an_embedding_is_counted_from_its_usage(client: TestClient, upstream: FakeUpstream, auth):
+    async def embeddings(request: web.Request) -> web.StreamResponse:
+        data = [{"object": "embedding", "index": 0, "embedding": [0.25] * 8}]
+        answer = {
+            "object": "list",
+            "data": data,
+            "model": "text-embedding-3-small",
+            "usage": {"prompt_tokens": 5, "total_tokens": 5},
+        }
+        return web.json_response(answer)
+
+    upstream.respond = embeddings
+    body = {"model": "text-embedding-3-small", "input": "hello world"}
+    assert (await client.post("/v1/embeddings", json=body, headers=auth)).status == 200
+    assert await usage(client) == [row(model="text-embedding-3-small", prompt=5, completion=0)]
+
+
+RESPONSE = {
+    "id": "resp_1",
+    "object": "response",
+    "model": "gpt-4o-2024-08-06",
+    "output": [{"type": "message", "content": [{"type": "output_text", "text": "Hi"}]}],
+    "tools": [{"type": "image_generation", "model": "gpt-image-1"}],
+    "usage": {"input_tokens": 11, "output_tokens": 2, "total_tokens": 13},
+    "metadata": {},
+}
+
+
+async def test_a_responses_json_answer_is_counted_from_input_and_output_tokens(
+    client: TestClient, upstream: FakeUpstream, auth
+):
+    async def responses(request: web.Request) -> web.StreamResponse:
+        return web.json_response(RESPONSE)
+
+    upstream.respond = responses
+    assert (
+        await client.post("/v1/responses", json={"model": "gpt-4o", "input": "hi"}, headers=auth)
+    ).status == 200
+    assert await usage(client) == [row(model="gpt-4o", prompt=11, completion=2)]
+
+
+async def test_a_responses_stream_is_counted_from_its_completed_event_and_relayed_unchanged(
+    client: TestClient, upstream: FakeUpstream, auth
+):
+    def named(kind: str, payload: dict) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload})}\n\n".encode()
+
+    started = {"response": {**RESPONSE, "output": [], "usage": None, "max_output_tokens": None}}
+    events = [
+        named("response.created", started),
+        named("response.output_text.delta", {"delta": "H"}),
+        named("response.output_text.delta", {"delta": "i"}),
+        named("response.completed", {"response": RESPONSE}),
+    ]
+
+    async def responses(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+        return response
+
+    upstream.respond = responses
+    body = {"model": "gpt-4o", "input": "hi", "stream": True}
+    resp = await client.post("/v1/responses", json=body, headers=auth)
+    assert await resp.read() == b"".join(events)
+    assert json.loads(upstream.last.body) == body  # only chat completions are asked for usage
+    assert await usage(client) == [row(model="gpt-4o", prompt=11, completion=2)]
+
+
+async def test_a_conv_reply_counts_as_a_request_without_tokens(
+    client: TestClient, upstream: FakeUpstream, auth
+):
+    async def reply(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"message": {"id": "m1"}, "conversation_id": "c1"}\n\ndata: [DONE]\n\n')
+        return response
+
+    upstream.respond = reply
+    resp = await client.post("/conv", json={"content": "hi"}, headers={**auth, "Chat-Type": "conversation"})
+    await resp.read()
+    assert await usage(client) == [row(model="text-davinci-002-render-sha", prompt=0, completion=0)]
+
+
+async def test_usage_adds_up_per_identity_and_model(client: TestClient, openai_chat: OpenAIChat, auth):
+    bob = {"Authorization": f"Bearer {mint_token(SECRET_KEY, 'bob', 1)}"}
+    for headers, model in ((auth, MODEL), (auth, MODEL), (bob, MODEL), (auth, "gpt-4o")):
+        await (await client.post("/chat", json={**CHAT, "model": model}, headers=headers)).read()
+    assert await usage(client) == [
+        row(model="gpt-4o"),
+        row(requests=2, prompt=18, completion=6),
+        row(id="bob"),
+    ]
+
+
+async def test_the_token_metric_counts_by_the_model_the_upstream_named(
+    client: TestClient, openai_chat: OpenAIChat, auth
+):
+    await (await client.post("/chat", json=CHAT, headers=auth)).read()
+    resp = await client.get("/metrics", headers=ADMIN)
+    metrics = await resp.text()
+    labels = f'model="{SNAPSHOT}",source="exact"'
+    assert f'gogpt_tokens_total{{kind="prompt",{labels}}}' in metrics
+    assert f'gogpt_tokens_total{{kind="completion",{labels}}}' in metrics
+
+
+# ---- the OpenAI SDK --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sdk(client: TestClient, auth) -> openai.AsyncOpenAI:
+    token = auth["Authorization"].removeprefix("Bearer ")
+    return openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=token, max_retries=0)
+
+
+async def test_the_sdk_reads_choices_0_of_every_chunk_and_the_usage_is_counted(
+    sdk: openai.AsyncOpenAI, client: TestClient, openai_chat: OpenAIChat
+):
+    stream = await sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    text = "".join([part.choices[0].delta.content or "" async for part in stream])
+    assert text == "Hello!"
+    assert await usage(client) == [row(prompt=9, completion=3)]
+
+
+async def test_the_sdk_gets_the_usage_chunk_when_it_asks(sdk: openai.AsyncOpenAI, openai_chat: OpenAIChat):
+    stream = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts = [part async for part in stream]
+    assert parts[-1].choices == []
+    assert parts[-1].usage is not None and parts[-1].usage.completion_tokens == 3
