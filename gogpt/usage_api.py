@@ -14,7 +14,7 @@ from .auth import require_admin
 from .errors import ApiError
 from .keys import STORE
 from .ledger import LEDGER
-from .store import UsageQuery, UsageRow
+from .store import StoreUnavailable, UsageQuery, UsageRow
 
 __all__ = ["usage_handler"]
 
@@ -32,7 +32,8 @@ async def usage_handler(request: web.Request) -> web.StreamResponse:
     answer_format = request.query.get("format", "json")
     if answer_format not in ("json", "csv"):
         raise ApiError(400, "format must be json or csv.", code="invalid_parameter")
-    await request.app[LEDGER].flush()  # this worker's latest calls too, not a second late
+    if not await request.app[LEDGER].flush():  # this worker's latest calls too, not a second late
+        raise StoreUnavailable()  # an answer without them would look whole
     rows = await request.app[STORE].usage(query)
     if answer_format == "csv":
         return web.Response(
