@@ -3,19 +3,24 @@
 A write statement takes the write lock before it reads, as BEGIN IMMEDIATE would, and in
 autocommit mode each statement is its own transaction: so a read-modify-write (counting a hit,
 taking over an expired lease) is atomic across processes in one round trip, with no rollback to
-get wrong. Times are wall-clock seconds, since the file outlives the process.
+get wrong. The one exception is adding a batch of usage, which is several statements in one
+transaction. Times are wall-clock seconds, since the file outlives the process.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "FileFault",
+    "UsageColumns",
     "acquire",
+    "add_usage",
     "count_hit",
     "get_text",
     "is_held",
@@ -24,6 +29,7 @@ __all__ = [
     "renew",
     "set_text",
     "sweep",
+    "usage",
 ]
 
 # PRAGMA user_version: MIGRATIONS[n] brings a file from version n - 1 to n.
@@ -34,9 +40,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE hits (key TEXT PRIMARY KEY, window_start INTEGER NOT NULL, count INTEGER NOT NULL,"
         " expires INTEGER NOT NULL) WITHOUT ROWID",
     ),
+    2: (
+        "CREATE TABLE usage (day TEXT NOT NULL, id TEXT NOT NULL, model TEXT NOT NULL,"
+        " requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,"
+        " estimated_requests INTEGER NOT NULL, PRIMARY KEY (day, id, model)) WITHOUT ROWID",
+        # the batches of usage added lately: one sent again after its answer was lost counts once
+        "CREATE TABLE usage_batches (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 MAX_CACHE_ROWS = 100_000  # past this, the sweep drops the cached values closest to expiry
+BATCH_MEMORY = 7 * 86400.0  # seconds a usage batch's id is remembered
 
 
 class FileFault(Exception):
@@ -122,10 +136,51 @@ def count_hit(db: sqlite3.Connection, key: str, window: int) -> tuple[int, int]:
     return int(count), window_start + window - now
 
 
+# A usage row as the table holds it: id, day, model, requests, prompt, completion, estimated.
+UsageColumns = tuple[str, str, str, int, int, int, int]
+
+
+def add_usage(db: sqlite3.Connection, batch: str, rows: Sequence[UsageColumns]) -> None:
+    """Add the rows to the usage table in one transaction, unless this batch was added already."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        new = db.execute(
+            "INSERT INTO usage_batches (id, expires) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+            (batch, time.time() + BATCH_MEMORY),
+        ).rowcount
+        if new:
+            db.executemany(
+                "INSERT INTO usage (id, day, model, requests, prompt_tokens, completion_tokens,"
+                " estimated_requests) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, id, model) DO UPDATE SET"
+                " requests = requests + excluded.requests,"
+                " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                " completion_tokens = completion_tokens + excluded.completion_tokens,"
+                " estimated_requests = estimated_requests + excluded.estimated_requests",
+                rows,
+            )
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def usage(
+    db: sqlite3.Connection, identity: str | None, model: str | None, since: str | None, until: str | None
+) -> list[Any]:
+    """The rows matching every filter given (None: any), as UsageColumns, by day, id and model."""
+    return db.execute(
+        "SELECT id, day, model, requests, prompt_tokens, completion_tokens, estimated_requests FROM usage"
+        " WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR model = ?2)"
+        " AND (?3 IS NULL OR day >= ?3) AND (?4 IS NULL OR day <= ?4) ORDER BY day, id, model",
+        (identity, model, since, until),
+    ).fetchall()
+
+
 def sweep(db: sqlite3.Connection) -> None:
     """Delete what has expired, and the cached values closest to expiry past the bound."""
     now = time.time()
-    for table in ("cache", "leases", "hits"):
+    for table in ("cache", "leases", "hits", "usage_batches"):
         db.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))  # noqa: S608 - table names are ours
     db.execute(
         "DELETE FROM cache WHERE rowid IN (SELECT rowid FROM cache ORDER BY expires"

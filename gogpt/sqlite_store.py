@@ -1,4 +1,4 @@
-"""The Store protocol on one SQLite file, so every worker of a machine shares limits, caches and leases.
+"""The Store protocol on one SQLite file, so every worker of a machine shares limits, caches, leases and usage.
 
 Each call runs on the event loop, on a connection that never waits inside SQLite: uncontended it
 is one prepared statement (~15 us of CPU for a rate-limit count) and no fsync (WAL with
@@ -20,14 +20,14 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from . import sqlite_schema as schema
 from .config import ConfigError
 from .sqlite_schema import FileFault
-from .store import StoreUnavailable
+from .store import StoreUnavailable, UsageQuery, UsageRow
 
 __all__ = ["BUSY_TIMEOUT", "SWEEP_EVERY", "SqliteStore", "create_database_file"]
 
@@ -119,6 +119,13 @@ class SqliteStore:
 
     async def count_hit(self, key: str, window: int) -> tuple[int, int]:
         return await self._run(schema.count_hit, key, window)
+
+    async def add_usage(self, batch: str, rows: Sequence[UsageRow]) -> None:
+        await self._run(schema.add_usage, batch, [(row.id, row.day, row.model, *row.counts) for row in rows])
+
+    async def usage(self, query: UsageQuery) -> list[UsageRow]:
+        found = await self._run(schema.usage, query.id, query.model, query.since, query.until)
+        return [UsageRow(*columns) for columns in found]
 
     async def _run(self, operation: Callable[..., T], *args: Any) -> T:
         """On the loop, pausing while another process holds the lock; StoreUnavailable past the wait."""

@@ -1,7 +1,7 @@
 """Shared state behind one small interface: caches, session leases, rate-limit counters and usage.
 
 `MemoryStore` keeps everything in the process (the default, nothing to install); the Redis
-store (gogpt.redis_store) implements the same protocol so several instances act as one.
+store (gogpt.redis_store) and the SQLite one (gogpt.sqlite_store) implement the same protocol.
 """
 
 from __future__ import annotations

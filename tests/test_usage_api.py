@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import sqlite3
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -17,6 +18,7 @@ from gogpt import Settings, create_app
 from gogpt.keys import STORE
 from gogpt.ledger import UsageLedger
 from gogpt.redis_store import RedisStore
+from gogpt.sqlite_store import SqliteStore
 from gogpt.store import MemoryStore, StoreUnavailable, UsageQuery, UsageRow
 
 ROWS = [
@@ -27,11 +29,13 @@ ROWS = [
 ]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["sqlite", "memory", "redis"])
 async def gateway(request, aiohttp_client, settings: Settings, redis_server: RedisServer) -> TestClient:
-    """gogpt with the four ROWS in its store, in the process or in Redis."""
+    """gogpt with the four ROWS in its store: its GOGPT_DB file, the process, or Redis."""
     if request.param == "redis":
         settings = settings.with_overrides(redis_url=redis_server.url)
+    elif request.param == "memory":
+        settings = settings.with_overrides(gogpt_db=":memory:")
     client = await aiohttp_client(create_app(settings))
     await client.app[STORE].add_usage("seed", ROWS)
     return client
@@ -120,8 +124,10 @@ async def test_usage_is_refused_to_a_token_holder_and_to_nobody(client: TestClie
 # ---- the store's side ------------------------------------------------------------------------------
 
 
-async def test_a_batch_sent_twice_counts_once(redis_server: RedisServer):
-    for store in (MemoryStore(), RedisStore(redis_server.url)):
+async def test_a_batch_sent_twice_counts_once(redis_server: RedisServer, tmp_path):
+    sqlite = SqliteStore(str(tmp_path / "gogpt.db"))
+    await sqlite.open()
+    for store in (MemoryStore(), RedisStore(redis_server.url), sqlite):
         await store.add_usage("b1", ROWS[:1])
         await store.add_usage("b1", ROWS[:1])  # its first answer was lost, say
         await store.add_usage("b2", ROWS[:1])
@@ -129,17 +135,28 @@ async def test_a_batch_sent_twice_counts_once(redis_server: RedisServer):
         await store.close()
 
 
-async def test_usage_made_while_redis_is_down_is_written_when_it_is_back(
-    aiohttp_client, settings: Settings, redis_server: RedisServer, upstream: FakeUpstream, auth, caplog
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+async def test_usage_made_while_the_store_is_down_is_written_when_it_is_back(
+    aiohttp_client, settings: Settings, redis_server: RedisServer, upstream: FakeUpstream, auth, caplog, store
 ):
     upstream.respond = OpenAIChat()
-    client = await aiohttp_client(create_app(settings.with_overrides(redis_url=redis_server.url)))
-    await redis_server.stop()
+    if store == "redis":
+        settings = settings.with_overrides(redis_url=redis_server.url)
+    client = await aiohttp_client(create_app(settings))
+    other = sqlite3.connect(settings.gogpt_db, isolation_level=None)
+    if store == "redis":
+        await redis_server.stop()
+    else:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the file's write lock
     for _ in range(2):
         assert (await client.post("/chat", json=CHAT, headers=auth)).status == 200  # calls need no store
     assert (await client.get("/usage", headers=ADMIN)).status == 503
     assert "kept until the store is back" in caplog.text
-    await redis_server.start()  # an empty Redis: only what was kept can be there
+    if store == "redis":
+        await redis_server.start()  # an empty Redis: only what was kept can be there
+    else:
+        other.execute("COMMIT")
+    other.close()
     assert await usage(client) == [row(requests=2, prompt=18, completion=6)]
 
 

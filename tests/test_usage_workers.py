@@ -1,5 +1,6 @@
-"""A real `python -m gogpt --workers 2`: the usage of both workers adds up in the shared store, none of
-it is lost on SIGTERM (not even a stream's that ends during the grace), and it outlives a restart."""
+"""A real `python -m gogpt --workers 2`: the usage of both workers adds up in the shared store (the
+default GOGPT_DB file, or Redis), none of it is lost on SIGTERM (not even a stream's that ends
+during the grace), and it outlives a restart."""
 
 from __future__ import annotations
 
@@ -12,65 +13,32 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import SECRET_KEY, FakeUpstream, RedisServer
-from serving import free_port, start_gogpt
+from serving import Gateway
 from test_usage import ADMIN, CHAT, OpenAIChat, chat_stream, row
 
-Process = asyncio.subprocess.Process
-Starter = Callable[..., Awaitable[tuple[Process, str]]]
+Starter = Callable[[], Awaitable[Gateway]]
 
 
-async def wait_for_workers(process: Process, workers: int) -> None:
-    """Until each worker has logged that it serves (so the kernel may send connections to any)."""
-    assert process.stderr is not None
-    serving = 0
-    async with asyncio.timeout(30):
-        while serving < workers:
-            line = await process.stderr.readline()
-            assert line, "gogpt exited"
-            serving += b"serving on" in line
+@pytest.fixture(params=["sqlite", "redis"])
+async def start(
+    request, tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer
+) -> AsyncIterator[Starter]:
+    """`await start()`: gogpt with two workers, its state in tmp_path/gogpt.db or in the test's Redis."""
+    started: list[Gateway] = []
+    shared = {"REDIS_URL": redis_server.url} if request.param == "redis" else {}
 
-
-async def stopped(process: Process) -> int:
-    """Its exit status, once the SIGTERM it was sent has stopped it."""
-    assert process.stderr is not None
-    async with asyncio.timeout(30):
-        log = await process.stderr.read()  # to the end, so the pipe never fills
-        code = await process.wait()
-    assert code == 0, log.decode()
-    return code
-
-
-@pytest.fixture
-async def start(tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer) -> AsyncIterator[Starter]:
-    """`await start()`: gogpt with two workers on a free port, state in the test's Redis."""
-    started: list[Process] = []
-
-    async def start_gateway() -> tuple[Process, str]:
-        port = free_port()
-        env = {
-            "SECRET_KEY": SECRET_KEY,
-            "API_PROXY": upstream.url,
-            "REDIS_URL": redis_server.url,
-            "HOST": "127.0.0.1",
-            "PORT": str(port),
-            "WORKERS": "2",
-        }
-        process = await start_gogpt(env, tmp_path)
-        started.append(process)
-        await wait_for_workers(process, 2)
-        return process, f"http://127.0.0.1:{port}"
+    async def start_gateway() -> Gateway:
+        env = {"SECRET_KEY": SECRET_KEY, "API_PROXY": upstream.url, **shared}
+        gateway = await Gateway.start(env, tmp_path, workers=2)
+        started.append(gateway)
+        return gateway
 
     yield start_gateway
-    for process in started:  # one a failed test left running: its workers first, or they outlive it
-        if process.returncode is None:
-            for pid in worker_pids(process.pid):
+    for gateway in started:
+        if gateway.process.returncode is None:  # a failed test's: its workers would outlive it
+            for pid in gateway.worker_pids():
                 os.kill(pid, signal.SIGKILL)
-            process.kill()
-            await process.wait()
-
-
-def worker_pids(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        await gateway.stop()
 
 
 def new_connections() -> aiohttp.ClientSession:
@@ -78,28 +46,29 @@ def new_connections() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
 
 
-async def test_usage_adds_up_over_two_workers_is_flushed_on_sigterm_and_survives_a_restart(
+async def test_usage_adds_up_over_two_workers_is_written_on_sigterm_and_survives_a_restart(
     start: Starter, upstream: FakeUpstream, auth
 ):
     fake = OpenAIChat()
     upstream.respond = fake
     last_write = len(chat_stream(with_usage=True)) - 1
     fake.gates = {last_write: asyncio.Event()}  # the stream's [DONE] waits until gogpt is stopping
-    process, url = await start()
+    gateway = await start()
     async with new_connections() as session:
         for _ in range(12):
-            async with session.post(f"{url}/chat", json=CHAT, headers=auth) as resp:
+            async with session.post(f"{gateway.url}/chat", json=CHAT, headers=auth) as resp:
                 assert resp.status == 200
-        async with session.post(f"{url}/chat", json={**CHAT, "stream": True}, headers=auth) as streaming:
+        async with session.post(
+            f"{gateway.url}/chat", json={**CHAT, "stream": True}, headers=auth
+        ) as streaming:
             assert await streaming.content.readline()  # the stream has started
-            process.send_signal(signal.SIGTERM)
+            gateway.process.send_signal(signal.SIGTERM)
             fake.gates[last_write].set()
             await streaming.read()
-    assert await stopped(process) == 0
+    assert await asyncio.wait_for(gateway.process.wait(), 30) == 0, "".join(gateway.log)
 
-    process, url = await start()
-    async with new_connections() as session, session.get(f"{url}/usage", headers=ADMIN) as resp:
+    gateway = await start()
+    async with new_connections() as session, session.get(f"{gateway.url}/usage", headers=ADMIN) as resp:
         rows = (await resp.json())["usage"]
     assert rows == [row(requests=13, prompt=13 * 9, completion=13 * 3)]
-    process.send_signal(signal.SIGTERM)
-    assert await stopped(process) == 0
+    assert await gateway.stop() == 0
