@@ -82,7 +82,7 @@ class ChunkedFraming:
     and, once the terminal chunk has come, the bytes from it on; it raises `MalformedChunk`.
     """
 
-    __slots__ = ("_crlf_due", "_in_chunk", "_partial", "chunks", "data_bytes")
+    __slots__ = ("_crlf_due", "_in_chunk", "_partial", "chunks", "data_bytes", "unaligned")
 
     def __init__(self) -> None:
         self._partial = b""  # an unfinished size line, or the CRLF after a chunk's data
@@ -90,6 +90,7 @@ class ChunkedFraming:
         self._crlf_due = False  # the CRLF that closes a chunk's data, when it did not come with it
         self.data_bytes = 0  # chunk data seen, framing excluded
         self.chunks = 0  # chunks whose size line has been read
+        self.unaligned = 0  # chunks read whole in one feed whose data does not end an event with \n\n
 
     @property
     def between_chunks(self) -> bool:
@@ -127,8 +128,12 @@ class ChunkedFraming:
             self.chunks += 1
             pos = eol + 1
             after = pos + size
-            if data[after : after + 2] == b"\r\n":  # the usual case: the whole chunk is here
+            ending = data[after - 2 : after + 2]
+            if ending == b"\n\n\r\n":  # the usual case: the whole chunk is here, and ends an event
                 pos = after + 2
+            elif ending[2:] == b"\r\n":  # the whole chunk is here
+                pos = after + 2
+                self.unaligned += 1
             else:
                 self._in_chunk, self._crlf_due = size, True
         return data, None
@@ -396,8 +401,7 @@ class Splice:
         except MalformedChunk:
             return self._fail(UpstreamBrokeOff("The upstream sent a malformed chunk."))
         if self._watch is not None:
-            framing = self._framing
-            body = self._watch.feed_framed(body, framing.chunks, framing.between_chunks, terminal is not None)
+            body = self._watch.feed_framed(body, self._framing, terminal is not None)
         if body:
             client = self._client
             if client.is_closing():  # the client left; its handler is being cancelled

@@ -14,7 +14,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import MutableMapping
 from types import TracebackType
 from typing import Any
 
@@ -30,14 +30,8 @@ from .usage_watch import EventWatch, JsonWatch
 
 __all__ = ["METERED_PATHS", "REQUEST_FIELDS", "Meter", "meter_conv_call", "meter_openai_call"]
 
-# The OpenAI API paths (under /v1) whose answers report usage, and what a content delta looks
-# like in each one's stream (counted for an estimate).
-METERED_PATHS: Mapping[str, bytes] = {
-    "chat/completions": b'"content":"',
-    "completions": b'"text":"',
-    "responses": b'"delta":"',
-    "embeddings": b'"content":"',  # never streamed
-}
+# The OpenAI API paths (under /v1) whose answers report usage.
+METERED_PATHS = frozenset({"chat/completions", "completions", "responses", "embeddings"})
 # The request's fields a meter reads (bodies.read_json_object finds them).
 REQUEST_FIELDS = ("model", "stream", "stream_options", "stream_options.include_usage")
 _MAX_MODEL_CHARS = 256
@@ -68,7 +62,7 @@ def meter_openai_call(
         request[CALLER].identity,
         _model_name(fields.get("model")),
         prompt_estimate=len(body) // 4,
-        delta=METERED_PATHS[path],
+        chat=path == "chat/completions",
         strip=strip,
     )
     if strip:
@@ -94,16 +88,16 @@ class Meter:
         model: str,
         *,
         prompt_estimate: int = 0,
-        delta: bytes = b'"content":"',
+        chat: bool = False,
         strip: bool = False,
         requests_only: bool = False,
     ) -> None:
         self._ledger = ledger
         self._identity = identity
         self._model = model
-        self._day = time.strftime("%Y-%m-%d", time.gmtime())
+        self._day = utc_day()
         self._prompt_estimate = prompt_estimate
-        self._delta = delta
+        self._chat = chat
         self._strip = strip
         self._requests_only = requests_only
         self._answered = False
@@ -133,25 +127,27 @@ class Meter:
         if self._requests_only or upstream.method == "HEAD":
             return None
         self._answer_headers = upstream.headers
-        codings = content_codings(upstream.headers)
+        codings = content_codings(upstream.headers) if "Content-Encoding" in upstream.headers else []
         if upstream.content_type == "text/event-stream":
             if codings:  # compressed although asked not to be: read nothing, estimate
                 return None
             # A length sent with the answer would no longer be true without the usage chunk.
             strip = self._strip and "Content-Length" not in upstream.headers
-            self._watch = EventWatch(self._read_event, delta=self._delta, strip=strip)
+            self._watch = EventWatch(self._read_event, strip=strip)
         elif upstream.content_type == "application/json":
             self._watch = JsonWatch(encoded=bool(codings))
         return self._watch
 
     def _read_event(self, event: bytes) -> bool:
         """Read an event that holds a usage key; True if it is a usage-only chat chunk."""
-        data = b"\n".join(
-            line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")
-        )
+        lines = event.strip()
+        if lines.startswith(b"data:") and b"\n" not in lines and b"\r" not in lines:  # OpenAI's: one line
+            data = lines[5:]
+        else:
+            data = b"\n".join(line[5:] for line in lines.splitlines() if line.startswith(b"data:"))
         try:
-            chunk = json.loads(data)
-        except ValueError:
+            chunk = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError):
             return False
         if not isinstance(chunk, dict):
             return False
@@ -181,7 +177,8 @@ class Meter:
             self._read_json(watch)
         usage = self._usage
         if usage is None:
-            prompt, completion = self._prompt_estimate, watch.deltas if isinstance(watch, EventWatch) else 0
+            prompt = self._prompt_estimate
+            completion = _content_deltas(watch, chat=self._chat) if isinstance(watch, EventWatch) else 0
         else:
             prompt, completion = usage
         self._ledger.record(
@@ -218,7 +215,7 @@ def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
     if whole and len(body) <= _PARSED_WHOLE_JSON:
         try:
             answer = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None, None
         return (answer.get("usage"), answer.get("model")) if isinstance(answer, dict) else (None, None)
     return _last_member(body, b'"usage"'), _last_member(body, b'"model"')
@@ -232,10 +229,22 @@ def _last_member(body: bytes, name: bytes) -> Any:
         if colon is not None:
             try:
                 return _DECODER.raw_decode(body[colon.end() :].decode("utf-8", "replace"))[0]
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
         key = body.rfind(name, 0, key)
     return None
+
+
+def _content_deltas(watch: EventWatch, *, chat: bool) -> int:
+    """The content deltas relayed: the events, less those that carry none where OpenAI puts them
+    (the role at the start of a chat stream; its finish and `[DONE]` at the end)."""
+    deltas = watch.events
+    if watch.last.rstrip().endswith(b"data: [DONE]"):
+        deltas -= 2 if chat else 1
+    if chat:
+        first = watch.first
+        deltas -= b'"role"' in first[: first.find(b"\n\n")]
+    return max(deltas, 0)
 
 
 def _tokens(usage: Any) -> tuple[int, int] | None:
@@ -247,6 +256,18 @@ def _tokens(usage: Any) -> tuple[int, int] | None:
     if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
         return None
     return prompt, completion
+
+
+_today: tuple[int, str] = (-1, "")
+
+
+def utc_day() -> str:
+    """Today in UTC as YYYY-MM-DD, formatted once a day."""
+    global _today
+    day = int(time.time() // 86400)
+    if day != _today[0]:
+        _today = (day, time.strftime("%Y-%m-%d", time.gmtime(day * 86400)))
+    return _today[1]
 
 
 def _model_name(model: object) -> str:

@@ -2,21 +2,25 @@
 
 Every usage object OpenAI sends has a key ending in `_tokens"` (`prompt_tokens`, `input_tokens`),
 and in a JSON string a quote is escaped, so those bytes appear nowhere else in an answer. An
-event stream therefore passes through untouched while each read ends at an event boundary and
-holds no such key: a byte search per read, and a count of content deltas for the estimate
-should the usage never come. A read that holds the key or ends inside an event is taken the
-careful way: cut at event boundaries, the events holding the key read, the usage-only chunk
-gogpt asked for itself dropped, and (when dropping) the unfinished last event held back until
-its end comes. A client can do nothing with half an event, so holding it delays nothing it sees.
+event stream therefore passes through untouched while its reads hold no such key and their
+events are whole: one byte search per read, nothing per event. Where the key is, or where the
+reads cut events, the stream is taken the careful way: cut at event boundaries, the events
+holding the key read, the usage-only chunk gogpt asked for itself dropped, and (when dropping)
+an unfinished event held back until its end comes. A client can do nothing with half an event,
+so holding it delays nothing it sees.
 
-Through the splice the same is done on chunked bytes: a read whose every chunk ends an event is
-passed on framed as it came; otherwise its data is taken out of the framing and framed again.
-Parsing only, no I/O: tested on plain bytes, split every way.
+Through the splice the same is done on chunked bytes. Upstreams write an event per chunk, so
+the fast way there asks the splice's framing whether every chunk it read whole ended an event
+(it checks as it goes, at no cost), passes them on framed as they came, and keeps back only the
+start of a chunk the read cut, until the chunk is whole. Otherwise the data is taken out of the
+framing and framed again. Parsing only, no I/O: tested on plain bytes, split every way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from .watching import Framing
 
 __all__ = ["USAGE_KEY", "Dechunker", "EventWatch", "JsonWatch"]
 
@@ -24,6 +28,7 @@ USAGE_KEY = b'_tokens"'
 _EVENT_ENDS = (b"\n\n", b"\n\r\n", b"\r\r")  # the blank line that ends an event, as SSE allows it
 _FRAMED_EVENT_END = b"\n\n\r\n"  # an event's end that is also its chunk's end
 _MAX_HELD_BYTES = 8 << 20  # an unfinished event longer than this is let through unread
+_FIRST_BYTES = 1024  # kept of a stream's start, to look at its first event
 _JSON_KEPT_BYTES = 16 << 20  # a JSON answer up to this is kept whole (to decode it); beyond, its tail
 _JSON_TAIL_BYTES = 64 << 10  # where the usage of a large, unencoded JSON answer is
 
@@ -42,6 +47,18 @@ def _event_end(data: bytes, start: int) -> int:
     """Where the event going on at `start` ends: after its blank line, or at the end of `data`."""
     ends = [at + len(ending) for ending in _EVENT_ENDS if (at := data.find(ending, start)) >= 0]
     return min(ends) if ends else len(data)
+
+
+def _still_to_come(framed: bytes, start: int) -> int:
+    """The bytes still to come of the one chunk framed[start:] starts, or 0 if it is not that."""
+    eol = framed.find(b"\n", start)
+    if eol < 0:
+        return 0
+    try:
+        size = int(framed[start:eol].split(b";", 1)[0], 16)
+    except ValueError:
+        return 0
+    return max(eol + 1 + size + 2 - len(framed), 0)
 
 
 class Dechunker:
@@ -81,85 +98,180 @@ class EventWatch:
     """Watches one event stream for its usage; with `strip`, drops the usage-only chunk from it.
 
     `read_event(event)` is called with each whole event that holds a usage key and says whether
-    it is the usage-only chunk. `deltas` counts the content deltas relayed: the `delta` pattern
-    (`"content":"`), less the empty ones (`"content":""`, as OpenAI's first chunk has).
+    it is the usage-only chunk. `events` counts the events relayed (as chunks, on the fast way
+    through the splice); `first` and `last` are the first bytes of the stream and the last sent,
+    where an estimate finds OpenAI's role, finish and [DONE] events.
     """
 
     __slots__ = (
+        "_aligned",
         "_chunks",
         "_dechunker",
-        "_delta",
-        "_empty_delta",
         "_held",
+        "_held_bytes",
+        "_open",
+        "_open_left",
         "_read_event",
         "_strip",
-        "_whole_chunks",
-        "deltas",
+        "_unaligned",
+        "events",
+        "first",
+        "last",
     )
 
-    def __init__(self, read_event: Callable[[bytes], bool], *, delta: bytes, strip: bool) -> None:
+    def __init__(self, read_event: Callable[[bytes], bool], *, strip: bool) -> None:
         self._read_event = read_event
-        self._delta = delta
-        self._empty_delta = delta + b'"'
         self._strip = strip
-        self._held = b""  # the unfinished last event: held back when stripping, else a copy to read it
+        self._held: list[bytes] = []  # data: an unfinished event, held back when stripping, else a copy
+        self._held_bytes = 0
         self._dechunker = Dechunker()
-        self._chunks = 0  # chunks the framing had started when the last read was seen
-        self._whole_chunks = True  # the last read ended between two chunks
-        self.deltas = 0
+        self._aligned = True  # chunked: so far every chunk ended an event, the fast way holds
+        self._open: list[bytes] = []  # chunked, the fast way: the start of the chunk a read cut
+        self._open_left = 0  # the bytes of that chunk still to come, its CRLF included
+        self._chunks = self._unaligned = 0  # the framing's counts at the last read
+        self.events = 0
+        self.first = b""
+        self.last = b""
 
     def feed(self, data: bytes) -> bytes:
         """Body bytes as they arrive, chunk framing already removed; returns what to send now."""
+        if not self.first:
+            self.first = data[:_FIRST_BYTES]
         if not self._held and data.endswith(_EVENT_ENDS) and data.find(USAGE_KEY) < 0:
-            self.deltas += data.count(self._delta) - data.count(self._empty_delta)
+            self.events += data.count(b"\n\n")
+            self.last = data
             return data
         ready = self._careful(data, last=False)
-        return ready if self._strip else data
-
-    def feed_framed(self, framed: bytes, chunks: int, between_chunks: bool, last: bool) -> bytes:
-        """Chunked bytes as the splice checked them; returns the chunked bytes to send now.
-
-        `chunks` is how many chunks the framing has started so far, `between_chunks` whether
-        `framed` ends between two, `last` whether the terminal chunk came after it.
-        """
-        started, self._chunks = chunks - self._chunks, chunks
-        whole_chunks, self._whole_chunks = self._whole_chunks, between_chunks
-        if (
-            whole_chunks
-            and between_chunks
-            and not self._held
-            and (  # every chunk of it ends an event: no usage key can be cut by framing or reads
-                framed.endswith(_FRAMED_EVENT_END)
-                if started == 1
-                else framed.count(_FRAMED_EVENT_END) == started
-            )
-            and framed.find(USAGE_KEY) < 0
-        ):
-            self.deltas += framed.count(self._delta) - framed.count(self._empty_delta)
-            return framed
-        ready = self._careful(self._dechunker.feed(framed), last=last)
         if not self._strip:
+            ready = data
+        if ready:
+            self.last = ready
+        return ready
+
+    def feed_framed(self, framed: bytes, framing: Framing, last: bool) -> bytes:
+        """Chunked bytes as the splice's `framing` checked them; returns the chunked bytes to send now."""
+        if not self.first:
+            self.first = framed[:_FIRST_BYTES]
+        started, self._chunks = framing.chunks - self._chunks, framing.chunks
+        misfits, self._unaligned = framing.unaligned - self._unaligned, framing.unaligned
+        if self._aligned:
+            sent = self._aligned_read(framed, started, misfits, framing.between_chunks)
+            if sent is not None:
+                if sent:
+                    self.last = sent
+                return sent
+            from_chunk_start = b"".join(self._open) + framed if self._open else framed
+            self._open, self._open_left, self._aligned = [], 0, False
+        else:
+            from_chunk_start = framed
+        ready = self._careful(self._dechunker.feed(from_chunk_start), last=last)
+        self._aligned = framing.between_chunks and not self._held
+        if not self._strip:
+            self.last = framed
             return framed
-        return b"%x\r\n%s\r\n" % (len(ready), ready) if ready else b""
+        if not ready:
+            return b""
+        self.last = b"%x\r\n%s\r\n" % (len(ready), ready)
+        return self.last
 
     def end(self) -> bytes:
-        """At the end of the body: what is still held back (an unfinished last event)."""
+        """At the end of the body (no chunk framing): what is still held back, to send now."""
         return self._careful(b"", last=True) if self._strip else b""
 
     def whole(self, body: bytes) -> None:
         """An event stream read whole (never: streams are relayed as they come)."""
         self._careful(body, last=True)
 
+    def _aligned_read(self, framed: bytes, started: int, misfits: int, between_chunks: bool) -> bytes | None:
+        """The fast way, or None when this read needs the careful one.
+
+        Passes on every chunk up to the last one the read completed, as it came, when each of
+        them ends an event; only a chunk holding a usage key is opened. A chunk the read cut is
+        kept (held back when stripping) until it is whole, then looked at the same way.
+        """
+        if misfits:
+            return None
+        completed: bytes | None = b""
+        rest = framed
+        if self._open:
+            if len(framed) < self._open_left:  # the cut chunk goes on
+                self._open.append(framed)
+                self._open_left -= len(framed)
+                return b"" if self._strip else framed
+            completed = b"".join(self._open) + framed[: self._open_left]
+            if not completed.endswith(_FRAMED_EVENT_END):
+                return None
+            completed = self._read_usage_chunks(completed, len(completed))
+            rest = framed[self._open_left :]
+        cut, left = len(rest), 0
+        if not between_chunks:  # the read cut a chunk: it starts after the last event that ended one
+            at = rest.rfind(_FRAMED_EVENT_END)
+            cut = at + len(_FRAMED_EVENT_END) if at >= 0 else 0
+            left = _still_to_come(rest, cut)
+            if not left:
+                return None
+        whole = self._read_usage_chunks(rest, cut)
+        if completed is None or whole is None:
+            return None
+        self.events += started
+        self._open, self._open_left = ([rest[cut:]] if left else []), left
+        if not self._strip:
+            return framed
+        return completed + whole if completed else whole
+
+    def _read_usage_chunks(self, framed: bytes, end: int) -> bytes | None:
+        """framed[:end], whole chunks that each end an event, with every chunk holding a usage key
+        read, and (when stripping) the usage-only event taken out of it; None if such a chunk is
+        not as its framing said (the careful way will tell)."""
+        key = framed.find(USAGE_KEY, 0, end)
+        if key < 0:
+            return framed if end == len(framed) else framed[:end]
+        kept: list[bytes] = []
+        start = 0  # the start of what is not yet in `kept`
+        while key >= 0:
+            chunk_start = framed.rfind(_FRAMED_EVENT_END, 0, key) + len(_FRAMED_EVENT_END)
+            if chunk_start < len(_FRAMED_EVENT_END):
+                chunk_start = 0
+            chunk_end = framed.find(_FRAMED_EVENT_END, key, end) + len(_FRAMED_EVENT_END)
+            eol = framed.find(b"\n", chunk_start, key)
+            if eol < 0 or chunk_end < len(_FRAMED_EVENT_END):
+                return None
+            try:
+                size = int(framed[chunk_start:eol].split(b";", 1)[0], 16)
+            except ValueError:
+                return None
+            if size != chunk_end - 2 - (eol + 1):
+                return None
+            data = framed[eol + 1 : chunk_end - 2]
+            left = self._read_usage(data)
+            if left is not data:
+                kept.append(framed[start:chunk_start])
+                if left:
+                    kept.append(b"%x\r\n%s\r\n" % (len(left), left))
+                start = chunk_end
+            key = framed.find(USAGE_KEY, chunk_end, end)
+        kept.append(framed[start:end])
+        return b"".join(kept)
+
     def _careful(self, data: bytes, *, last: bool) -> bytes:
         """Whole events ready to go, the usage ones read (and dropped when stripping)."""
-        buffer = self._held + data if self._held else data
+        held = self._held
+        if held and not last and not _after_last_event(held[-1][-2:] + data):  # the event goes on
+            held.append(data)
+            self._held_bytes += len(data)
+            if self._held_bytes <= _MAX_HELD_BYTES:
+                return b""
+            last = True  # not an event stream after all: let it through
+        buffer = b"".join(held) + data if held else data
         cut = len(buffer) if last else _after_last_event(buffer)
         if len(buffer) - cut > _MAX_HELD_BYTES:
-            cut = len(buffer)  # not an event stream after all
-        ready, self._held = buffer[:cut], buffer[cut:]
+            cut = len(buffer)
+        ready = buffer[:cut]
+        self._held = [buffer[cut:]] if cut < len(buffer) else []
+        self._held_bytes = len(buffer) - cut
         if not ready:
             return b""
-        self.deltas += ready.count(self._delta) - ready.count(self._empty_delta)
+        self.events += ready.count(b"\n\n")
         return self._read_usage(ready) if USAGE_KEY in ready else ready
 
     def _read_usage(self, ready: bytes) -> bytes:
@@ -197,7 +309,7 @@ class JsonWatch:
         self._keep(data)
         return data
 
-    def feed_framed(self, framed: bytes, chunks: int, between_chunks: bool, last: bool) -> bytes:
+    def feed_framed(self, framed: bytes, framing: Framing, last: bool) -> bytes:
         self._keep(self._dechunker.feed(framed))
         return framed
 

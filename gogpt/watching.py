@@ -9,7 +9,18 @@ from typing import Protocol
 
 import aiohttp
 
-__all__ = ["AnswerWatch", "BodyWatch"]
+__all__ = ["AnswerWatch", "BodyWatch", "Framing"]
+
+
+class Framing(Protocol):
+    """What the splice's chunk framing (splice.ChunkedFraming) has counted so far."""
+
+    chunks: int  # chunks started
+    unaligned: int  # chunks read whole in one read whose data does not end an event
+
+    @property
+    def between_chunks(self) -> bool:
+        """The bytes so far end between two chunks."""
 
 
 class BodyWatch(Protocol):
@@ -18,12 +29,9 @@ class BodyWatch(Protocol):
     def feed(self, data: bytes) -> bytes:
         """Body bytes as they arrive (no chunk framing); returns the bytes to send now."""
 
-    def feed_framed(self, framed: bytes, chunks: int, between_chunks: bool, last: bool) -> bytes:
-        """Chunked bytes checked by the splice's framing; returns the chunked bytes to send now.
-
-        `chunks`: chunks the framing has started so far; `between_chunks`: `framed` ends between
-        two; `last`: the terminal chunk follows `framed` (anything still held goes now).
-        """
+    def feed_framed(self, framed: bytes, framing: Framing, last: bool) -> bytes:
+        """Chunked bytes checked by the splice's `framing`; returns the chunked bytes to send now.
+        `last`: the terminal chunk follows `framed` (anything still held goes now)."""
 
     def end(self) -> bytes:
         """The body has ended (no chunk framing): what is still held back, to send now."""

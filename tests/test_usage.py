@@ -308,6 +308,17 @@ async def test_an_upstream_cut_mid_stream_is_estimated(client: TestClient, upstr
     assert await usage(client) == [row(prompt=len(sent) // 4, completion=2, estimated=1)]
 
 
+@pytest.mark.parametrize("body", [b"[" * 100_000, b"{not json", b'"text"'])
+async def test_a_body_that_is_no_json_object_goes_upstream_as_it_is(
+    client: TestClient, upstream: FakeUpstream, auth, body: bytes
+):
+    resp = await client.post(
+        "/v1/chat/completions", data=body, headers={**auth, "Content-Type": "application/json"}
+    )
+    assert resp.status == 200  # the fake upstream answers anything; OpenAI would say what is wrong
+    assert upstream.last.body == body
+
+
 async def test_a_call_the_upstream_refuses_is_not_usage(client: TestClient, upstream: FakeUpstream, auth):
     async def refuses(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": {"message": "no such model"}}, status=404)

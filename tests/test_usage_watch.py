@@ -51,7 +51,7 @@ class Seen:
 
 def watch(strip: bool = True) -> tuple[EventWatch, Seen]:
     seen = Seen()
-    return EventWatch(seen, delta=b'"content":"', strip=strip), seen
+    return EventWatch(seen, strip=strip), seen
 
 
 def relayed(reads: list[bytes], strip: bool = True) -> tuple[bytes, EventWatch, Seen]:
@@ -80,7 +80,7 @@ def spliced(wire: bytes, reads: list[int], strip: bool = True) -> tuple[bytes, E
     out, cuts = b"", [0, *reads, len(wire)]
     for start, end in itertools.pairwise(cuts):
         body, terminal = framing.feed(wire[start:end])
-        out += w.feed_framed(body, framing.chunks, framing.between_chunks, terminal is not None)
+        out += w.feed_framed(body, framing, terminal is not None)
         if terminal is not None:
             break
     return Dechunker().feed(out), w, seen
@@ -88,10 +88,9 @@ def spliced(wire: bytes, reads: list[int], strip: bool = True) -> tuple[bytes, E
 
 def test_the_usage_only_chunk_is_taken_out_wherever_one_cut_splits_the_stream():
     for cut in range(len(STREAM) + 1):
-        out, w, seen = relayed([STREAM[:cut], STREAM[cut:]])
+        out, _, seen = relayed([STREAM[:cut], STREAM[cut:]])
         assert out == WITHOUT_USAGE, cut
         assert seen.events == [USAGE_ONLY], cut
-        assert w.deltas == 3, cut
 
 
 def test_the_usage_only_chunk_is_taken_out_arriving_a_byte_at_a_time():
@@ -117,7 +116,7 @@ def test_reads_that_end_between_events_without_usage_pass_as_they_are():
     first = delta("a") + delta("b")
     assert w.feed(first) is first  # the same object: nothing copied
     assert seen.events == []
-    assert w.deltas == 2
+    assert w.events == 2
 
 
 def test_an_unfinished_event_is_held_back_until_its_end_comes_then_sent_whole():
@@ -145,11 +144,10 @@ def test_the_responses_api_usage_is_read_from_its_completed_event_and_never_drop
     text = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi"}\n\n'
     done = b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":{"input_tokens":5,"output_tokens":1}}}\n\n'
     read: list[bytes] = []
-    w = EventWatch(lambda event: read.append(event) is not None, delta=b'"delta":"', strip=False)
+    w = EventWatch(lambda event: read.append(event) is not None, strip=False)
     stream = created + text + done
     assert b"".join(w.feed(stream[i : i + 10]) for i in range(0, len(stream), 10)) + w.end() == stream
     assert read == [created, done]
-    assert w.deltas == 1
 
 
 def _cut_in_every_usage_key() -> list[int]:
@@ -181,10 +179,9 @@ def _cut_in_every_usage_key() -> list[int]:
 def test_through_the_splice_the_usage_chunk_is_taken_out_wherever_reads_and_chunks_cut(chunk_sizes):
     wire = framed(STREAM, chunk_sizes)
     for cut in range(len(wire) + 1):
-        out, w, seen = spliced(wire, [cut])
+        out, _, seen = spliced(wire, [cut])
         assert out == WITHOUT_USAGE, cut
         assert seen.events == [USAGE_ONLY], cut
-        assert w.deltas == 3, cut
 
 
 def test_through_the_splice_the_usage_chunk_is_taken_out_arriving_a_byte_at_a_time():
@@ -194,12 +191,40 @@ def test_through_the_splice_the_usage_chunk_is_taken_out_arriving_a_byte_at_a_ti
     assert seen.events == [USAGE_ONLY]
 
 
+def test_through_the_splice_a_usage_event_written_in_two_chunks_is_taken_out_however_reads_cut_the_first():
+    sizes = [
+        len(ROLE),
+        len(delta("Hel")),
+        len(delta("lo")),
+        len(delta("!")),
+        len(FINISH),
+        10,
+    ]  # the usage event's first 10 bytes
+    wire = framed(STREAM, sizes)
+    start = wire.index(b"\r\na\r\n" + USAGE_ONLY[:10]) + 2  # that chunk: size line "a", 10 bytes, CRLF
+    end = start + len(b"a\r\n") + 10 + 2
+    for cut in range(start, end):  # a read ends inside it, the next one exactly at its end
+        out, _, seen = spliced(wire, [cut, end])
+        assert out == WITHOUT_USAGE, cut
+        assert seen.events == [USAGE_ONLY], cut
+
+
+def test_through_the_splice_bytes_like_an_event_end_inside_a_chunk_are_not_taken_for_one():
+    inside = b"data: a\n\n\r\ndata: b\n\n"  # an event, a blank CRLF line and an event, in one chunk
+    data = delta("x") + inside + FINISH + USAGE_ONLY + DONE
+    wire = framed(data, [len(delta("x")), len(inside), len(FINISH), len(USAGE_ONLY)])
+    at = wire.index(b"\n\n\r\ndata: b") + 6
+    for cut in range(at, at + 8):
+        out, _, _ = spliced(wire, [cut])
+        assert out == data.replace(USAGE_ONLY, b""), cut
+
+
 def test_through_the_splice_reads_of_whole_events_without_usage_go_framed_as_they_came():
     w, _ = watch()
     framing = ChunkedFraming()
     wire = framed(delta("a") + delta("b"), [len(delta("a"))]).removesuffix(b"0\r\n\r\n")
     body, _ = framing.feed(wire)
-    assert w.feed_framed(body, framing.chunks, framing.between_chunks, False) is body
+    assert w.feed_framed(body, framing, False) is body
 
 
 def test_through_the_splice_a_client_that_asked_gets_the_wire_bytes_unchanged():
@@ -209,7 +234,7 @@ def test_through_the_splice_a_client_that_asked_gets_the_wire_bytes_unchanged():
         framing, out = ChunkedFraming(), b""
         for part in (wire[:cut], wire[cut:]):
             body, terminal = framing.feed(part)
-            out += w.feed_framed(body, framing.chunks, framing.between_chunks, terminal is not None)
+            out += w.feed_framed(body, framing, terminal is not None)
             if terminal is not None:
                 break
         assert out == wire.removesuffix(b"0\r\n\r\n"), cut
