@@ -5,6 +5,7 @@
     python -m bench --profiles burst,wide --candidates direct,nginx,gogpt
     python -m bench --profiles json --candidates gogpt --gogpt-env RATE_LIMIT=1000000000
     python -m bench --profiles json,short,burst --candidates floor,gogpt   # gogpt over bare aiohttp
+    python -m bench --profiles burst,short --candidates gogpt@main,gogpt  # this checkout against main's
 
 Loopback only; every run is bounded in count and time.
 """
@@ -15,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import io
 import json
 import os
 import resource
@@ -24,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -72,7 +75,7 @@ QUICK = {
     "short": Profile(streams=8, count=20, interval=0, repeat=10),
     "long": Profile(streams=50, count=80, interval=0.02),
 }
-CANDIDATES = ("direct", "nginx", "pipe", "floor", "gogpt", "gogpt-2w")
+CANDIDATES = ("direct", "nginx", "pipe", "floor", "gogpt", "gogpt-2w")  # and gogpt@REF: gogpt as at a git ref
 
 
 def free_port() -> int:
@@ -169,9 +172,10 @@ def candidate(
             env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
         else:
             command = [sys.executable, "-m", "gogpt"]
+            _, at, ref = name.partition("@")
             env = {
                 "PATH": os.environ.get("PATH", ""),
-                "PYTHONPATH": str(ROOT),
+                "PYTHONPATH": checkout(ref, Path(workdir)) if at else str(ROOT),
                 "SECRET_KEY": SECRET_KEY,
                 "API_PROXY": f"127.0.0.1:{upstream_port}",
                 "HOST": "127.0.0.1",
@@ -192,6 +196,18 @@ def candidate(
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def checkout(ref: str, into: Path) -> str:
+    """gogpt's package as it is at git `ref`, written under `into`: the directory to import it from."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", ref, "gogpt"],  # noqa: S607 - git from PATH
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into / "checkout", filter="data")
+    return str(into / "checkout")
 
 
 def percentile(values: list[int], fraction: float) -> float:
@@ -324,7 +340,11 @@ def _variable(text: str) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--profiles", default=",".join(PROFILES))
-    parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument(
+        "--candidates",
+        default=",".join(CANDIDATES),
+        help="comma-separated; gogpt@REF is gogpt as at a git ref (gogpt@main), to compare in one run",
+    )
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument(

@@ -16,6 +16,12 @@ from typing import cast
 PAYLOAD_BYTE = b"x"
 
 
+def usage_chunk(count: int) -> bytes:
+    usage = {"prompt_tokens": 10, "completion_tokens": count, "total_tokens": 10 + count}
+    body = b"data: %s\n\n" % json.dumps({"id": "bench", "choices": [], "usage": usage}).encode()
+    return b"%x\r\n%s\r\n" % (len(body), body)
+
+
 def event(seq: int, size: int) -> bytes:
     body = b"data: %d %d %s\n\n" % (seq, time.time_ns(), PAYLOAD_BYTE * size)
     return b"%x\r\n%s\r\n" % (len(body), body)
@@ -76,6 +82,7 @@ class UpstreamProtocol(asyncio.Protocol):
                     "object": "chat.completion",
                     "sent_ns": time.time_ns(),
                     "choices": [{"message": {"content": "x" * size}}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
                 }
             ).encode()
             transport.write(
@@ -95,6 +102,8 @@ class UpstreamProtocol(asyncio.Protocol):
                     await asyncio.sleep(interval)
                 elif not self.paused.is_set():
                     await self.paused.wait()
+            if (request.get("stream_options") or {}).get("include_usage") is True:
+                transport.write(usage_chunk(count))
             transport.write(b"0\r\n\r\n")
         self.busy = False
         if self.buffer:
