@@ -30,7 +30,8 @@ TOO_COSTLY = "too costly"
 def object_fields(body: bytes, names: Collection[str]) -> dict[str, Any] | str:
     """The fields `names` of a JSON object body, or why it is not one (INVALID, NOT_AN_OBJECT,
     TOO_COSTLY). A field holding an array or object comes back empty (of its kind): callers read
-    scalars, and what crosses back from the child stays small."""
+    scalars, and what crosses back from the child stays small. A name `a.b` is the field `b` of
+    the object in field `a`."""
     try:
         parsed = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
@@ -39,7 +40,15 @@ def object_fields(body: bytes, names: Collection[str]) -> dict[str, Any] | str:
         return TOO_COSTLY
     if not isinstance(parsed, dict):
         return NOT_AN_OBJECT
-    return {name: _emptied(parsed[name]) for name in names if name in parsed}
+    found = {}
+    for name in names:
+        holder: Any = parsed
+        *path, last = name.split(".")
+        for part in path:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and last in holder:
+            found[name] = _emptied(holder[last])
+    return found
 
 
 def _emptied(value: Any) -> Any:

@@ -54,7 +54,7 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
         url = URL(f"{url}?{request.rel_url.raw_query_string}", encoded=True)
     headers = _openai_headers(request, settings)
     path = request.match_info["path"]
-    if request.method == "POST" and path in METERED_PATHS:  # a JSON object whose usage is counted
+    if request.method == "POST" and path in METERED_PATHS and request.body_exists:  # usage is counted
         body, fields = await read_json_object(request, REQUEST_FIELDS)
         body, meter = meter_openai_call(request, path, body, fields, headers)
         with meter:

@@ -25,15 +25,13 @@ from .answers import content_codings, decoded
 from .errors import ApiError
 from .keys import CALLER
 from .ledger import LEDGER, UsageLedger
-from .usage_request import asks_for_usage, with_usage_asked
+from .usage_request import REQUEST_FIELDS, asks_for_usage, with_usage_asked
 from .usage_watch import EventWatch, JsonWatch
 
 __all__ = ["METERED_PATHS", "REQUEST_FIELDS", "Meter", "meter_conv_call", "meter_openai_call"]
 
 # The OpenAI API paths (under /v1) whose answers report usage.
 METERED_PATHS = frozenset({"chat/completions", "completions", "responses", "embeddings"})
-# The request's fields a meter reads (bodies.read_json_object finds them).
-REQUEST_FIELDS = ("model", "stream", "stream_options", "stream_options.include_usage")
 _MAX_MODEL_CHARS = 256
 _MAX_DECODED_JSON = 64 << 20
 _PARSED_WHOLE_JSON = 1 << 20  # JSON answers up to this are parsed; in larger ones the usage is looked up
@@ -45,16 +43,16 @@ def meter_openai_call(
     request: web.Request,
     path: str,
     body: bytes,
-    fields: dict[str, Any] | None,
+    fields: dict[str, Any],
     headers: MutableMapping[str, str],
 ) -> tuple[bytes, Meter]:
     """The body to send for a call to `/v1/{path}` (one of METERED_PATHS) and the meter of its usage.
+    `fields` are the body's REQUEST_FIELDS.
 
     A streamed chat completion whose client did not ask for usage asks for it here, and the
     usage-only chunk it brings is taken out of the answer again. A stream is asked for without
     compression (`headers` are changed), so its events can be read as they pass.
     """
-    fields = fields or {}
     streamed = fields.get("stream") is True
     strip = path == "chat/completions" and streamed and not asks_for_usage(fields)
     meter = Meter(

@@ -10,7 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["asks_for_usage", "with_usage_asked"]
+from .json_parser import INLINE_BYTES
+
+__all__ = ["REQUEST_FIELDS", "asks_for_usage", "with_usage_asked"]
+
+# The fields of a request body that metering reads (bodies.read_json_object finds them).
+REQUEST_FIELDS = ("model", "stream", "stream_options", "stream_options.include_usage")
 
 _ASK = b'"stream_options":{"include_usage":true},'
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -18,16 +23,17 @@ _DECODER = json.JSONDecoder()
 
 
 def asks_for_usage(fields: dict[str, Any]) -> bool:
-    options = fields.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
+    """Whether a body, read for REQUEST_FIELDS (bodies.read_json_object), asks for its usage."""
+    return fields.get("stream_options.include_usage") is True
 
 
 def with_usage_asked(body: bytes, fields: dict[str, Any]) -> bytes:
-    """`body` (a JSON object, parsed as `fields`) with `stream_options.include_usage` true.
+    """`body` (a JSON object, read for REQUEST_FIELDS as `fields`) with `stream_options.include_usage` true.
 
     Without `stream_options`, the member goes in first; with one that does not ask (`{}`, `null`,
     `{"include_usage": false}`), only that value is written again. Returns `body` itself when it
-    already asks, or when its text cannot be edited safely (it is not UTF-8).
+    already asks, or when its text cannot be edited here: not UTF-8, or, with `stream_options`,
+    larger than is parsed on the event loop (json_parser.py).
     """
     if asks_for_usage(fields):
         return body
@@ -36,12 +42,14 @@ def with_usage_asked(body: bytes, fields: dict[str, Any]) -> bytes:
         if body[: opening - 1].strip() not in (b"", _UTF8_BOM):  # UTF-16 or UTF-32: left alone
             return body
         return body[:opening] + _ASK + body[opening:]
+    if len(body) > INLINE_BYTES:
+        return body
     try:
         text = body.decode("utf-8")  # a BOM stays in the text, and so in what is sent
     except UnicodeDecodeError:
         return body
     start, end = _value_span(text, "stream_options")
-    options = fields["stream_options"]
+    options = _DECODER.raw_decode(text, start)[0]
     asked = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return (text[:start] + json.dumps(asked, separators=(",", ":")) + text[end:]).encode("utf-8")
 

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from gogpt import ConfigError, Settings, create_app, load_settings, mint_token
-from gogpt.usage_request import with_usage_asked
+from gogpt.json_child import object_fields
+from gogpt.usage_request import REQUEST_FIELDS, with_usage_asked
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -310,7 +311,8 @@ async def test_chat_bodies_are_relayed_only_when_they_are_json_objects(
     assert resp.status == (200 if is_object else 400)
     assert len(upstream.requests) == (1 if is_object else 0)
     if is_object:  # a streamed chat completion is asked for its usage, and nothing else changes
-        fields = json.loads(data)
+        fields = object_fields(data, REQUEST_FIELDS)
+        assert isinstance(fields, dict)
         assert upstream.last.body == (
             with_usage_asked(data, fields) if fields.get("stream") is True else data
         )

@@ -200,6 +200,20 @@ async def test_a_client_that_asks_for_usage_gets_the_chunk_and_its_body_goes_byt
     assert await usage(client) == [row()]
 
 
+@pytest.mark.parametrize("asks", [True, False], ids=["client asks", "client does not ask"])
+async def test_a_large_streamed_body_is_read_for_usage_in_the_parser_process_too(
+    client: TestClient, upstream: FakeUpstream, openai_chat: OpenAIChat, auth, asks: bool
+):
+    options = {"stream_options": {"include_usage": True}} if asks else {}
+    long = [{"role": "user", "content": "x" * (200 << 10)}]  # past what is parsed on the loop
+    sent = json.dumps({**CHAT, "messages": long, "stream": True, **options}).encode()
+    resp = await client.post("/chat", data=sent, headers=auth)
+    received = await resp.read()
+    assert upstream.last.body == (sent if asks else b'{"stream_options":{"include_usage":true},' + sent[1:])
+    assert (b'"choices":[]' in received) is asks
+    assert await usage(client) == [row()]
+
+
 def split_usage_event(events: list[bytes]) -> list[bytes]:
     """The finish and the usage event's first half in one write; its second half and [DONE] in another."""
     *start, finish, usage_event, done = events
@@ -309,14 +323,15 @@ async def test_an_upstream_cut_mid_stream_is_estimated(client: TestClient, upstr
 
 
 @pytest.mark.parametrize("body", [b"[" * 100_000, b"{not json", b'"text"'])
-async def test_a_body_that_is_no_json_object_goes_upstream_as_it_is(
+async def test_a_metered_call_whose_body_is_no_json_object_is_refused_before_the_upstream(
     client: TestClient, upstream: FakeUpstream, auth, body: bytes
 ):
     resp = await client.post(
         "/v1/chat/completions", data=body, headers={**auth, "Content-Type": "application/json"}
     )
-    assert resp.status == 200  # the fake upstream answers anything; OpenAI would say what is wrong
-    assert upstream.last.body == body
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "invalid_json"
+    assert upstream.requests == []
 
 
 async def test_a_call_the_upstream_refuses_is_not_usage(client: TestClient, upstream: FakeUpstream, auth):

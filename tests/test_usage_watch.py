@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gogpt.json_child import object_fields
 from gogpt.splice import ChunkedFraming
-from gogpt.usage_request import with_usage_asked
+from gogpt.usage_request import REQUEST_FIELDS, with_usage_asked
 from gogpt.usage_watch import Dechunker, EventWatch
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
@@ -255,24 +256,31 @@ def test_the_dechunker_gives_back_the_data_wherever_the_framing_let_reads_end():
 # ---- asking for the usage ----------------------------------------------------------------------
 
 
+def fields_of(body: bytes) -> dict:
+    """The fields metering reads, as gogpt reads them (bodies.read_json_object)."""
+    fields = object_fields(body, REQUEST_FIELDS)
+    assert isinstance(fields, dict)
+    return fields
+
+
 def test_the_request_is_asked_for_usage_with_every_other_byte_as_sent():
     body = (
         b'{"model": "gpt-4o-mini", "stream": true,\n "messages": [{"role": "user", "content": "h\\u00e9"}]}'
     )
-    sent = with_usage_asked(body, json.loads(body))
+    sent = with_usage_asked(body, fields_of(body))
     assert sent == b'{"stream_options":{"include_usage":true},' + body[1:]
     assert json.loads(sent)["stream_options"] == {"include_usage": True}
 
 
 def test_a_request_that_asked_is_sent_as_it_is():
     body = b'{"stream": true, "stream_options": {"include_usage": true}}'
-    assert with_usage_asked(body, json.loads(body)) is body
+    assert with_usage_asked(body, fields_of(body)) is body
 
 
 @pytest.mark.parametrize("options", ["{}", "null", '{"include_usage": false, "x": 1}'])
 def test_stream_options_that_do_not_ask_are_rewritten_and_nothing_else(options: str):
     body = f'{{"a": [1, {{"stream_options": 2}}], "stream_options": {options} , "stream": true}}'.encode()
-    sent = with_usage_asked(body, json.loads(body))
+    sent = with_usage_asked(body, fields_of(body))
     head, tail = body.split(options.encode())
     assert sent.startswith(head) and sent.endswith(tail)
     fields = json.loads(sent)
@@ -302,6 +310,6 @@ def test_any_streamed_request_asks_for_usage_and_keeps_the_rest(fields, options,
     else:
         fields.pop("stream_options", None)
     body = json.dumps(fields, indent=indent, ensure_ascii=ascii_only).encode()
-    sent = json.loads(with_usage_asked(body, json.loads(body)))
+    sent = json.loads(with_usage_asked(body, fields_of(body)))
     kept = dict(options) if isinstance(options, dict) else {}
     assert sent == {**fields, "stream_options": {**kept, "include_usage": True}}
