@@ -42,12 +42,13 @@ def object_fields(body: bytes, names: Collection[str]) -> dict[str, Any] | str:
         return NOT_AN_OBJECT
     found = {}
     for name in names:
-        holder: Any = parsed
-        *path, last = name.split(".")
-        for part in path:
-            holder = holder.get(part) if isinstance(holder, dict) else None
-        if isinstance(holder, dict) and last in holder:
-            found[name] = _emptied(holder[last])
+        if name in parsed:
+            found[name] = _emptied(parsed[name])
+            continue
+        field, dot, member = name.partition(".")
+        holder = parsed.get(field) if dot else None
+        if isinstance(holder, dict) and member in holder:
+            found[name] = _emptied(holder[member])
     return found
 
 

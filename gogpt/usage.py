@@ -79,6 +79,22 @@ class Meter:
     """One call's usage. Used as a context manager around the relay, which it watches (AnswerWatch);
     on exit it writes the usage to the ledger, exact if the answer reported it, else estimated."""
 
+    __slots__ = (
+        "_answer_headers",
+        "_answered",
+        "_chat",
+        "_day",
+        "_identity",
+        "_ledger",
+        "_model",
+        "_prompt_estimate",
+        "_reported_model",
+        "_requests_only",
+        "_strip",
+        "_usage",
+        "_watch",
+    )
+
     def __init__(
         self,
         ledger: UsageLedger,

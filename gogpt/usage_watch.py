@@ -243,7 +243,10 @@ class EventWatch:
             if size != chunk_end - 2 - (eol + 1):
                 return None
             data = framed[eol + 1 : chunk_end - 2]
-            left = self._read_usage(data)
+            if data.find(b"\n\n") == len(data) - 2:  # one event, as upstreams send them
+                left = b"" if self._read_event(data) and self._strip else data
+            else:
+                left = self._read_usage(data)
             if left is not data:
                 kept.append(framed[start:chunk_start])
                 if left:
