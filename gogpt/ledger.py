@@ -44,19 +44,17 @@ class UsageLedger:
         self._unsent: tuple[str, list[UsageRow]] | None = None  # a batch the store has not taken yet
         self._lock = asyncio.Lock()
         self._open_calls = 0
-        self._no_open_calls = asyncio.Event()
-        self._no_open_calls.set()
+        self._no_open_calls: asyncio.Event | None = None  # made when the shutdown waits on it
         self._store_down = False
         self._dropping = False
         self._model_labels: set[str] = set()
 
     def call_started(self) -> None:
         self._open_calls += 1
-        self._no_open_calls.clear()
 
     def call_ended(self) -> None:
         self._open_calls -= 1
-        if not self._open_calls:
+        if not self._open_calls and self._no_open_calls is not None:
             self._no_open_calls.set()
 
     def record(
@@ -124,9 +122,11 @@ class UsageLedger:
 
     async def close(self) -> None:
         """Wait (a little) for calls still ending, then write what is left; what cannot be is lost and said so."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_CALLS_ENDING_WAIT):
-                await self._no_open_calls.wait()
+        if self._open_calls:
+            self._no_open_calls = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CALLS_ENDING_WAIT):
+                    await self._no_open_calls.wait()
         if not await self.flush():
             lost = sum(counts[0] for counts in self._adding.values())
             lost += sum(row.requests for row in self._unsent[1]) if self._unsent else 0

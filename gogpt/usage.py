@@ -134,6 +134,7 @@ class Meter:
             if self._answered or left_early:
                 self._settle()
         finally:
+            self._watch = None  # it calls back into the meter: a cycle the collector would have to find
             self._ledger.call_ended()
 
     def observe(self, upstream: aiohttp.ClientResponse) -> EventWatch | JsonWatch | None:

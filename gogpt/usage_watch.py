@@ -124,7 +124,7 @@ class EventWatch:
         self._strip = strip
         self._held: list[bytes] = []  # data: an unfinished event, held back when stripping, else a copy
         self._held_bytes = 0
-        self._dechunker = Dechunker()
+        self._dechunker: Dechunker | None = None  # made when the careful way is first needed
         self._aligned = True  # chunked: so far every chunk ended an event, the fast way holds
         self._open: list[bytes] = []  # chunked, the fast way: the start of the chunk a read cut
         self._open_left = 0  # the bytes of that chunk still to come, its CRLF included
@@ -164,6 +164,8 @@ class EventWatch:
             self._open, self._open_left, self._aligned = [], 0, False
         else:
             from_chunk_start = framed
+        if self._dechunker is None:
+            self._dechunker = Dechunker()
         ready = self._careful(self._dechunker.feed(from_chunk_start), last=last)
         self._aligned = framing.between_chunks and not self._held
         if not self._strip:
@@ -210,7 +212,10 @@ class EventWatch:
             left = _still_to_come(rest, cut)
             if not left:
                 return None
-        whole = self._read_usage_chunks(rest, cut)
+        if rest.find(USAGE_KEY, 0, cut) < 0:  # the usual read
+            whole: bytes | None = rest if cut == len(rest) else rest[:cut]
+        else:
+            whole = self._read_usage_chunks(rest, cut)
         if completed is None or whole is None:
             return None
         self.events += started
