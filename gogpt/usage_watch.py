@@ -203,7 +203,8 @@ class EventWatch:
             completed = b"".join(self._open) + framed[: self._open_left]
             if not completed.endswith(_FRAMED_EVENT_END):
                 return None
-            completed = self._read_usage_chunks(completed, len(completed))
+            if USAGE_KEY in completed:
+                completed = self._read_usage_chunks(completed, len(completed))
             rest = framed[self._open_left :]
         cut, left = len(rest), 0
         if not between_chunks:  # the read cut a chunk: it starts after the last event that ended one
