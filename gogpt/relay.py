@@ -170,11 +170,11 @@ async def _relay_answer(
     settings = request.app[SETTINGS]
     keepalive = settings.sse_keepalive if upstream.content_type == "text/event-stream" else 0.0
     STREAMS_ACTIVE.inc()
-    watch: _StallWatch | None = None
+    stall: _StallWatch | None = None  # not to be confused with body_watch, which reads the body
     idle: _KeepAlive | None = None
     try:
         await response.prepare(request)
-        watch = _StallWatch(request, settings.client_timeout)
+        stall = _StallWatch(request, settings.client_timeout)
         write = response.write
         if splice is not None:
             await splice.forward_to(request, keepalive=keepalive, watch=body_watch)
@@ -219,8 +219,8 @@ async def _relay_answer(
         upstream.release()
         await response.write_eof()
     finally:
-        if watch is not None:
-            watch.cancel()
+        if stall is not None:
+            stall.cancel()
         if idle is not None:
             idle.cancel()
         STREAMS_ACTIVE.dec()

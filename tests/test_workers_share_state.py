@@ -16,18 +16,12 @@ import aiohttp
 import pytest
 from conftest import ACCESS_TOKEN, CHAT_API_KEY, SECRET_KEY, FakeUpstream
 from serving import Gateway
-from test_conv import LIST, POST, Backend, conversations, message
+from test_conv import LIST, POST, Backend, message
+from test_conv import backend as backend  # the scripted backend-api fixture, shared
 
 from gogpt.serve import _MIN_WORKER_LIFE
 
 Starter = Callable[..., Awaitable[Gateway]]
-
-
-@pytest.fixture
-def backend(upstream: FakeUpstream) -> Backend:
-    fake = Backend(conversations=conversations(7))
-    upstream.respond = fake.respond
-    return fake
 
 
 @pytest.fixture
