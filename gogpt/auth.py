@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import secrets
 import time
 import unicodedata
 from typing import Any
@@ -16,6 +17,7 @@ from .config import Settings
 from .errors import ApiError, Handler
 from .keys import CALLER, SETTINGS, STORE, Caller
 from .lockout import LOCKOUT, client_address
+from .policy import NO_POLICY, Policy
 
 __all__ = [
     "authenticate",
@@ -55,13 +57,26 @@ def identity_problem(identity: str) -> str | None:
     return None
 
 
-def mint_token(secret_key: str, identity: str, hours: int, *, now: float | None = None) -> str:
-    """A token for `identity` valid `hours`; ValueError when the id could not be told apart in logs."""
+def mint_token(
+    secret_key: str, identity: str, hours: int, *, policy: Policy = NO_POLICY, now: float | None = None
+) -> str:
+    """A token for `identity` valid `hours`, bound by `policy`; ValueError when the id could not be
+    told apart in logs.
+
+    Each token has its own `tid`, so it can be revoked alone; `iat` is kept to the millisecond,
+    so a revocation of an id refuses the tokens minted before it and none minted after.
+    """
     problem = identity_problem(identity)
     if problem is not None:
         raise ValueError(problem)
-    issued = int(time.time() if now is None else now)
-    claims = {"jti": identity, "iat": issued, "exp": issued + hours * 3600}
+    issued = round(time.time() if now is None else now, 3)
+    claims = {
+        "jti": identity,
+        "tid": secrets.token_hex(12),
+        "iat": issued,
+        "exp": int(issued) + hours * 3600,
+        **policy.claims(),
+    }
     return jwt.encode(claims, secret_key, algorithm=_ALGORITHM)
 
 
@@ -85,7 +100,7 @@ def verify_credential(secret_key: str, authorization: str) -> Caller:
     if not credential.isascii():  # tokens are base64url; PyJWT fails on what it cannot encode
         raise _unauthorized("Invalid token.")
     try:
-        identity, expires = _verified_token(secret_key, credential)
+        caller = _verified_token(secret_key, credential)
     except jwt.ExpiredSignatureError:
         raise _unauthorized("The token has expired: mint a new one at /token.") from None
     except _RefusedIdentity:
@@ -94,9 +109,9 @@ def verify_credential(secret_key: str, authorization: str) -> Caller:
         ) from None
     except jwt.InvalidTokenError:
         raise _unauthorized("Invalid token.") from None
-    if time.time() >= expires:  # checked on every call: a verified token is cached, its expiry is not
+    if time.time() >= caller.expires:  # checked on every call: a verified token is cached, its expiry is not
         raise _unauthorized("The token has expired: mint a new one at /token.")
-    return Caller(identity)
+    return caller
 
 
 class _RefusedIdentity(jwt.InvalidTokenError):
@@ -104,18 +119,24 @@ class _RefusedIdentity(jwt.InvalidTokenError):
 
 
 @functools.lru_cache(maxsize=4096)
-def _verified_token(secret_key: str, token: str) -> tuple[str, float]:
-    """A token's identity and expiry, its signature checked once: clients reuse a token for hours.
+def _verified_token(secret_key: str, token: str) -> Caller:
+    """A token's caller, its signature checked once: clients reuse a token for hours.
 
     Only tokens that verify are cached (an exception is not), so garbage cannot fill it.
     """
     claims = jwt.decode(token, secret_key, algorithms=[_ALGORITHM], options={"require": ["exp", "jti"]})
-    identity, expires = claims["jti"], claims["exp"]
+    identity, expires, issued, tid = claims["jti"], claims["exp"], claims.get("iat", 0), claims.get("tid", "")
     if not isinstance(identity, str) or not identity or not isinstance(expires, int | float):
         raise jwt.InvalidTokenError("jti must be a non-empty string")
+    if not isinstance(issued, int | float) or not isinstance(tid, str):
+        raise jwt.InvalidTokenError("iat must be a number, tid a string")
     if identity_problem(identity) is not None:
         raise _RefusedIdentity(identity)
-    return identity, float(expires)
+    try:
+        policy = Policy.from_claims(claims)
+    except ValueError:
+        raise jwt.InvalidTokenError("not a policy gogpt signs") from None
+    return Caller(identity, tid=tid, issued=float(issued), expires=float(expires), policy=policy)
 
 
 def _unauthorized(message: str) -> ApiError:
@@ -163,6 +184,10 @@ async def token_handler(request: web.Request) -> web.Response:
     if problem is not None:
         raise ApiError(400, problem, code="invalid_parameter")
     hour = _positive_hours(hours)
+    try:
+        policy = Policy.from_params(params)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), code="invalid_parameter") from None
     store, lockout, client = request.app[STORE], request.app[LOCKOUT], client_address(request)
     await lockout.check(store, client)
     if not isinstance(key, str) or not hmac.compare_digest(
@@ -170,7 +195,10 @@ async def token_handler(request: web.Request) -> web.Response:
     ):
         await lockout.count_failure(store, client)
         raise ApiError(403, "Wrong key.", code="invalid_key")
-    return web.json_response({"token": mint_token(settings.secret_key, identity, hour)})
+    token = mint_token(settings.secret_key, identity, hour, policy=policy)
+    signed = _verified_token(settings.secret_key, token)
+    answer = {"token": token, "id": identity, "tid": signed.tid, "expires_at": int(signed.expires)}
+    return web.json_response(answer | policy.claims())
 
 
 async def _token_params(request: web.Request) -> dict[str, Any]:

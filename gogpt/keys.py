@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from .config import Settings
+from .policy import NO_POLICY, Policy
 from .store import Store
 
 __all__ = ["CALLER", "HTTP", "SETTINGS", "SPLICING_HTTP", "STORE", "Caller"]
@@ -19,6 +20,10 @@ class Caller:
 
     identity: str
     is_admin: bool = False
+    tid: str = ""  # the token's own id (tokens minted before gogpt signed one have none)
+    issued: float = 0.0  # when the token was minted (seconds, to the millisecond)
+    expires: float = 0.0
+    policy: Policy = NO_POLICY
 
 
 SETTINGS = web.AppKey("gogpt.settings", Settings)

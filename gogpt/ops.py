@@ -51,8 +51,9 @@ def count_request(request: web.Request, status: int, started: float) -> None:
 
 
 async def enforce_rate_limit(request: web.Request, caller: Caller) -> None:
-    """`RATE_LIMIT` requests per minute per caller (`jti`); the admin is not counted."""
-    limit = request.app[SETTINGS].rate_limit
+    """A token's own `rpm`, else `RATE_LIMIT`, requests per minute per caller (`jti`); the admin is
+    not counted."""
+    limit = caller.policy.rpm or request.app[SETTINGS].rate_limit
     if limit and not caller.is_admin:
         count, reset_in = await request.app[STORE].count_hit(f"rate:{caller.identity}", RATE_WINDOW)
         if count > limit:
