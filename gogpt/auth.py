@@ -25,6 +25,7 @@ __all__ = [
     "mint_token",
     "public",
     "require_admin",
+    "token_claims",
     "token_handler",
     "verify_credential",
 ]
@@ -61,7 +62,14 @@ def mint_token(
     secret_key: str, identity: str, hours: int, *, policy: Policy = NO_POLICY, now: float | None = None
 ) -> str:
     """A token for `identity` valid `hours`, bound by `policy`; ValueError when the id could not be
-    told apart in logs.
+    told apart in logs."""
+    return jwt.encode(token_claims(identity, hours, policy=policy, now=now), secret_key, algorithm=_ALGORITHM)
+
+
+def token_claims(
+    identity: str, hours: int, *, policy: Policy = NO_POLICY, now: float | None = None
+) -> dict[str, Any]:
+    """What a token for `identity` signs; ValueError when the id could not be told apart in logs.
 
     Each token has its own `tid`, so it can be revoked alone; `iat` is kept to the millisecond,
     so a revocation of an id refuses the tokens minted before it and none minted after.
@@ -70,14 +78,13 @@ def mint_token(
     if problem is not None:
         raise ValueError(problem)
     issued = round(time.time() if now is None else now, 3)
-    claims = {
+    return {
         "jti": identity,
         "tid": secrets.token_hex(12),
         "iat": issued,
         "exp": int(issued) + hours * 3600,
         **policy.claims(),
     }
-    return jwt.encode(claims, secret_key, algorithm=_ALGORITHM)
 
 
 def verify_credential(secret_key: str, authorization: str) -> Caller:
@@ -195,9 +202,9 @@ async def token_handler(request: web.Request) -> web.Response:
     ):
         await lockout.count_failure(store, client)
         raise ApiError(403, "Wrong key.", code="invalid_key")
-    token = mint_token(settings.secret_key, identity, hour, policy=policy)
-    signed = _verified_token(settings.secret_key, token)
-    answer = {"token": token, "id": identity, "tid": signed.tid, "expires_at": int(signed.expires)}
+    claims = token_claims(identity, hour, policy=policy)
+    token = jwt.encode(claims, settings.secret_key, algorithm=_ALGORITHM)
+    answer = {"token": token, "id": identity, "tid": claims["tid"], "expires_at": claims["exp"]}
     return web.json_response(answer | policy.claims())
 
 
