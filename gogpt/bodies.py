@@ -28,6 +28,7 @@ __all__ = [
     "TOKEN_BODY_BYTES",
     "body_was_decoded",
     "read_json_object",
+    "read_whole_body",
     "request_body",
     "settle_connection",
     "token_fields",
@@ -183,6 +184,20 @@ async def read_json_object(request: web.Request, names: Collection[str] = ()) ->
             await body.read_all(settings.max_body_bytes)
             fields = await parser.fields_in_child(body.chunks, body.size, names)
             return body.joined(), fields  # joined only once it passed: a bomb never is
+
+
+async def read_whole_body(request: web.Request) -> bytes:
+    """The whole body, read as `read_json_object` reads one (bounded in size and time; one over
+    INLINE_BYTES waits for one of the parser's few large-body turns), for a check of all of it."""
+    settings = request.app[SETTINGS]
+    _refuse_declared_past(request, settings.max_body_bytes)
+    body = _Body(request, settings.upstream_timeout)
+    with _client_faults():
+        await body.read_past(INLINE_BYTES)
+        if body.complete and body.size <= INLINE_BYTES:
+            return body.joined()
+        async with request.app[JSON_PARSER].large_body:
+            return await body.whole(settings.max_body_bytes)
 
 
 async def token_fields(request: web.Request) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from .answers import DECODABLE, ERROR_ANSWER_BYTES, read_decoded
 from .bodies import read_json_object
 from .config import Settings
 from .errors import ApiError, UpstreamAnswer
-from .keys import SETTINGS, STORE
+from .keys import CALLER, SETTINGS, STORE
+from .model_policy import require_allowed_model
 from .redact import REDACTOR
 from .relay import call_upstream, relay, upstream_headers
 from .sse_ids import MessageIds
@@ -165,6 +166,9 @@ async def _get_conversation(
 
 
 async def _post_message(settings: Settings, request: web.Request) -> web.StreamResponse:
+    policy = request[CALLER].policy
+    if policy.models is not None:  # the reply comes from gogpt's one backend-api model
+        require_allowed_model(policy, _MODEL)
     _, body = await read_json_object(request, ("content", "parent_message_id", "conversation_id"))
     content = body.get("content")
     if not isinstance(content, str) or not content:

@@ -11,7 +11,8 @@ from yarl import URL
 from .bodies import read_json_object, request_body
 from .config import Settings
 from .errors import ApiError
-from .keys import SETTINGS
+from .keys import CALLER, SETTINGS
+from .model_policy import allowed_models_answer, allowed_request_body, require_allowed_model
 from .relay import relay, upstream_headers
 from .upstreams import KEY_POOL, KeyPool
 from .usage import METERED_PATHS, REQUEST_FIELDS, meter_openai_call
@@ -29,6 +30,9 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     # checked, then forwarded as the client wrote it (but for asking a stream for its usage)
     body, fields = await read_json_object(request, REQUEST_FIELDS)
+    policy = request[CALLER].policy
+    if policy.models is not None:
+        require_allowed_model(policy, fields.get("model"))
     headers = _openai_headers(request, settings)
     headers["Content-Type"] = "application/json"  # browsers may send text/plain to skip a preflight
     url = settings.api_proxy + "/v1/chat/completions"
@@ -54,14 +58,22 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
         url = URL(f"{url}?{request.rel_url.raw_query_string}", encoded=True)
     headers = _openai_headers(request, settings)
     path = request.match_info["path"]
+    policy = request[CALLER].policy
     if request.method == "POST" and path in METERED_PATHS and request.body_exists:  # usage is counted
         body, fields = await read_json_object(request, REQUEST_FIELDS)
+        if policy.models is not None:
+            require_allowed_model(policy, fields.get("model"))
         body, meter = meter_openai_call(request, path, body, fields, headers)
         with meter:
             return await relay(
                 request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter
             )
-    data = await request_body(request)
+    if policy.models is None:
+        data = await request_body(request)
+    elif path == "models" and request.method == "GET":
+        return await allowed_models_answer(request, url, headers, _keys(request), policy)
+    else:
+        data = await allowed_request_body(request, path, policy)
     return await relay(request, request.method, url, headers=headers, data=data, keys=_keys(request))
 
 

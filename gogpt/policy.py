@@ -103,9 +103,9 @@ def _models(value: Any) -> tuple[str, ...] | None:
         if not isinstance(name, str) or not name or len(name) > MAX_MODEL_CHARS:
             raise ValueError(f"models must be names of 1 to {MAX_MODEL_CHARS} characters.")
         if not name.isprintable() or name != name.strip() or "," in name:
-            raise ValueError("a model name must be printable, without commas or surrounding spaces.")
+            raise ValueError("models must be printable names, without commas or surrounding spaces.")
         if "*" in name[:-1] or name == "*":
-            raise ValueError("a `*` may only end a model name, after a prefix (`gpt-4o*`).")
+            raise ValueError("models may end a name with `*` only, after a prefix (`gpt-4o*`).")
     return tuple(dict.fromkeys(names))
 
 
