@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import posixpath
 import re
@@ -22,10 +23,11 @@ import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import GOGPT_VARIABLES, SECRET_KEY, FakeUpstream
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from gogpt import ConfigError, Settings, create_app, load_settings, mint_token
+from gogpt.auth import verify_credential
 from gogpt.json_child import object_fields
 from gogpt.usage_request import REQUEST_FIELDS, with_usage_asked
 
@@ -97,6 +99,11 @@ token_fields = st.fixed_dictionaries(
         "id": json_values | st.just("\ud800"),
         "hour": json_values | st.sampled_from(["1", "24", "-1", "1e3", "٣"]),
         "key": json_values | st.sampled_from([SECRET_KEY, SECRET_KEY + "\ud800", "\ud800", ""]),
+        # the policy fields (their values are fuzzed for meaning further down)
+        "models": json_values | st.sampled_from(["gpt-4o*", "gpt-*", "\ud800", "a,\x00"]),
+        "budget": json_values | st.sampled_from(["100", "1e9", "\ud800"]),
+        "period": json_values | st.sampled_from(["day", "\ud800"]),
+        "rpm": json_values | st.sampled_from(["60", "0"]),
     },
 )
 token_content_types = st.sampled_from(
@@ -191,6 +198,112 @@ async def test_token_ids_are_minted_exactly_when_a_log_line_can_show_them(
     token = body["token"]
     assert jwt.decode(token, SECRET_KEY, algorithms=["HS256"])["jti"] == identity
     assert (await client.get("/v1/models", headers={"Authorization": f"Bearer {token}"})).status == 200
+
+
+_model_names = st.text(max_size=12) | st.sampled_from(
+    ["gpt-4o", "gpt-4o*", "*", "gpt-*o", " gpt-4o", "a,b", "x" * 257, "o1\n", "o1\u2028", "**"]
+)
+_policy_values = {
+    "models": json_values
+    | st.lists(_model_names, max_size=4)
+    | st.lists(_model_names, max_size=4).map(",".join)
+    | st.sampled_from(["", ",", "gpt-4o*,gpt-4o*", ",".join(["m"] * 65)]),
+    "budget": json_values
+    | st.integers(-2, 10**13).map(str)
+    | st.sampled_from(["", " 7 ", "1e3", "٣", "0x10", str(10**12)]),
+    "period": json_values | st.sampled_from(["", "day", "month", "total", "week", "DAY"]),
+    "rpm": json_values | st.integers(-2, 2 * 10**6).map(str) | st.sampled_from(["", "60", "1.0"]),
+}
+POLICY_FIELDS = tuple(_policy_values)
+_example_ids = itertools.count()
+
+
+def _as_sent(value: object, transport: str) -> object:
+    """A value as the transport carries it: JSON as it is, a query or form as text."""
+    return value if transport == "json" or isinstance(value, str) else json.dumps(value)
+
+
+def _signed_models(value: object) -> list[str] | bool | None:
+    """What /token signs for `models` (None: no list), or False when it must refuse it."""
+    if value is None or value == "":
+        return None
+    names = [name.strip() for name in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, list) or not 0 < len(names) <= 64:
+        return False
+    for name in names:
+        if not (isinstance(name, str) and 0 < len(name) <= 256 and name.isprintable()):
+            return False
+        if name != name.strip() or "," in name or "*" in name[:-1] or name == "*":
+            return False
+    return list(dict.fromkeys(names))
+
+
+def _signed_number(value: object, most: int) -> int | bool | None:
+    """What /token signs for `budget` or `rpm` (None: none), or False when it must refuse it."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        number = int(text) if text.isascii() and text.isdigit() and len(text) <= 13 else 0
+    else:
+        number = value if type(value) is int else 0
+    return number if 0 < number <= most else False
+
+
+def _expected_claims(sent: dict[str, object]) -> dict[str, object] | None:
+    """The policy claims a token minted with `sent` carries, or None when /token must refuse."""
+    models = _signed_models(sent.get("models"))
+    budget = _signed_number(sent.get("budget"), 10**12)
+    rpm = _signed_number(sent.get("rpm"), 10**6)
+    period = sent.get("period")
+    if (
+        models is False
+        or budget is False
+        or rpm is False
+        or period not in (None, "", "day", "month", "total")
+    ):
+        return None
+    claims: dict[str, object] = {} if models is None else {"models": models}
+    if budget is not None:
+        claims |= {"budget": budget, "period": period or "month"}
+    return claims if rpm is None else claims | {"rpm": rpm}
+
+
+@FUZZ
+@given(
+    fields=st.fixed_dictionaries({}, optional=_policy_values),
+    transport=st.sampled_from(["json", "form", "get"]),
+)
+@example(fields={"models": "gpt-4o-mini,gpt-4o*", "budget": "50000", "period": "day"}, transport="get")
+@example(fields={"models": ["gpt-4o*", "gpt-4o*"], "budget": 10**12, "rpm": 10**6}, transport="json")
+@example(fields={"models": "gpt-*o"}, transport="form")
+async def test_token_policies_are_signed_exactly_when_every_field_is_valid(
+    client: TestClient, upstream: FakeUpstream, fields: dict[str, object], transport: str
+):
+    """Never a 5xx; 200 exactly when every policy field is valid, else 400 naming a field; a
+    signed policy is in the answer and the token, which the gateway accepts with that policy."""
+    sent = {name: _as_sent(value, transport) for name, value in fields.items()}
+    # an id of its own: a token's rpm limits its id, which earlier examples' tokens may have used up
+    params = {"id": f"fuzz-{next(_example_ids)}", "hour": "1", "key": SECRET_KEY, **sent}
+    if transport == "json":
+        resp = await client.post("/token", json=params)
+    elif transport == "form":
+        resp = await client.post("/token", data=params)
+    else:
+        resp = await client.get("/token", params=params)
+    expected = _expected_claims(sent)
+    event(f"answered {resp.status}")
+    body = await resp.json()
+    assert resp.status == (400 if expected is None else 200), body
+    if expected is None:
+        assert body["error"]["message"].split()[0] in POLICY_FIELDS
+        return
+    claims = jwt.decode(body["token"], SECRET_KEY, algorithms=["HS256"])
+    assert {name: claims[name] for name in POLICY_FIELDS if name in claims} == expected
+    assert {name: body[name] for name in POLICY_FIELDS if name in body} == expected
+    assert verify_credential(SECRET_KEY, body["token"]).policy.claims() == expected
+    resp = await client.get("/v1/files", headers={"Authorization": f"Bearer {body['token']}"})
+    assert resp.status == 200
 
 
 # ---- Authorization ---------------------------------------------------------------------------
