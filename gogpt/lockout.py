@@ -1,9 +1,11 @@
 """Wrong keys at /token, counted per client address, so `SECRET_KEY` cannot be guessed at network speed.
 
-After `limit` wrong keys in a window an address gets 429 for the rest of that window, whatever
-key it sends, so a right guess past the limit is not told apart from a wrong one. The counts
-live in the shared store, so the limit holds across workers and instances. While the store is
-unavailable, each process counts on its own: the limit then holds per process (at most
+An address may send `limit` wrong keys at once, then one every `window / limit` seconds (the
+limiter of RATE_LIMIT, Store.admit: no count that resets at a minute's edge and lets twice the
+limit through across it). Whenever it has used them up, it gets 429 until its next is due,
+whatever key it sends, so a right guess then is not told apart from a wrong one. The limiter
+lives in the shared store, so it holds across workers and instances. While the store is
+unavailable, each process limits on its own: the limit then holds per process (at most
 `limit` x processes guesses per window) rather than locking everyone out of /token or letting
 guesses through unbounded.
 """
@@ -11,6 +13,7 @@ guesses through unbounded.
 from __future__ import annotations
 
 import ipaddress
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -24,7 +27,7 @@ __all__ = ["LOCKOUT", "Lockout", "client_address"]
 
 T = TypeVar("T")
 
-WINDOW = 60  # seconds: wrong keys are counted per minute
+WINDOW = 60  # seconds: TOKEN_FAILURE_LIMIT is wrong keys per minute
 
 
 def client_address(request: web.BaseRequest) -> str:
@@ -46,7 +49,7 @@ def client_address(request: web.BaseRequest) -> str:
 
 
 class Lockout:
-    """At most `limit` wrong /token keys per client address per window; 0 turns it off."""
+    """At most `limit` wrong /token keys per client address per window, as a rate; 0 turns it off."""
 
     def __init__(self, limit: int, window: int = WINDOW) -> None:
         self._limit = limit
@@ -58,26 +61,26 @@ class Lockout:
         if not self._limit:
             return
         until = await self._on(store, lambda s: s.get_json(f"lockout:{client}"))
-        wait = until - int(time.time()) if isinstance(until, int) else 0
+        wait = until - time.time() if isinstance(until, int | float) else 0.0
         if wait > 0:
             raise self._locked(wait)
 
     async def count_failure(self, store: Store, client: str) -> None:
-        """Count a wrong key; lock `client` out once it reaches the limit, and raise 429 past it.
+        """Count a wrong key; lock `client` out while it has none left, and raise 429 past the limit.
 
-        Past it means a guess that was in flight when the limit was reached (from another worker,
+        Past it means a guess that was in flight when the last one was used (from another worker,
         say): it is answered as the locked-out address it came from.
         """
         if not self._limit:
             return
-        failures, reset_in = await self._on(
-            store, lambda s: s.count_hit(f"key-failures:{client}", self._window)
+        admitted, wait = await self._on(
+            store, lambda s: s.admit(f"key-failures:{client}", self._limit, self._window)
         )
-        if failures >= self._limit:
-            until = int(time.time()) + reset_in
-            await self._on(store, lambda s: s.set_json(f"lockout:{client}", until, reset_in))
-        if failures > self._limit:
-            raise self._locked(reset_in)
+        if wait > 0:  # the exact time, so the lockout ends when the next guess is due, not before
+            until = time.time() + wait
+            await self._on(store, lambda s: s.set_json(f"lockout:{client}", until, math.ceil(wait)))
+        if not admitted:
+            raise self._locked(wait)
 
     async def _on(self, store: Store, operation: Callable[[Store], Awaitable[T]]) -> T:
         try:
@@ -85,12 +88,13 @@ class Lockout:
         except StoreUnavailable:
             return await operation(self._local)
 
-    def _locked(self, wait: int) -> ApiError:
+    def _locked(self, wait: float) -> ApiError:
+        seconds = math.ceil(wait)
         return ApiError(
             429,
-            f"Too many wrong keys from this address; /token is closed to it for {wait} s.",
+            f"Too many wrong keys from this address; /token is closed to it for {seconds} s.",
             code="too_many_wrong_keys",
-            headers={"Retry-After": str(wait)},
+            headers={"Retry-After": str(seconds)},
         )
 
 

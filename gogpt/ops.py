@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ from .metrics import DURATION, REQUESTS, exposition
 
 __all__ = ["count_request", "enforce_rate_limit", "healthz_handler", "metrics_handler"]
 
-RATE_WINDOW = 60  # seconds: RATE_LIMIT counts requests per minute
+RATE_PERIOD = 60  # seconds: RATE_LIMIT and `rpm` are requests per minute
 
 
 @public
@@ -51,15 +52,16 @@ def count_request(request: web.Request, status: int, started: float) -> None:
 
 
 async def enforce_rate_limit(request: web.Request, caller: Caller) -> None:
-    """A token's own `rpm`, else `RATE_LIMIT`, requests per minute per caller (`jti`); the admin is
-    not counted."""
+    """A token's own `rpm`, else `RATE_LIMIT`, requests per minute per caller (`jti`): that many at
+    once, then one every 60/limit s (Store.admit); the admin is not counted."""
     limit = caller.policy.rpm or request.app[SETTINGS].rate_limit
     if limit and not caller.is_admin:
-        count, reset_in = await request.app[STORE].count_hit(f"rate:{caller.identity}", RATE_WINDOW)
-        if count > limit:
+        admitted, wait = await request.app[STORE].admit(f"rate:{caller.identity}", limit, RATE_PERIOD)
+        if not admitted:
+            retry_after = math.ceil(wait)
             raise ApiError(
                 429,
-                f"Rate limit of {limit} requests per minute reached; retry in {reset_in} s.",
+                f"Rate limit of {limit} requests per minute reached; retry in {retry_after} s.",
                 code="rate_limit_exceeded",
-                headers={"Retry-After": str(reset_in)},
+                headers={"Retry-After": str(retry_after)},
             )

@@ -5,14 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import time
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from .store import USAGE_COUNTS, StoreUnavailable, UsageQuery, UsageRow, sorted_rows
+from .store import (
+    USAGE_COUNTS,
+    Admission,
+    StoreUnavailable,
+    UsageQuery,
+    UsageRow,
+    rate_steps,
+    sorted_rows,
+    wall_clock_us,
+)
 
 __all__ = ["RedisStore"]
 
@@ -22,6 +30,17 @@ T = TypeVar("T")
 # Only the holder of a lease may extend or drop it: compare the token and act in one step.
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# GCRA (see Store.admit), in microseconds of the caller's clock: ARGV = now, interval, how far
+# ahead; the answer is {admitted, microseconds until the next hit would be}. The key lives as long
+# as its due time is ahead. %d, not tostring: Lua would write 1.78e+15 and lose the microseconds.
+_ADMIT = """
+local now, interval, ahead = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local due = math.max(tonumber(redis.call('get', KEYS[1])) or now, now)
+if due - now > ahead then return {0, due - now - ahead} end
+due = due + interval
+redis.call('set', KEYS[1], string.format('%d', due), 'PX', math.ceil((due - now) / 1000))
+return {1, math.max(0, due - now - ahead)}
+"""
 # Usage: one hash per UTC day, a field per (id, model, count), and the set of days. The batch's
 # marker makes a batch sent twice (its first answer lost) count once.
 _ADD_USAGE = """
@@ -47,6 +66,7 @@ class RedisStore:
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
         self._add_usage = self._redis.register_script(_ADD_USAGE)
+        self._admit = self._redis.register_script(_ADMIT)
         self._down = False
 
     async def _call(self, operation: Awaitable[T]) -> T:
@@ -90,14 +110,14 @@ class RedisStore:
     async def is_held(self, key: str) -> bool:
         return bool(await self._call(self._redis.exists(self._prefix + key)))
 
-    async def count_hit(self, key: str, window: int) -> tuple[int, int]:
-        now = int(time.time())
-        window_key = f"{self._prefix}{key}:{now // window}"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(window_key)
-            pipe.expire(window_key, window + 1)
-            count, _ = await self._call(pipe.execute())
-        return int(count), window - now % window
+    async def admit(self, key: str, limit: int, period: float) -> Admission:
+        """With the caller's clock, like the other stores (and so a test's): instances whose clocks
+        differ by d seconds admit up to d x limit / period hits more or fewer than one would."""
+        interval, ahead = rate_steps(limit, period)
+        admitted, wait = await self._call(
+            self._admit(keys=[self._prefix + key], args=[wall_clock_us(), interval, ahead])
+        )
+        return Admission(bool(admitted), int(wait) / 1e6)
 
     async def add_usage(self, batch: str, rows: Sequence[UsageRow]) -> None:
         for part in range(0, len(rows), _ROWS_PER_CALL):

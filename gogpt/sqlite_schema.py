@@ -1,7 +1,7 @@
 """What the GOGPT_DB file holds, and each Store operation as the one SQL statement it is.
 
 A write statement takes the write lock before it reads, as BEGIN IMMEDIATE would, and in
-autocommit mode each statement is its own transaction: so a read-modify-write (counting a hit,
+autocommit mode each statement is its own transaction: so a read-modify-write (admitting a hit,
 taking over an expired lease) is atomic across processes in one round trip, with no rollback to
 get wrong. The one exception is adding a batch of usage, which is several statements in one
 transaction. Times are wall-clock seconds, since the file outlives the process.
@@ -21,7 +21,7 @@ __all__ = [
     "UsageColumns",
     "acquire",
     "add_usage",
-    "count_hit",
+    "admit",
     "get_text",
     "is_held",
     "migrate",
@@ -46,6 +46,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " estimated_requests INTEGER NOT NULL, PRIMARY KEY (day, id, model)) WITHOUT ROWID",
         # the batches of usage added lately: one sent again after its answer was lost counts once
         "CREATE TABLE usage_batches (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID",
+    ),
+    3: (
+        # rate limits keep one time per key (GCRA, gogpt.store.Store.admit) instead of a count per
+        # fixed window; the counts of the minute of the upgrade are forgotten
+        "DROP TABLE hits",
+        "CREATE TABLE rate_limits (key TEXT PRIMARY KEY, due INTEGER NOT NULL) WITHOUT ROWID",
     ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -122,18 +128,25 @@ def is_held(db: sqlite3.Connection, key: str) -> bool:
     return row is not None
 
 
-def count_hit(db: sqlite3.Connection, key: str, window: int) -> tuple[int, int]:
-    now = int(time.time())
-    window_start = now - now % window
-    (count,) = db.execute(
-        "INSERT INTO hits (key, window_start, count, expires) VALUES (?1, ?2, 1, ?3)"
-        " ON CONFLICT (key) DO UPDATE SET"
-        " count = CASE WHEN window_start = excluded.window_start THEN count + 1 ELSE 1 END,"
-        " window_start = excluded.window_start, expires = excluded.expires"
-        " RETURNING count",
-        (key, window_start, window_start + window),
+def admit(db: sqlite3.Connection, key: str, interval: int, ahead: int) -> tuple[bool, int]:
+    """GCRA (Store.admit, with rate_steps' microseconds) in one statement: the key's due time moves
+    on only if the hit is admitted. (admitted, microseconds until the next hit would be.)"""
+    now = _now_us()
+    row = db.execute(
+        "INSERT INTO rate_limits (key, due) VALUES (?1, ?2 + ?3)"
+        " ON CONFLICT (key) DO UPDATE SET due = max(due, ?2) + ?3 WHERE due - ?2 <= ?4"
+        " RETURNING due",
+        (key, now, interval, ahead),
     ).fetchone()
-    return int(count), window_start + window - now
+    if row is not None:
+        return True, max(0, row[0] - now - ahead)
+    # Refused: only the wait is left to read, and no one can have moved the due time back since.
+    (due,) = db.execute("SELECT due FROM rate_limits WHERE key = ?", (key,)).fetchone()
+    return False, max(0, due - now - ahead)
+
+
+def _now_us() -> int:
+    return int(time.time() * 1_000_000)
 
 
 # A usage row as the table holds it: id, day, model, requests, prompt, completion, estimated.
@@ -180,8 +193,9 @@ def usage(
 def sweep(db: sqlite3.Connection) -> None:
     """Delete what has expired, and the cached values closest to expiry past the bound."""
     now = time.time()
-    for table in ("cache", "leases", "hits", "usage_batches"):
+    for table in ("cache", "leases", "usage_batches"):
         db.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))  # noqa: S608 - table names are ours
+    db.execute("DELETE FROM rate_limits WHERE due <= ?", (_now_us(),))  # as good as absent
     db.execute(
         "DELETE FROM cache WHERE rowid IN (SELECT rowid FROM cache ORDER BY expires"
         " LIMIT max(0, (SELECT count(*) FROM cache) - ?))",

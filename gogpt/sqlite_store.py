@@ -1,7 +1,7 @@
 """The Store protocol on one SQLite file, so every worker of a machine shares limits, caches, leases and usage.
 
 Each call runs on the event loop, on a connection that never waits inside SQLite: uncontended it
-is one prepared statement (~15 us of CPU for a rate-limit count) and no fsync (WAL with
+is one prepared statement (~15 us of CPU for a rate-limit check) and no fsync (WAL with
 `synchronous=NORMAL`). While another process holds the write lock, the call tries again after
 20, 40 and 80 us slept on the loop (the holder is nearly always mid-statement), then after awaited
 pauses doubling up to 2 ms, for up to `busy_timeout`. Past that, or on any other fault (read-only,
@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from . import sqlite_schema as schema
 from .config import ConfigError
 from .sqlite_schema import FileFault
-from .store import StoreUnavailable, UsageQuery, UsageRow
+from .store import Admission, StoreUnavailable, UsageQuery, UsageRow, rate_steps
 
 __all__ = ["BUSY_TIMEOUT", "SWEEP_EVERY", "SqliteStore", "create_database_file"]
 
@@ -117,8 +117,9 @@ class SqliteStore:
     async def is_held(self, key: str) -> bool:
         return await self._run(schema.is_held, key)
 
-    async def count_hit(self, key: str, window: int) -> tuple[int, int]:
-        return await self._run(schema.count_hit, key, window)
+    async def admit(self, key: str, limit: int, period: float) -> Admission:
+        admitted, wait = await self._run(schema.admit, key, *rate_steps(limit, period))
+        return Admission(admitted, wait / 1e6)
 
     async def add_usage(self, batch: str, rows: Sequence[UsageRow]) -> None:
         await self._run(schema.add_usage, batch, [(row.id, row.day, row.model, *row.counts) for row in rows])

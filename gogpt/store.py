@@ -1,4 +1,4 @@
-"""Shared state behind one small interface: caches, session leases, rate-limit counters and usage.
+"""Shared state behind one small interface: caches, session leases, rate limits and usage.
 
 `MemoryStore` keeps everything in the process (the default, nothing to install); the Redis
 store (gogpt.redis_store) and the SQLite one (gogpt.sqlite_store) implement the same protocol.
@@ -13,16 +13,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 __all__ = [
     "USAGE_COUNTS",
+    "Admission",
     "MemoryStore",
     "Store",
     "StoreUnavailable",
     "UsageQuery",
     "UsageRow",
+    "rate_steps",
     "sorted_rows",
+    "wall_clock_us",
 ]
 
 log = logging.getLogger("gogpt.store")
@@ -73,6 +76,30 @@ class UsageQuery:
         return (self.since is None or day >= self.since) and (self.until is None or day <= self.until)
 
 
+class Admission(NamedTuple):
+    """One hit's verdict, and the seconds until the next hit of its key would be admitted (0: now).
+
+    Refused, `wait` is the exact Retry-After; admitted, a `wait` above 0 says the limit is reached.
+    """
+
+    admitted: bool
+    wait: float
+
+
+def rate_steps(limit: int, period: float) -> tuple[int, int]:
+    """GCRA's two numbers for `limit` hits per `period` seconds, in whole microseconds, so Python,
+    SQL and Lua do the same exact integer arithmetic: the interval between hits (rounded up: at
+    most 60 million a minute), and how far ahead of now a key's next time may run (limit - 1
+    intervals, so `limit` hits may come at once)."""
+    interval = -(-round(period * 1_000_000) // limit)
+    return interval, (limit - 1) * interval
+
+
+def wall_clock_us() -> int:
+    """Now, in microseconds of the wall clock: limits are shared with other processes and machines."""
+    return int(time.time() * 1_000_000)
+
+
 def sorted_rows(rows: Sequence[UsageRow]) -> list[UsageRow]:
     """The order /usage answers in: by day, then id, then model."""
     return sorted(rows, key=lambda row: (row.day, row.id, row.model))
@@ -95,8 +122,18 @@ class Store(Protocol):
 
     async def is_held(self, key: str) -> bool: ...
 
-    async def count_hit(self, key: str, window: int) -> tuple[int, int]:
-        """Count one hit in the current `window`-second window: (hits so far, seconds until it resets)."""
+    async def admit(self, key: str, limit: int, period: float) -> Admission:
+        """Count one hit on `key` if it is within `limit` per `period` seconds, atomically.
+
+        The generic cell rate algorithm: a key keeps one time, when its next hit is due if hits
+        came evenly (`limit` per `period`); a hit is admitted unless that time runs more than
+        `limit - 1` intervals ahead of now, and an admitted hit moves it one interval on. So
+        `limit` hits may come at once, then one every `period / limit` seconds, and nothing ever
+        resets at a boundary: in any span of t seconds at most `limit * (1 + t / period)` are
+        admitted (a fixed window let 2 x `limit` through in two seconds across its edge). Chosen
+        over a sliding-window counter because it is exact (that one weighs the previous window
+        as if its hits were even), keeps one number per key, and knows its Retry-After exactly.
+        """
 
     async def add_usage(self, batch: str, rows: Sequence[UsageRow]) -> None:
         """Add `rows` to the usage kept per (id, day, model), all or none. A batch id already added
@@ -115,7 +152,7 @@ class MemoryStore:
         self._max_entries = max_entries
         self._cache: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._leases: dict[str, tuple[float, str]] = {}
-        self._hits: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._due: OrderedDict[str, int] = OrderedDict()  # rate-limit keys: the next hit's time, in us
         self._max_usage_rows = max_usage_rows
         self._usage: dict[tuple[str, str, str], UsageRow] = {}
         self._batches: OrderedDict[str, None] = OrderedDict()  # the last batch ids added
@@ -165,16 +202,18 @@ class MemoryStore:
             return False
         return True
 
-    async def count_hit(self, key: str, window: int) -> tuple[int, int]:
-        now = int(time.time())
-        window_start = now - now % window
-        start, count = self._hits.get(key, (window_start, 0))
-        count = count + 1 if start == window_start else 1
-        self._hits[key] = (window_start, count)
-        self._hits.move_to_end(key)
-        while len(self._hits) > self._max_entries * 4:  # oldest callers first
-            self._hits.popitem(last=False)
-        return count, window_start + window - now
+    async def admit(self, key: str, limit: int, period: float) -> Admission:
+        interval, ahead = rate_steps(limit, period)
+        now = wall_clock_us()
+        due = max(self._due.get(key, now), now)
+        if due - now > ahead:
+            return Admission(False, (due - now - ahead) / 1e6)
+        due += interval
+        self._due[key] = due
+        self._due.move_to_end(key)
+        while len(self._due) > self._max_entries * 4:  # oldest callers first
+            self._due.popitem(last=False)
+        return Admission(True, max(0, due - now - ahead) / 1e6)
 
     async def add_usage(self, batch: str, rows: Sequence[UsageRow]) -> None:
         if batch in self._batches:
@@ -202,4 +241,4 @@ class MemoryStore:
     async def close(self) -> None:
         self._cache.clear()
         self._leases.clear()
-        self._hits.clear()
+        self._due.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,3 +199,18 @@ async def redis_server() -> AsyncIterator[RedisServer]:
     await server.start()
     yield server
     await server.stop()
+
+
+class Clock:
+    """`time.time` held still wherever a test sets `now`: limits are tested without the wall clock."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, now: float) -> None:
+        self.now = now
+        monkeypatch.setattr(time, "time", lambda: self.now)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """A second before a minute's edge, so a test that moves on crosses it; and over a minute
+    behind the real clock, by which PyJWT checks the `iat` of a token /token has just minted."""
+    return Clock(monkeypatch, float(int(time.time()) // 60 * 60 - 61))

@@ -9,15 +9,16 @@ from dataclasses import dataclass
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import FakeUpstream, RedisServer
+from conftest import SECRET_KEY, Clock, FakeUpstream, RedisServer
 from test_conv import POST, Backend, conversations, list_conv, message
 
-from gogpt import Settings, create_app
+from gogpt import Settings, create_app, mint_token
+from gogpt.policy import Policy
 from gogpt.redis_store import RedisStore
 from gogpt.sqlite_store import SqliteStore
 from gogpt.store import Store
 
-LIMITED = {"rate_limit": 3}
+LIMITED = {"rate_limit": 3}  # three at once, then one every 20 s
 
 
 @dataclass
@@ -63,20 +64,59 @@ def backend(upstream: FakeUpstream) -> Backend:
     return fake
 
 
-async def test_a_rate_limit_is_shared(pair, auth):
+async def _statuses(clients: tuple[TestClient, ...], headers: dict[str, str]) -> list[int]:
+    return [(await client.post("/chat", json={}, headers=headers)).status for client in clients]
+
+
+async def test_a_rate_limit_is_shared(pair, auth, clock: Clock):
     one, two = pair
-    statuses = [(await client.post("/chat", json={}, headers=auth)).status for client in (one, two, one, two)]
-    assert statuses == [200, 200, 200, 429]
+    assert await _statuses((one, two, one, two), auth) == [200, 200, 200, 429]
 
 
-async def test_over_the_limit_is_429_with_retry_after(pair, auth):
+async def test_over_the_limit_is_429_with_retry_after_until_the_next_is_due(pair, auth, clock: Clock):
     one, _ = pair
-    for _ in range(3):
-        await one.post("/chat", json={}, headers=auth)
+    assert await _statuses((one, one, one), auth) == [200] * 3
     resp = await one.post("/chat", json={}, headers=auth)
     assert resp.status == 429
-    assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    assert resp.headers["Retry-After"] == "20"
     assert (await resp.json())["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_a_request_is_admitted_again_once_its_retry_after_has_passed(pair, auth, clock: Clock):
+    one, two = pair
+    assert await _statuses((one, two, one), auth) == [200] * 3
+    clock.now += 19
+    resp = await two.post("/chat", json={}, headers=auth)
+    assert (resp.status, resp.headers["Retry-After"]) == (429, "1")
+    clock.now += 1
+    assert await _statuses((one,), auth) == [200]
+    resp = await two.post("/chat", json={}, headers=auth)
+    assert (resp.status, resp.headers["Retry-After"]) == (429, "20")
+
+
+async def test_the_limit_holds_across_a_minute_boundary(pair, auth, clock: Clock):
+    """The clock stands a second before a minute's edge: a count per calendar minute started
+    afresh past it, and let three more through at once."""
+    one, two = pair
+    assert await _statuses((one, two, one), auth) == [200] * 3
+    clock.now += 2
+    assert await _statuses((two, one, two), auth) == [429] * 3
+
+
+async def test_a_caller_at_the_limit_s_pace_is_never_refused(pair, auth, clock: Clock):
+    one, two = pair
+    for client in (one, two) * 6:  # two minutes, one request every 20 s
+        assert await _statuses((client,), auth) == [200]
+        clock.now += 20
+
+
+async def test_a_token_s_own_rpm_replaces_the_rate_limit(pair, clock: Clock):
+    one, two = pair
+    token = mint_token(SECRET_KEY, "bob", 1, policy=Policy(rpm=2))
+    auth = {"Authorization": f"Bearer {token}"}
+    assert await _statuses((one, two, one), auth) == [200, 200, 429]
+    resp = await two.post("/chat", json={}, headers=auth)
+    assert (resp.status, resp.headers["Retry-After"]) == (429, "30")
 
 
 async def test_the_admin_is_not_limited(pair):

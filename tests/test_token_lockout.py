@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import SECRET_KEY, RedisServer
+from conftest import SECRET_KEY, Clock, RedisServer
 
 from gogpt import Settings, create_app
 
 RIGHT = {"id": "alice", "hour": "1", "key": SECRET_KEY}
 WRONG = {**RIGHT, "key": "guess"}
-LIMIT = 10  # TOKEN_FAILURE_LIMIT's default
-
-
-class Clock:
-    """`time.time` held still, one second into a minute, so no test straddles two windows."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.now = float(int(time.time()) // 60 * 60 + 1)
-        monkeypatch.setattr(time, "time", lambda: self.now)
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    return Clock(monkeypatch)
+LIMIT = 10  # TOKEN_FAILURE_LIMIT's default: ten at once, then one every six seconds
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -51,9 +37,9 @@ async def _statuses(client: TestClient, params: dict[str, str], times: int) -> l
     return [(await client.post("/token", data=params)).status for _ in range(times)]
 
 
-async def _assert_locked_out(resp: aiohttp.ClientResponse) -> None:
+async def _assert_locked_out(resp: aiohttp.ClientResponse, retry_after: int = 6) -> None:
     assert resp.status == 429
-    assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    assert resp.headers["Retry-After"] == str(retry_after)
     body: dict[str, Any] = await resp.json()
     assert body["error"]["type"] == "rate_limit_error"
     assert body["error"]["code"] == "too_many_wrong_keys"
@@ -88,14 +74,31 @@ async def test_successful_mints_are_not_counted(pair: tuple[TestClient, TestClie
     await _assert_locked_out(await one.post("/token", data=RIGHT))
 
 
-async def test_the_lockout_ends_with_its_minute(pair: tuple[TestClient, TestClient], clock: Clock) -> None:
+async def test_the_lockout_ends_when_the_next_guess_is_due(
+    pair: tuple[TestClient, TestClient], clock: Clock
+) -> None:
     one, _ = pair
     await _statuses(one, WRONG, LIMIT + 1)
     resp = await one.post("/token", data=RIGHT)
     await _assert_locked_out(resp)
-    clock.now += int(resp.headers["Retry-After"])
+    clock.now += int(resp.headers["Retry-After"]) - 1
+    await _assert_locked_out(await one.post("/token", data=RIGHT), retry_after=1)
+    clock.now += 1
     assert (await one.post("/token", data=RIGHT)).status == 200
-    assert (await one.post("/token", data=WRONG)).status == 403  # a fresh count
+    assert (await one.post("/token", data=WRONG)).status == 403  # the one guess due
+    await _assert_locked_out(await one.post("/token", data=RIGHT))  # and the next is six seconds away
+
+
+async def test_wrong_keys_stay_limited_across_a_minute_boundary(
+    pair: tuple[TestClient, TestClient], clock: Clock
+) -> None:
+    """The clock stands a second before a minute's edge: a count per calendar minute started
+    afresh past it, and let ten more guesses through at once."""
+    one, two = pair
+    assert await _statuses(one, WRONG, LIMIT) == [403] * LIMIT
+    clock.now += 2
+    await _assert_locked_out(await two.post("/token", data=WRONG), retry_after=4)
+    await _assert_locked_out(await two.post("/token", data=RIGHT), retry_after=4)
 
 
 async def test_malformed_requests_are_not_counted_as_wrong_keys(client: TestClient, clock: Clock) -> None:
