@@ -24,6 +24,8 @@ from .openai_api import chat_handler, v1_handler
 from .ops import healthz_handler, metrics_handler
 from .redact import REDACTOR, Redactor, configured_secrets
 from .redis_store import RedisStore
+from .revocation import revocation_watch
+from .revocation_api import revoke_handler, revoked_handler
 from .splice import SplicingResponse, check_internals, guard_connections
 from .sqlite_store import SqliteStore
 from .store import MemoryStore, Store
@@ -55,6 +57,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_json_parser)
     app.cleanup_ctx.append(usage_ledger)  # after the store: closed first, so it can still write
+    app.cleanup_ctx.append(revocation_watch)  # after the store: reads it before the first request
     app.on_response_prepare.append(add_cors_headers)
 
     router = app.router
@@ -67,6 +70,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     router.add_get("/healthz", healthz_handler, expect_handler=expect_continue)
     router.add_get("/metrics", metrics_handler, expect_handler=expect_continue)
     router.add_get("/usage", usage_handler, expect_handler=expect_continue)
+    router.add_post("/token/revoke", revoke_handler, expect_handler=expect_continue)
+    router.add_get("/token/revoked", revoked_handler, expect_handler=expect_continue)
     return app
 
 

@@ -18,8 +18,10 @@ from .errors import ApiError, Handler
 from .keys import CALLER, SETTINGS, STORE, Caller
 from .lockout import LOCKOUT, client_address
 from .policy import NO_POLICY, Policy
+from .revocation import REVOCATIONS
 
 __all__ = [
+    "MAX_HOURS",
     "authenticate",
     "identity_problem",
     "mint_token",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 _ALGORITHM = "HS256"
-_MAX_HOURS = 24 * 365  # a year: longer-lived tokens are keys by another name
+MAX_HOURS = 24 * 365  # a year: longer-lived tokens are keys by another name
 _MAX_CREDENTIAL_BYTES = 4096  # tokens are ~200 bytes; no need to hash megabytes
 _MAX_IDENTITY_CHARS = 256
 # Ids a log reader would take for something else: the admin credential, or no caller at all.
@@ -203,6 +205,8 @@ async def token_handler(request: web.Request) -> web.Response:
         await lockout.count_failure(store, client)
         raise ApiError(403, "Wrong key.", code="invalid_key")
     claims = token_claims(identity, hour, policy=policy)
+    # Noted before the token exists, so a revocation of the id lasts as long as every token it covers.
+    await request.app[REVOCATIONS].note_minted(identity, claims["exp"])
     token = jwt.encode(claims, settings.secret_key, algorithm=_ALGORITHM)
     answer = {"token": token, "id": identity, "tid": claims["tid"], "expires_at": claims["exp"]}
     return web.json_response(answer | policy.claims())
@@ -214,6 +218,6 @@ async def _token_params(request: web.Request) -> dict[str, Any]:
 
 def _positive_hours(value: Any) -> int:
     text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
-    if not (text.isascii() and text.isdigit() and len(text) <= 6 and 0 < int(text) <= _MAX_HOURS):
-        raise ApiError(400, f"hour must be a whole number from 1 to {_MAX_HOURS}.", code="invalid_parameter")
+    if not (text.isascii() and text.isdigit() and len(text) <= 6 and 0 < int(text) <= MAX_HOURS):
+        raise ApiError(400, f"hour must be a whole number from 1 to {MAX_HOURS}.", code="invalid_parameter")
     return int(text)

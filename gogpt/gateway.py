@@ -2,8 +2,9 @@
 
 metrics (every answer counted, a stream timed to its last byte) → errors (every refusal and
 failure leaves in OpenAI's shape) → CORS (a preflight is answered before any credential is asked
-for) → authentication (the caller is recorded, or refused) → the caller's rate limit → the
-route's handler; after the answer, the request's body may end its connection (bodies.py).
+for) → authentication (the caller is recorded, or refused, also when revoked) → the caller's
+rate limit → the route's handler; after the answer, the request's body may end its
+connection (bodies.py).
 One frame instead of a middleware per step: each level of aiohttp's middleware chain is a call
 and a coroutine more for every request.
 """
@@ -19,6 +20,7 @@ from .bodies import settle_connection
 from .cors import preflight_answer
 from .errors import Handler, failure_answer
 from .ops import count_request, enforce_rate_limit
+from .revocation import REVOCATIONS
 
 __all__ = ["gateway_middleware"]
 
@@ -34,6 +36,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             else:
                 caller = authenticate(request)
                 if caller is not None:
+                    request.app[REVOCATIONS].check(caller)
                     await enforce_rate_limit(request, caller)
                 response = await handler(request)
         except Exception as exc:  # a hang-up (CancelledError) is not one: nothing to answer

@@ -16,6 +16,7 @@ __all__ = [
     "DURATION",
     "RELAYED_BYTES",
     "REQUESTS",
+    "REVOKED_REFUSALS",
     "STREAMS_ACTIVE",
     "TOKENS",
     "UPSTREAM_ERRORS",
@@ -51,6 +52,8 @@ USAGE_DROPPED = Counter(
     "gogpt_usage_dropped_total",
     "Calls whose usage was lost: the store was down and the usage kept waiting for it was full.",
 )
+
+REVOKED_REFUSALS = Counter("gogpt_revoked_refusals_total", "Calls refused because their token was revoked.")
 
 
 def exposition() -> bytes:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -14,6 +16,7 @@ from redis.exceptions import RedisError
 from .store import (
     USAGE_COUNTS,
     Admission,
+    Revocation,
     StoreUnavailable,
     UsageQuery,
     UsageRow,
@@ -51,6 +54,31 @@ for i = 3, #ARGV, 3 do
 end
 return 1
 """
+# The latest expiry minted for an id, in a key that goes when it passes.
+_NOTE_MINTED = """
+local kept = redis.call('get', KEYS[1])
+if not kept or tonumber(kept) < tonumber(ARGV[1]) then
+  redis.call('set', KEYS[1], ARGV[1])
+  redis.call('expireat', KEYS[1], ARGV[2])
+end
+"""
+# Revocations: two hashes by subject (JSON [id, tid]), its time and its expiry, each kept at the
+# later value; the expired ones are dropped here (revocations are few), and the version bumped.
+_REVOKE = """
+for i = 1, 2 do
+  local kept = redis.call('hget', KEYS[i], ARGV[1])
+  if not kept or tonumber(kept) < tonumber(ARGV[i + 1]) then redis.call('hset', KEYS[i], ARGV[1], ARGV[i + 1]) end
+end
+local expiries = redis.call('hgetall', KEYS[2])
+for i = 1, #expiries, 2 do
+  if tonumber(expiries[i + 1]) <= tonumber(ARGV[4]) then
+    redis.call('hdel', KEYS[1], expiries[i])
+    redis.call('hdel', KEYS[2], expiries[i])
+  end
+end
+redis.call('incr', KEYS[3])
+return {redis.call('hget', KEYS[1], ARGV[1]), redis.call('hget', KEYS[2], ARGV[1])}
+"""
 _BATCH_MEMORY = 7 * 86400  # seconds a batch id is remembered: far longer than any outage it outlives
 _ROWS_PER_CALL = 500  # a script runs alone on the server: keep each short
 
@@ -67,6 +95,13 @@ class RedisStore:
         self._release = self._redis.register_script(_RELEASE)
         self._add_usage = self._redis.register_script(_ADD_USAGE)
         self._admit = self._redis.register_script(_ADMIT)
+        self._note_minted = self._redis.register_script(_NOTE_MINTED)
+        self._revoke = self._redis.register_script(_REVOKE)
+        self._revocation_keys = [
+            f"{prefix}revoked:at",
+            f"{prefix}revoked:expires",
+            f"{prefix}revoked:version",
+        ]
         self._down = False
 
     async def _call(self, operation: Awaitable[T]) -> T:
@@ -151,3 +186,34 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+    async def note_minted(self, identity: str, expires: float) -> None:
+        key = f"{self._prefix}minted:{identity}"
+        await self._call(self._note_minted(keys=[key], args=[expires, math.ceil(expires) + 1]))
+
+    async def minted_until(self, identity: str) -> float | None:
+        kept = await self._call(self._redis.get(f"{self._prefix}minted:{identity}"))
+        return None if kept is None or float(kept) <= time.time() else float(kept)
+
+    async def revoke(self, revocation: Revocation) -> Revocation:
+        subject = json.dumps([revocation.id, revocation.tid])
+        args: list[str | float] = [subject, revocation.revoked_at, revocation.expires, time.time()]
+        revoked_at, expires = await self._call(self._revoke(keys=self._revocation_keys, args=args))
+        return Revocation(revocation.id, revocation.tid, float(revoked_at), float(expires))
+
+    async def revocations(self) -> list[Revocation]:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self._revocation_keys[0])
+            pipe.hgetall(self._revocation_keys[1])
+            times, expiries = await self._call(pipe.execute())
+        now = time.time()
+        in_force = []
+        for subject, revoked_at in times.items():
+            identity, tid = json.loads(subject)
+            expires = float(expiries.get(subject, 0))
+            if expires > now:
+                in_force.append(Revocation(identity, tid, float(revoked_at), expires))
+        return sorted(in_force, key=lambda kept: kept.revoked_at)
+
+    async def revocations_version(self) -> int:
+        return int(await self._call(self._redis.get(self._revocation_keys[2])) or 0)

@@ -25,8 +25,13 @@ __all__ = [
     "get_text",
     "is_held",
     "migrate",
+    "minted_until",
+    "note_minted",
     "release",
     "renew",
+    "revocations",
+    "revocations_version",
+    "revoke",
     "set_text",
     "sweep",
     "usage",
@@ -52,6 +57,16 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         # fixed window; the counts of the minute of the upgrade are forgotten
         "DROP TABLE hits",
         "CREATE TABLE rate_limits (key TEXT PRIMARY KEY, due INTEGER NOT NULL) WITHOUT ROWID",
+    ),
+    4: (
+        # tid '' revokes every token of the id issued up to revoked_at; any other tid, that token
+        "CREATE TABLE revocations (id TEXT NOT NULL, tid TEXT NOT NULL, revoked_at REAL NOT NULL,"
+        " expires REAL NOT NULL, PRIMARY KEY (id, tid)) WITHOUT ROWID",
+        # bumped by every revocation, so each worker's copy is checked by reading one row
+        "CREATE TABLE revocations_version (one INTEGER PRIMARY KEY CHECK (one = 1), version INTEGER NOT NULL)",
+        "INSERT INTO revocations_version (one, version) VALUES (1, 0)",
+        # the latest expiry of a token /token minted per id: how long a revocation of the id lasts
+        "CREATE TABLE minted (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID",
     ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -190,10 +205,61 @@ def usage(
     ).fetchall()
 
 
+def note_minted(db: sqlite3.Connection, identity: str, expires: float) -> None:
+    db.execute(
+        "INSERT INTO minted (id, expires) VALUES (?1, ?2)"
+        " ON CONFLICT (id) DO UPDATE SET expires = max(expires, excluded.expires)",
+        (identity, expires),
+    )
+
+
+def minted_until(db: sqlite3.Connection, identity: str) -> float | None:
+    row = db.execute(
+        "SELECT expires FROM minted WHERE id = ? AND expires > ?", (identity, time.time())
+    ).fetchone()
+    return None if row is None else float(row[0])
+
+
+# A revocation as the table holds it: id, tid, revoked_at, expires.
+RevocationColumns = tuple[str, str, float, float]
+
+
+def revoke(db: sqlite3.Connection, revocation: RevocationColumns) -> RevocationColumns:
+    """Record a revocation over the one kept for its subject (the later of each time) and bump the
+    version, in one transaction; the revocation as recorded."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        [recorded] = db.execute(
+            "INSERT INTO revocations (id, tid, revoked_at, expires) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (id, tid) DO UPDATE SET revoked_at = max(revoked_at, excluded.revoked_at),"
+            " expires = max(expires, excluded.expires) RETURNING id, tid, revoked_at, expires",
+            revocation,
+        ).fetchall()
+        db.execute("UPDATE revocations_version SET version = version + 1")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return recorded  # type: ignore[no-any-return]
+
+
+def revocations(db: sqlite3.Connection) -> list[Any]:
+    """The revocations in force, as RevocationColumns, oldest first."""
+    return db.execute(
+        "SELECT id, tid, revoked_at, expires FROM revocations WHERE expires > ? ORDER BY revoked_at",
+        (time.time(),),
+    ).fetchall()
+
+
+def revocations_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT version FROM revocations_version").fetchone()[0])
+
+
 def sweep(db: sqlite3.Connection) -> None:
     """Delete what has expired, and the cached values closest to expiry past the bound."""
     now = time.time()
-    for table in ("cache", "leases", "usage_batches"):
+    for table in ("cache", "leases", "usage_batches", "revocations", "minted"):
         db.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))  # noqa: S608 - table names are ours
     db.execute("DELETE FROM rate_limits WHERE due <= ?", (_now_us(),))  # as good as absent
     db.execute(

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from . import sqlite_schema as schema
 from .config import ConfigError
 from .sqlite_schema import FileFault
-from .store import Admission, StoreUnavailable, UsageQuery, UsageRow, rate_steps
+from .store import Admission, Revocation, StoreUnavailable, UsageQuery, UsageRow, rate_steps
 
 __all__ = ["BUSY_TIMEOUT", "SWEEP_EVERY", "SqliteStore", "create_database_file"]
 
@@ -127,6 +127,22 @@ class SqliteStore:
     async def usage(self, query: UsageQuery) -> list[UsageRow]:
         found = await self._run(schema.usage, query.id, query.model, query.since, query.until)
         return [UsageRow(*columns) for columns in found]
+
+    async def note_minted(self, identity: str, expires: float) -> None:
+        await self._run(schema.note_minted, identity, expires)
+
+    async def minted_until(self, identity: str) -> float | None:
+        return await self._run(schema.minted_until, identity)
+
+    async def revoke(self, revocation: Revocation) -> Revocation:
+        columns = (revocation.id, revocation.tid, revocation.revoked_at, revocation.expires)
+        return Revocation(*await self._run(schema.revoke, columns))
+
+    async def revocations(self) -> list[Revocation]:
+        return [Revocation(*columns) for columns in await self._run(schema.revocations)]
+
+    async def revocations_version(self) -> int:
+        return await self._run(schema.revocations_version)
 
     async def _run(self, operation: Callable[..., T], *args: Any) -> T:
         """On the loop, pausing while another process holds the lock; StoreUnavailable past the wait."""

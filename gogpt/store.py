@@ -19,6 +19,7 @@ __all__ = [
     "USAGE_COUNTS",
     "Admission",
     "MemoryStore",
+    "Revocation",
     "Store",
     "StoreUnavailable",
     "UsageQuery",
@@ -100,6 +101,24 @@ def wall_clock_us() -> int:
     return int(time.time() * 1_000_000)
 
 
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """Tokens refused until `expires` (wall-clock seconds): with no `tid`, every token of `id`
+    issued at or before `revoked_at`; with one, that token only."""
+
+    id: str
+    tid: str
+    revoked_at: float
+    expires: float
+
+    def merged(self, kept: Revocation | None) -> Revocation:
+        """This revocation recorded over `kept` (the same subject's): the later time and expiry of each."""
+        if kept is None:
+            return self
+        revoked_at, expires = max(self.revoked_at, kept.revoked_at), max(self.expires, kept.expires)
+        return Revocation(self.id, self.tid, revoked_at, expires)
+
+
 def sorted_rows(rows: Sequence[UsageRow]) -> list[UsageRow]:
     """The order /usage answers in: by day, then id, then model."""
     return sorted(rows, key=lambda row: (row.day, row.id, row.model))
@@ -144,6 +163,22 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    async def note_minted(self, identity: str, expires: float) -> None:
+        """Remember `expires` if it is the latest expiry of a token minted for `identity` so far."""
+
+    async def minted_until(self, identity: str) -> float | None:
+        """The latest expiry noted for `identity`, or None when none is (or it has passed)."""
+
+    async def revoke(self, revocation: Revocation) -> Revocation:
+        """Record `revocation`, merged with the one already kept for its subject; the one recorded."""
+
+    async def revocations(self) -> list[Revocation]:
+        """The revocations in force (not yet expired), oldest first."""
+
+    async def revocations_version(self) -> int:
+        """A number that changes whenever a revocation is recorded: a copy read at the same number
+        is still current."""
+
 
 class MemoryStore:
     """The in-process store. Caches are LRU-bounded so they never grow without limit."""
@@ -156,6 +191,9 @@ class MemoryStore:
         self._max_usage_rows = max_usage_rows
         self._usage: dict[tuple[str, str, str], UsageRow] = {}
         self._batches: OrderedDict[str, None] = OrderedDict()  # the last batch ids added
+        self._minted: OrderedDict[str, float] = OrderedDict()
+        self._revocations: dict[tuple[str, str], Revocation] = {}
+        self._revocations_version = 0
 
     async def get_json(self, key: str) -> Any | None:
         entry = self._cache.get(key)
@@ -242,3 +280,31 @@ class MemoryStore:
         self._cache.clear()
         self._leases.clear()
         self._due.clear()
+
+    async def note_minted(self, identity: str, expires: float) -> None:
+        self._minted[identity] = max(expires, self._minted.get(identity, expires))
+        self._minted.move_to_end(identity)
+        # Forgetting is safe: an id with no expiry noted is revoked for the longest a token may live.
+        while len(self._minted) > self._max_entries * 4:
+            self._minted.popitem(last=False)
+
+    async def minted_until(self, identity: str) -> float | None:
+        expires = self._minted.get(identity)
+        return expires if expires is not None and expires > time.time() else None
+
+    async def revoke(self, revocation: Revocation) -> Revocation:
+        now = time.time()
+        for subject in [subject for subject, kept in self._revocations.items() if kept.expires <= now]:
+            del self._revocations[subject]
+        subject = (revocation.id, revocation.tid)
+        recorded = self._revocations[subject] = revocation.merged(self._revocations.get(subject))
+        self._revocations_version += 1
+        return recorded
+
+    async def revocations(self) -> list[Revocation]:
+        now = time.time()
+        in_force = [kept for kept in self._revocations.values() if kept.expires > now]
+        return sorted(in_force, key=lambda kept: kept.revoked_at)
+
+    async def revocations_version(self) -> int:
+        return self._revocations_version
