@@ -36,7 +36,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             else:
                 caller = authenticate(request)
                 if caller is not None:
-                    request.app[REVOCATIONS].check(caller)
+                    await request.app[REVOCATIONS].check(caller)
                     await enforce_rate_limit(request, caller)
                 response = await handler(request)
         except Exception as exc:  # a hang-up (CancelledError) is not one: nothing to answer

@@ -10,8 +10,8 @@ When the store cannot be read, a worker keeps its last copy and logs the outage 
 every token instead would turn an outage of the store into an outage of every call, those that
 need no store included, while the copy already refuses every token revoked before the outage
 (and no revocation can be recorded during it). A worker that has never read the store has no copy
-to keep: it answers token calls 503, as any call that needs the store, rather than let a revoked
-token through.
+to keep: it tries the store on each token call, and answers 503, as any call that needs the store
+does, rather than let a revoked token through.
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ class Revocations:
         self._unnoted: dict[str, float] = {}  # id → latest expiry minted while the store was down
         self._store_down = False
 
-    def check(self, caller: Caller) -> None:
+    async def check(self, caller: Caller) -> None:
         """Refuse (401) a revoked token; the admin credential is never revoked."""
         if caller.is_admin:
             return
-        if self._version is None:
-            raise StoreUnavailable()
+        if self._version is None:  # the store could not be read yet: try it now, or answer 503
+            await self.refresh()
+            if self._version is None:
+                raise StoreUnavailable()
         if caller.tid in self._tids or caller.issued <= self._issued_up_to.get(caller.identity, -1.0):
             REVOKED_REFUSALS.inc()
             raise ApiError(401, "The token has been revoked.", code="invalid_api_key")
