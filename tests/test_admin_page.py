@@ -11,6 +11,7 @@ person to look at.
 from __future__ import annotations
 
 import datetime
+import re
 from pathlib import Path
 
 import aiohttp
@@ -190,3 +191,33 @@ async def test_admin_page_shows_ids_as_text_never_as_markup(
     await expect(page.locator("#usage td.identity span")).to_have_text(identity)
     assert await page.locator("img").count() == 0
     assert await page.title() == "gogpt admin"
+
+
+async def test_admin_page_revokes_an_identity_with_one_click_and_its_token_is_refused(
+    open_page: OpenPage,
+    gateway_url: str,
+    upstream: FakeUpstream,
+) -> None:
+    upstream.respond = OpenAIChat()
+    page = await open_admin_page(open_page)
+    alice = mint_token(SECRET_KEY, "alice", 1)
+    bob = await mint_in_page(page, "bob", hours="24", models="gpt-4o-mini", budget="50000")
+    for token in (alice, bob):
+        assert (await chat(gateway_url, token))[0] == 200
+    await page.click("#show-usage")
+    await expect(page.locator("#chart .bar")).to_have_count(2)
+
+    await page.get_by_role("button", name="Revoke bob").click()
+    await expect(page.locator("#usage-status")).to_have_text(
+        "Revoked bob: its tokens minted before now are refused."
+    )
+    await expect(page.locator("#revoked li")).to_have_count(1)
+    await expect(page.locator("#revoked li")).to_contain_text(re.compile(r"^bob: every token minted before "))
+    await page.screenshot(path=save_screenshot_path("admin-page-revoked.png"), full_page=True)
+    status, answer = await chat(gateway_url, bob)
+    assert (status, answer["error"]["message"]) == (401, "The token has been revoked.")
+    assert (await chat(gateway_url, alice))[0] == 200
+    assert (await chat(gateway_url, mint_token(SECRET_KEY, "bob", 1)))[0] == 200  # minted afterwards
+
+    await page.click("#show-revoked")
+    await expect(page.locator("#revoke-status")).to_have_text("1 revocations in force.")
