@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from .store import (
     USAGE_COUNTS,
     Admission,
+    BudgetState,
     Revocation,
     StoreUnavailable,
     UsageQuery,
@@ -79,6 +80,38 @@ end
 redis.call('incr', KEYS[3])
 return {redis.call('hget', KEYS[1], ARGV[1]), redis.call('hget', KEYS[2], ARGV[1])}
 """
+# Budgets: a hash with `used`, and a hash of the holds in flight, "amount expires_ms" by hold id
+# (amount -1: settled, kept until it expires so a settle sent again counts once). Reserving reads,
+# checks and holds in one script, so no other instance's call comes in between.
+_RESERVE_BUDGET = """
+local now = tonumber(ARGV[1])
+local used = tonumber(redis.call('hget', KEYS[1], 'used') or '0')
+local held = 0
+local holds = redis.call('hgetall', KEYS[2])
+for i = 1, #holds, 2 do
+  local amount, expires = string.match(holds[i + 1], '^(%-?%d+) (%d+)$')
+  if tonumber(expires) <= now then
+    redis.call('hdel', KEYS[2], holds[i])
+  elseif tonumber(amount) > 0 then
+    held = held + tonumber(amount)
+  end
+end
+if used + held + tonumber(ARGV[3]) > tonumber(ARGV[4]) then return {0, used, held} end
+redis.call('hset', KEYS[2], ARGV[2], ARGV[3] .. ' ' .. ARGV[5])
+redis.call('hsetnx', KEYS[1], 'used', 0)
+redis.call('pexpireat', KEYS[1], ARGV[6])
+redis.call('pexpireat', KEYS[2], ARGV[6])
+return {1, used, held}
+"""
+_SETTLE_BUDGET = """
+local kept = redis.call('hget', KEYS[2], ARGV[1])
+if kept and string.sub(kept, 1, 3) == '-1 ' then return 0 end
+redis.call('hset', KEYS[2], ARGV[1], '-1 ' .. ARGV[3])
+redis.call('hincrby', KEYS[1], 'used', ARGV[2])
+redis.call('pexpireat', KEYS[1], ARGV[4])
+redis.call('pexpireat', KEYS[2], ARGV[4])
+return 1
+"""
 _BATCH_MEMORY = 7 * 86400  # seconds a batch id is remembered: far longer than any outage it outlives
 _ROWS_PER_CALL = 500  # a script runs alone on the server: keep each short
 
@@ -102,6 +135,8 @@ class RedisStore:
             f"{prefix}revoked:expires",
             f"{prefix}revoked:version",
         ]
+        self._reserve_budget = self._redis.register_script(_RESERVE_BUDGET)
+        self._settle_budget = self._redis.register_script(_SETTLE_BUDGET)
         self._down = False
 
     async def _call(self, operation: Awaitable[T]) -> T:
@@ -217,3 +252,43 @@ class RedisStore:
 
     async def revocations_version(self) -> int:
         return int(await self._call(self._redis.get(self._revocation_keys[2])) or 0)
+
+    async def reserve_budget(
+        self, key: str, hold: str, amount: int, budget: int, hold_ttl: float, expires: float
+    ) -> tuple[bool, BudgetState]:
+        now = wall_clock_us() // 1000
+        args: list[str | int] = [
+            now,
+            hold,
+            amount,
+            budget,
+            now + _ms(hold_ttl),
+            max(_ms(expires), now + _ms(hold_ttl)),
+        ]
+        taken, used, held = await self._call(self._reserve_budget(keys=self._budget_keys(key), args=args))
+        return bool(taken), BudgetState(int(used), int(held))
+
+    async def settle_budget(self, key: str, hold: str, spent: int, hold_ttl: float, expires: float) -> None:
+        now = wall_clock_us() // 1000
+        args: list[str | int] = [hold, spent, now + _ms(hold_ttl), max(_ms(expires), now + _ms(hold_ttl))]
+        await self._call(self._settle_budget(keys=self._budget_keys(key), args=args))
+
+    async def budget_state(self, key: str) -> BudgetState:
+        budget, holds = self._budget_keys(key)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hget(budget, "used")
+            pipe.hgetall(holds)
+            used, kept = await self._call(pipe.execute())
+        now = wall_clock_us() // 1000
+        held = 0
+        for value in kept.values():
+            amount, expires = map(int, value.split())
+            held += amount if amount > 0 and expires > now else 0
+        return BudgetState(int(used or 0), held)
+
+    def _budget_keys(self, key: str) -> list[str]:
+        return [self._prefix + key, f"{self._prefix}{key}:holds"]
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)

@@ -3,8 +3,8 @@
 A write statement takes the write lock before it reads, as BEGIN IMMEDIATE would, and in
 autocommit mode each statement is its own transaction: so a read-modify-write (admitting a hit,
 taking over an expired lease) is atomic across processes in one round trip, with no rollback to
-get wrong. The one exception is adding a batch of usage, which is several statements in one
-transaction. Times are wall-clock seconds, since the file outlives the process.
+get wrong. The exceptions are adding a batch of usage and reserving or settling a budget, each several
+statements in one transaction. Times are wall-clock seconds, since the file outlives the process.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ __all__ = [
     "acquire",
     "add_usage",
     "admit",
+    "budget_state",
     "get_text",
     "is_held",
     "migrate",
@@ -29,10 +30,12 @@ __all__ = [
     "note_minted",
     "release",
     "renew",
+    "reserve_budget",
     "revocations",
     "revocations_version",
     "revoke",
     "set_text",
+    "settle_budget",
     "sweep",
     "usage",
 ]
@@ -68,6 +71,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         # the latest expiry of a token /token minted per id: how long a revocation of the id lasts
         "CREATE TABLE minted (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID",
     ),
+    5: (
+        # a token's budget in one period (key `budget:{tid}:{period}`), and the holds of its calls
+        # in flight (amount -1: settled, kept until it expires so a settle sent again counts once)
+        "CREATE TABLE budgets (key TEXT PRIMARY KEY, used INTEGER NOT NULL, expires REAL NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE budget_holds (key TEXT NOT NULL, hold TEXT NOT NULL, amount INTEGER NOT NULL,"
+        " expires REAL NOT NULL, PRIMARY KEY (key, hold)) WITHOUT ROWID",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 MAX_CACHE_ROWS = 100_000  # past this, the sweep drops the cached values closest to expiry
@@ -90,7 +100,7 @@ def migrate(db: sqlite3.Connection) -> None:
                 f"was written by a newer gogpt (schema {version}; this one knows {SCHEMA_VERSION})"
             )
         for step in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[step]:
+            for statement in MIGRATIONS.get(step, ()):  # numbers are taken per change: some may be missing
                 db.execute(statement)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
@@ -259,7 +269,7 @@ def revocations_version(db: sqlite3.Connection) -> int:
 def sweep(db: sqlite3.Connection) -> None:
     """Delete what has expired, and the cached values closest to expiry past the bound."""
     now = time.time()
-    for table in ("cache", "leases", "usage_batches", "revocations", "minted"):
+    for table in ("cache", "leases", "usage_batches", "revocations", "minted", "budgets", "budget_holds"):
         db.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))  # noqa: S608 - table names are ours
     db.execute("DELETE FROM rate_limits WHERE due <= ?", (_now_us(),))  # as good as absent
     db.execute(
@@ -268,3 +278,72 @@ def sweep(db: sqlite3.Connection) -> None:
         (MAX_CACHE_ROWS,),
     )
     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+def reserve_budget(
+    db: sqlite3.Connection, key: str, hold: str, amount: int, budget: int, hold_ttl: float, expires: float
+) -> tuple[bool, int, int]:
+    """Hold `amount` unless used + held + amount would pass `budget`: (held?, used, held before)."""
+    now = time.time()
+    db.execute("BEGIN IMMEDIATE")  # the write lock first: no other process reads between check and hold
+    try:
+        used, held = _budget_state(db, key, now)
+        if used + held + amount > budget:
+            db.execute("COMMIT")
+            return False, used, held
+        db.execute(
+            "INSERT INTO budget_holds (key, hold, amount, expires) VALUES (?, ?, ?, ?)",
+            (key, hold, amount, now + hold_ttl),
+        )
+        _keep_budget(db, key, 0, expires)
+        db.execute("COMMIT")
+        return True, used, held
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def settle_budget(
+    db: sqlite3.Connection, key: str, hold: str, spent: int, hold_ttl: float, expires: float
+) -> None:
+    """Count `spent` and mark the hold settled, unless it is marked already."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        row = db.execute("SELECT amount FROM budget_holds WHERE key = ? AND hold = ?", (key, hold)).fetchone()
+        if row is None or row[0] >= 0:
+            db.execute(
+                "INSERT INTO budget_holds (key, hold, amount, expires) VALUES (?1, ?2, -1, ?3)"
+                " ON CONFLICT (key, hold) DO UPDATE SET amount = -1, expires = excluded.expires",
+                (key, hold, time.time() + hold_ttl),
+            )
+            _keep_budget(db, key, spent, expires)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def budget_state(db: sqlite3.Connection, key: str) -> tuple[int, int]:
+    """(used, held) of a budget."""
+    return _budget_state(db, key, time.time())
+
+
+def _budget_state(db: sqlite3.Connection, key: str, now: float) -> tuple[int, int]:
+    (used,) = db.execute(
+        "SELECT coalesce((SELECT used FROM budgets WHERE key = ?1 AND expires > ?2), 0)", (key, now)
+    ).fetchone()
+    (held,) = db.execute(
+        "SELECT coalesce(sum(amount), 0) FROM budget_holds WHERE key = ? AND expires > ? AND amount > 0",
+        (key, now),
+    ).fetchone()
+    return int(used), int(held)
+
+
+def _keep_budget(db: sqlite3.Connection, key: str, spent: int, expires: float) -> None:
+    db.execute(
+        "INSERT INTO budgets (key, used, expires) VALUES (?1, ?2, ?3) ON CONFLICT (key) DO UPDATE SET"
+        " used = used + excluded.used, expires = max(expires, excluded.expires)",
+        (key, spent, expires),
+    )

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from . import sqlite_schema as schema
 from .config import ConfigError
 from .sqlite_schema import FileFault
-from .store import Admission, Revocation, StoreUnavailable, UsageQuery, UsageRow, rate_steps
+from .store import Admission, BudgetState, Revocation, StoreUnavailable, UsageQuery, UsageRow, rate_steps
 
 __all__ = ["BUSY_TIMEOUT", "SWEEP_EVERY", "SqliteStore", "create_database_file"]
 
@@ -253,6 +253,20 @@ class SqliteStore:
                 with contextlib.suppress(sqlite3.Error):
                     db.close()
         self._waiting_db = None
+
+    async def reserve_budget(
+        self, key: str, hold: str, amount: int, budget: int, hold_ttl: float, expires: float
+    ) -> tuple[bool, BudgetState]:
+        taken, used, held = await self._run(
+            schema.reserve_budget, key, hold, amount, budget, hold_ttl, expires
+        )
+        return taken, BudgetState(used, held)
+
+    async def settle_budget(self, key: str, hold: str, spent: int, hold_ttl: float, expires: float) -> None:
+        await self._run(schema.settle_budget, key, hold, spent, hold_ttl, expires)
+
+    async def budget_state(self, key: str) -> BudgetState:
+        return BudgetState(*await self._run(schema.budget_state, key))
 
 
 def _is_busy(exc: Exception) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Protocol
 __all__ = [
     "USAGE_COUNTS",
     "Admission",
+    "BudgetState",
     "MemoryStore",
     "Revocation",
     "Store",
@@ -119,6 +120,14 @@ class Revocation:
         return Revocation(self.id, self.tid, revoked_at, expires)
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    """A budget's tokens: `used` settled, `held` by the calls in flight."""
+
+    used: int = 0
+    held: int = 0
+
+
 def sorted_rows(rows: Sequence[UsageRow]) -> list[UsageRow]:
     """The order /usage answers in: by day, then id, then model."""
     return sorted(rows, key=lambda row: (row.day, row.id, row.model))
@@ -179,6 +188,20 @@ class Store(Protocol):
         """A number that changes whenever a revocation is recorded: a copy read at the same number
         is still current."""
 
+    async def reserve_budget(
+        self, key: str, hold: str, amount: int, budget: int, hold_ttl: float, expires: float
+    ) -> tuple[bool, BudgetState]:
+        """Hold `amount` of budget `key` for `hold_ttl` seconds, in one atomic step, unless used +
+        held + amount would pass `budget`: whether it was held, and the state before.
+        `expires` (wall clock) is when the budget's row may be forgotten."""
+
+    async def settle_budget(self, key: str, hold: str, spent: int, hold_ttl: float, expires: float) -> None:
+        """Move a hold into what is used, as `spent`; a hold settled already is not counted again
+        (for `hold_ttl` seconds), one that expired meanwhile is counted all the same."""
+
+    async def budget_state(self, key: str) -> BudgetState:
+        """What budget `key` has used and holds now (zero for a budget never reserved)."""
+
 
 class MemoryStore:
     """The in-process store. Caches are LRU-bounded so they never grow without limit."""
@@ -194,6 +217,7 @@ class MemoryStore:
         self._minted: OrderedDict[str, float] = OrderedDict()
         self._revocations: dict[tuple[str, str], Revocation] = {}
         self._revocations_version = 0
+        self._budgets: dict[str, _MemoryBudget] = {}
 
     async def get_json(self, key: str) -> Any | None:
         entry = self._cache.get(key)
@@ -308,3 +332,58 @@ class MemoryStore:
 
     async def revocations_version(self) -> int:
         return self._revocations_version
+
+    async def reserve_budget(
+        self, key: str, hold: str, amount: int, budget: int, hold_ttl: float, expires: float
+    ) -> tuple[bool, BudgetState]:
+        now = time.time()
+        kept = self._budget(key, now)
+        state = kept.state(now)
+        if state.used + state.held + amount > budget:
+            return False, state
+        kept.holds[hold] = (amount, now + hold_ttl)
+        kept.expires = max(kept.expires, expires)
+        return True, state
+
+    async def settle_budget(self, key: str, hold: str, spent: int, hold_ttl: float, expires: float) -> None:
+        now = time.time()
+        kept = self._budget(key, now)
+        amount, _ = kept.holds.get(hold, (0, 0.0))
+        if amount < 0:  # settled already
+            return
+        kept.holds[hold] = (-1, now + hold_ttl)
+        kept.used += spent
+        kept.expires = max(kept.expires, expires)
+
+    async def budget_state(self, key: str) -> BudgetState:
+        now = time.time()
+        kept = self._budgets.get(key)
+        return BudgetState() if kept is None or kept.expires <= now else kept.state(now)
+
+    def _budget(self, key: str, now: float) -> _MemoryBudget:
+        kept = self._budgets.get(key)
+        if kept is None or kept.expires <= now:
+            if len(self._budgets) >= self._max_entries * 4:  # forget the budgets whose period is over
+                self._budgets = {name: kept for name, kept in self._budgets.items() if kept.expires > now}
+            kept = self._budgets[key] = _MemoryBudget()
+        return kept
+
+
+class _MemoryBudget:
+    """A budget in the process: what is used, and the holds by id (amount -1: settled)."""
+
+    __slots__ = ("expires", "holds", "used")
+
+    def __init__(self) -> None:
+        self.used = 0
+        self.expires = 0.0
+        self.holds: dict[str, tuple[int, float]] = {}  # hold id: (amount, expires)
+
+    def state(self, now: float) -> BudgetState:
+        held = 0
+        for hold, (amount, expires) in list(self.holds.items()):
+            if expires <= now:
+                del self.holds[hold]
+            elif amount > 0:
+                held += amount
+        return BudgetState(self.used, held)
