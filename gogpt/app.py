@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from .auth import token_handler
+from .budget import budget_keeper
 from .config import Settings, load_settings
 from .conv import CONV_STATE, ConvState, conv_handler
 from .cors import add_cors_headers
@@ -20,6 +21,7 @@ from .json_parser import JSON_PARSER, JsonParser
 from .keys import HTTP, SETTINGS, SPLICING_HTTP, STORE
 from .ledger import usage_ledger
 from .lockout import LOCKOUT, Lockout
+from .me import me_handler
 from .openai_api import chat_handler, v1_handler
 from .ops import healthz_handler, metrics_handler
 from .redact import REDACTOR, Redactor, configured_secrets
@@ -56,6 +58,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_json_parser)
+    app.cleanup_ctx.append(budget_keeper)  # closed after the ledger, which waits for calls to end
     app.cleanup_ctx.append(usage_ledger)  # after the store: closed first, so it can still write
     app.cleanup_ctx.append(revocation_watch)  # after the store: reads it before the first request
     app.on_response_prepare.append(add_cors_headers)
@@ -72,6 +75,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     router.add_get("/usage", usage_handler, expect_handler=expect_continue)
     router.add_post("/token/revoke", revoke_handler, expect_handler=expect_continue)
     router.add_get("/token/revoked", revoked_handler, expect_handler=expect_continue)
+    router.add_get("/me", me_handler, expect_handler=expect_continue)
     return app
 
 

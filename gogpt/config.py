@@ -50,6 +50,7 @@ class Settings:
     client_timeout: float = 60.0
     upstream_retries: int = 2
     sse_keepalive: float = 15.0
+    budget_reserve: int = 4096
     # Names this start of gogpt: every worker it starts gets the same settings, so the same id,
     # and a once-per-start rule (/conv's first list) holds once for all of them. Not a variable.
     run_id: str = field(default_factory=lambda: secrets.token_hex(8), compare=False)
@@ -161,6 +162,7 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env") -> Settings:
         client_timeout=env.float("CLIENT_TIMEOUT", 60.0, validate=Range(min=0, min_inclusive=False)),
         upstream_retries=env.int("UPSTREAM_RETRIES", 2, validate=Range(min=0, max=10)),
         sse_keepalive=env.float("SSE_KEEPALIVE", 15.0, validate=Range(min=0)),
+        budget_reserve=env.int("BUDGET_RESERVE", 4096, validate=Range(min=1, max=10**12)),
     )
     try:
         env.seal()

@@ -55,12 +55,14 @@ class ApiError(Exception):
         *,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        error_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.headers = headers
+        self.error_type = error_type  # when not the status's usual one
 
 
 class UpstreamAnswer(Exception):
@@ -79,11 +81,12 @@ def error_response(
     *,
     code: str | None = None,
     headers: dict[str, str] | None = None,
+    error_type: str | None = None,
 ) -> web.Response:
     body = {
         "error": {
             "message": message,
-            "type": _ERROR_TYPES.get(status, "invalid_request_error"),
+            "type": error_type or _ERROR_TYPES.get(status, "invalid_request_error"),
             "param": None,
             "code": code,
         }
@@ -134,7 +137,9 @@ def failure_answer(request: web.BaseRequest, failure: Exception) -> web.StreamRe
     try:
         raise failure
     except ApiError as exc:
-        return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers)
+        return error_response(
+            exc.status, exc.message, code=exc.code, headers=exc.headers, error_type=exc.error_type
+        )
     except StoreUnavailable:
         return error_response(
             503, "The gateway's shared store is unavailable; try again shortly.", code="store_unavailable"

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client import multiprocess as prometheus_multiprocess
 
 __all__ = [
+    "BUDGET_REFUSALS",
     "DURATION",
     "RELAYED_BYTES",
     "REQUESTS",
@@ -54,6 +55,9 @@ USAGE_DROPPED = Counter(
 )
 
 REVOKED_REFUSALS = Counter("gogpt_revoked_refusals_total", "Calls refused because their token was revoked.")
+BUDGET_REFUSALS = Counter(
+    "gogpt_budget_refusals_total", "Calls refused (429) because they could pass their token's budget."
+)
 
 
 def exposition() -> bytes:

@@ -9,6 +9,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .bodies import read_json_object, request_body
+from .budget import admit, refuse_uncounted
 from .config import Settings
 from .errors import ApiError
 from .keys import CALLER, SETTINGS
@@ -36,7 +37,8 @@ async def chat_handler(request: web.Request) -> web.StreamResponse:
     headers = _openai_headers(request, settings)
     headers["Content-Type"] = "application/json"  # browsers may send text/plain to skip a preflight
     url = settings.api_proxy + "/v1/chat/completions"
-    body, meter = meter_openai_call(request, "chat/completions", body, fields, headers)
+    spent = await admit(request, fields, len(body), completes=True)
+    body, meter = meter_openai_call(request, "chat/completions", body, fields, headers, spent=spent)
     with meter:
         return await relay(request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter)
 
@@ -63,11 +65,14 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
         body, fields = await read_json_object(request, REQUEST_FIELDS)
         if policy.models is not None:
             require_allowed_model(policy, fields.get("model"))
-        body, meter = meter_openai_call(request, path, body, fields, headers)
+        spent = await admit(request, fields, len(body), completes=path != "embeddings")
+        body, meter = meter_openai_call(request, path, body, fields, headers, spent=spent)
         with meter:
             return await relay(
                 request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter
             )
+    if request.method == "POST":
+        refuse_uncounted(request)
     if policy.models is None:
         data = await request_body(request)
     elif path == "models" and request.method == "GET":

@@ -14,7 +14,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from types import TracebackType
 from typing import Any
 
@@ -45,9 +45,11 @@ def meter_openai_call(
     body: bytes,
     fields: dict[str, Any],
     headers: MutableMapping[str, str],
+    *,
+    spent: Callable[[int], None] | None = None,
 ) -> tuple[bytes, Meter]:
     """The body to send for a call to `/v1/{path}` (one of METERED_PATHS) and the meter of its usage.
-    `fields` are the body's REQUEST_FIELDS.
+    `fields` are the body's REQUEST_FIELDS; `spent`, when given, is told the tokens the call used.
 
     A streamed chat completion whose client did not ask for usage asks for it here, and the
     usage-only chunk it brings is taken out of the answer again. A stream is asked for without
@@ -62,6 +64,7 @@ def meter_openai_call(
         prompt_estimate=len(body) // 4,
         chat=path == "chat/completions",
         strip=strip,
+        spent=spent,
     )
     if strip:
         body = with_usage_asked(body, fields)
@@ -77,7 +80,8 @@ def meter_conv_call(request: web.Request, model: str) -> Meter:
 
 class Meter:
     """One call's usage. Used as a context manager around the relay, which it watches (AnswerWatch);
-    on exit it writes the usage to the ledger, exact if the answer reported it, else estimated."""
+    on exit it writes the usage to the ledger, exact if the answer reported it, else estimated, and
+    tells `spent` (a budget's settlement) how many tokens that was, 0 when the call made no usage."""
 
     __slots__ = (
         "_answer_headers",
@@ -90,6 +94,7 @@ class Meter:
         "_prompt_estimate",
         "_reported_model",
         "_requests_only",
+        "_spent",
         "_strip",
         "_usage",
         "_watch",
@@ -105,6 +110,7 @@ class Meter:
         chat: bool = False,
         strip: bool = False,
         requests_only: bool = False,
+        spent: Callable[[int], None] | None = None,
     ) -> None:
         self._ledger = ledger
         self._identity = identity
@@ -114,6 +120,7 @@ class Meter:
         self._chat = chat
         self._strip = strip
         self._requests_only = requests_only
+        self._spent = spent
         self._answered = False
         self._answer_headers: Any = None
         self._watch: EventWatch | JsonWatch | None = None
@@ -127,15 +134,18 @@ class Meter:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
+        tokens = 0
         try:
             left_early = kind is asyncio.CancelledError or (
                 isinstance(error, ApiError) and error.status == 504
             )
             if self._answered or left_early:
-                self._settle()
+                tokens = self._settle()
         finally:
             self._watch = None  # it calls back into the meter: a cycle the collector would have to find
             self._ledger.call_ended()
+            if self._spent is not None:
+                self._spent(tokens)
 
     def observe(self, upstream: aiohttp.ClientResponse) -> EventWatch | JsonWatch | None:
         self._answered = True
@@ -175,7 +185,8 @@ class Meter:
             self._reported_model = holder["model"]
         return chunk.get("choices") == []
 
-    def _settle(self) -> None:
+    def _settle(self) -> int:
+        """Record the call's usage; the tokens it used."""
         if self._requests_only:
             self._ledger.record(
                 self._identity,
@@ -186,7 +197,7 @@ class Meter:
                 estimated=False,
                 reported_model=self._model,
             )
-            return
+            return 0
         watch = self._watch
         if isinstance(watch, JsonWatch):
             self._read_json(watch)
@@ -205,6 +216,7 @@ class Meter:
             estimated=usage is None,
             reported_model=_model_name(self._reported_model) if self._reported_model else self._model,
         )
+        return prompt + completion
 
     def _read_json(self, watch: JsonWatch) -> None:
         body = watch.body()

@@ -14,8 +14,16 @@ from .json_parser import INLINE_BYTES
 
 __all__ = ["REQUEST_FIELDS", "asks_for_usage", "with_usage_asked"]
 
-# The fields of a request body that metering reads (bodies.read_json_object finds them).
-REQUEST_FIELDS = ("model", "stream", "stream_options", "stream_options.include_usage")
+# The fields of a request body that metering and budgets read (bodies.read_json_object finds them).
+REQUEST_FIELDS = (
+    "model",
+    "stream",
+    "stream_options",
+    "stream_options.include_usage",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+)
 
 _ASK = b'"stream_options":{"include_usage":true},'
 _UTF8_BOM = b"\xef\xbb\xbf"
