@@ -112,11 +112,12 @@ class UsageLedger:
             return True
 
     async def run(self, interval: float = FLUSH_INTERVAL) -> None:
-        """Write every `interval` seconds until cancelled."""
+        """Write every `interval` seconds until cancelled; each write is shielded, as in
+        revocation.Revocations.run, so a cancellation always ends the loop (`close` writes the rest)."""
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.flush()
+                await asyncio.shield(self.flush())
             except Exception:  # a fault of its own must not stop the writing for good
                 log.exception("writing usage failed")
 

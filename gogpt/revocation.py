@@ -92,11 +92,16 @@ class Revocations:
             self._store_down = False
 
     async def run(self, interval: float = REFRESH_INTERVAL) -> None:
-        """Refresh every `interval` seconds until cancelled."""
+        """Refresh every `interval` seconds until cancelled.
+
+        Each refresh is shielded: redis-py can take a cancellation landing inside a command for a
+        failed call and swallow it, which would leave this loop running and the shutdown waiting
+        on it for ever. Shielded, the cancellation ends the loop.
+        """
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.refresh()
+                await asyncio.shield(self.refresh())
             except Exception:  # a fault of its own must not stop the refreshing for good
                 log.exception("refreshing revocations failed")
 

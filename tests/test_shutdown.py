@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +16,9 @@ from conftest import SECRET_KEY, FakeUpstream
 from serving import free_port, start_gogpt, wait_until_listening
 
 from gogpt import mint_token
+from gogpt.ledger import UsageLedger
+from gogpt.revocation import Revocations
+from gogpt.store import MemoryStore, StoreUnavailable, UsageRow
 
 TAIL_EVENTS = 10
 
@@ -177,3 +180,53 @@ async def test_an_unreadable_env_file_stops_start_up_in_one_line_naming_it(tmp_p
         (tmp_path / ".env").write_bytes(b"SECRET_KEY=\xff\xfe\n")
     [line] = await _refused_start(tmp_path, {})
     assert ".env" in line
+
+
+class SwallowingStore(MemoryStore):
+    """As redis-py can: a cancellation landing inside a call comes out as a failed call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _swallowing_call(self) -> None:
+        if self.release.is_set():
+            return
+        self.inside.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.release.set()  # once: a writer that went on can still be stopped
+            raise StoreUnavailable() from None
+
+    async def revocations_version(self) -> int:
+        await self._swallowing_call()
+        return 0
+
+    async def add_usage(self, batch: str, rows: Sequence[UsageRow]) -> None:
+        await self._swallowing_call()
+
+
+@pytest.mark.parametrize("writer", ["revocations", "usage"])
+async def test_a_store_that_swallows_a_cancellation_does_not_hold_up_the_shutdown(writer: str):
+    store = SwallowingStore()
+    if writer == "revocations":
+        task = asyncio.create_task(Revocations(store).run(interval=0))
+    else:
+        ledger = UsageLedger(store)
+        ledger.record(
+            "alice", "2026-11-26", "gpt-4o-mini", prompt=1, completion=1, estimated=False, reported_model="m"
+        )
+        task = asyncio.create_task(ledger.run(interval=0))
+    await store.inside.wait()
+    task.cancel()
+    try:
+        await asyncio.wait({task}, timeout=5)
+        assert task.cancelled(), (
+            "the writer went on after its cancellation: the app's cleanup would wait for ever"
+        )
+    finally:
+        store.release.set()
+        task.cancel()  # a writer that went on is stopped, outside the store this time
+        await asyncio.wait({task})
