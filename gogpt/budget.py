@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import contextlib
 import functools
 import logging
 import secrets
@@ -35,6 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .background import running
 from .errors import ApiError
 from .keys import CALLER, SETTINGS, STORE, Caller
 from .metrics import BUDGET_REFUSALS
@@ -195,11 +195,6 @@ BUDGETS = web.AppKey("gogpt.budgets", BudgetKeeper)
 async def budget_keeper(app: web.Application) -> AsyncIterator[None]:
     """The settlements' writer: opened after the store, closed after the calls have ended."""
     keeper = app[BUDGETS] = BudgetKeeper(app[STORE])
-    writer = asyncio.create_task(keeper.run())
-    try:
+    async with running(keeper.run()):
         yield
-    finally:
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
-        await keeper.close()
+    await keeper.close()  # the rest, written once the writer has stopped

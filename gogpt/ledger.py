@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .background import running
 from .keys import STORE
 from .metrics import TOKENS, USAGE_DROPPED
 from .store import Store, StoreUnavailable, UsageRow
@@ -164,11 +165,6 @@ LEDGER = web.AppKey("gogpt.ledger", UsageLedger)
 async def usage_ledger(app: web.Application) -> AsyncIterator[None]:
     """The ledger and its writer, opened after the store and closed before it."""
     ledger = app[LEDGER] = UsageLedger(app[STORE])
-    writer = asyncio.create_task(ledger.run())
-    try:
+    async with running(ledger.run()):
         yield
-    finally:
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
-        await ledger.close()
+    await ledger.close()  # the rest, written once the writer has stopped

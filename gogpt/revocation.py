@@ -17,12 +17,12 @@ does, rather than let a revoked token through.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
+from .background import running
 from .errors import ApiError
 from .keys import STORE, Caller
 from .metrics import REVOKED_REFUSALS
@@ -117,10 +117,5 @@ async def revocation_watch(app: web.Application) -> AsyncIterator[None]:
     """The worker's copy, read before the first request (when the store answers), and its refresher."""
     revocations = app[REVOCATIONS] = Revocations(app[STORE])
     await revocations.refresh()
-    refresher = asyncio.create_task(revocations.run())
-    try:
+    async with running(revocations.run()):
         yield
-    finally:
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
