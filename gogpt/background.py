@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
-__all__ = ["running"]
+__all__ = ["every", "running"]
 
 
 @contextlib.asynccontextmanager
@@ -20,3 +21,22 @@ async def running(work: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def every(
+    interval: float, step: Callable[[], Awaitable[object]], log: logging.Logger, failed: str
+) -> None:
+    """Await `step()` every `interval` seconds until cancelled; a fault of its own is logged as
+    `failed` and does not stop the steps for good.
+
+    Each step is shielded: redis-py can take a cancellation that lands inside a command for a
+    failed call and swallow it, which would leave this loop running and the app's cleanup
+    waiting on it for ever. Shielded, the cancellation always ends the loop (the step itself
+    finishes on its own).
+    """
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.shield(step())
+        except Exception:
+            log.exception(failed)

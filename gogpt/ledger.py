@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .background import running
+from .background import every, running
 from .keys import STORE
 from .metrics import TOKENS, USAGE_DROPPED
 from .store import Store, StoreUnavailable, UsageRow
@@ -113,14 +113,8 @@ class UsageLedger:
             return True
 
     async def run(self, interval: float = FLUSH_INTERVAL) -> None:
-        """Write every `interval` seconds until cancelled; each write is shielded, as in
-        revocation.Revocations.run, so a cancellation always ends the loop (`close` writes the rest)."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.shield(self.flush())
-            except Exception:  # a fault of its own must not stop the writing for good
-                log.exception("writing usage failed")
+        """Write every `interval` seconds until cancelled (`close` writes the rest)."""
+        await every(interval, self.flush, log, "writing usage failed")
 
     async def close(self) -> None:
         """Wait (a little) for calls still ending, then write what is left; what cannot be is lost and said so."""

@@ -16,13 +16,12 @@ does, rather than let a revoked token through.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
-from .background import running
+from .background import every, running
 from .errors import ApiError
 from .keys import STORE, Caller
 from .metrics import REVOKED_REFUSALS
@@ -92,18 +91,8 @@ class Revocations:
             self._store_down = False
 
     async def run(self, interval: float = REFRESH_INTERVAL) -> None:
-        """Refresh every `interval` seconds until cancelled.
-
-        Each refresh is shielded: redis-py can take a cancellation landing inside a command for a
-        failed call and swallow it, which would leave this loop running and the shutdown waiting
-        on it for ever. Shielded, the cancellation ends the loop.
-        """
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.shield(self.refresh())
-            except Exception:  # a fault of its own must not stop the refreshing for good
-                log.exception("refreshing revocations failed")
+        """Refresh every `interval` seconds until cancelled."""
+        await every(interval, self.refresh, log, "refreshing revocations failed")
 
     def _load(self, in_force: Sequence[Revocation]) -> None:
         self._issued_up_to = {kept.id: kept.revoked_at for kept in in_force if not kept.tid}
