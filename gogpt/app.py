@@ -106,7 +106,8 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
         ),
         auto_decompress=False,  # bytes are relayed as the upstream encoded them
         cookie_jar=aiohttp.DummyCookieJar(),  # shared by every caller: keep no upstream cookie
-        skip_auto_headers=("Accept-Encoding",),  # only what the client itself accepts
+        # no skip_auto_headers: aiohttp copies the headers for it on every call; every call
+        # carries its own Accept-Encoding instead (relay.call_upstream)
     )
     async with aiohttp.ClientSession(connector=connector, **options) as session:
         app[HTTP] = app[SPLICING_HTTP] = session

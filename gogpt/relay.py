@@ -56,6 +56,7 @@ _NOT_SENT_BACK = _HOP_BY_HOP | {
     "access-control-max-age",
 }
 _STREAM_ASKED = re.compile(rb'"stream"\s*:\s*true')
+_ACCEPT_ENCODING = ("Accept-Encoding",)
 # Answers of known length up to this size are read whole and sent in one write with their head.
 _SMALL_ANSWER_BYTES = 64 << 10
 
@@ -370,6 +371,8 @@ async def call_upstream(
             data=data,
             params=params,
             allow_redirects=False,
+            # only what the client itself accepts (upstream_headers sets it), never aiohttp's default
+            skip_auto_headers=None if "Accept-Encoding" in headers else _ACCEPT_ENCODING,
         )
     except (TimeoutError, aiohttp.ClientError) as exc:
         if isinstance(exc.__cause__, ApiError):  # the upload outgrew the limit while streaming
