@@ -57,7 +57,7 @@ class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return f"{self._stamps(record.created)},{int(record.msecs):03d}"
 
-    def access_line(self, logger: str, message: str, fields: dict[str, Any], created: float) -> str:
+    def access_line(self, logger: str, message: str, created: float) -> str:
         """What `format` makes of an INFO record of `message`, without making the record."""
         return f"{self._stamps(created)},{int(created % 1 * 1000):03d} INFO {logger}: {message}"
 
@@ -171,32 +171,37 @@ class AccessLogger(AbstractAccessLogger):
         caller = request.get(CALLER)
         method, path = request.method, request.path  # the path is decoded: %0A is a newline here
         identity = "-" if caller is None else caller.identity
-        fields = {
-            "remote": request.remote,
-            "method": method,
-            "path": path,
-            "status": response.status,
-            "bytes": response.body_length,
-            "duration": round(duration, 6),
-            "identity": identity,
-        }
+        remote, status, sent = request.remote, response.status, response.body_length
         # JSON lines keep the fields as they are (json.dumps escapes them); the text line escapes
         # each field a client chose, so no path or token id can end the line and forge another.
         message = '%s "%s %s" %d %d %.3fs id=%s' % (  # noqa: UP031 - logging's own layout
-            printable(request.remote or "-"),
+            printable(remote or "-"),
             printable(method),
             printable(path),
-            response.status,
-            response.body_length,
+            status,
+            sent,
             duration,
             printable(identity),
         )
         logger = self.logger
         handler = _sole_handler(logger)
+        if handler is not None and isinstance(handler.formatter, TextFormatter):  # the usual line
+            # a line per request: skip making a LogRecord that only gogpt's own handler would see
+            handler.write_line(handler.formatter.access_line(logger.name, message, time.time()))
+            return
+        fields = {
+            "remote": remote,
+            "method": method,
+            "path": path,
+            "status": status,
+            "bytes": sent,
+            "duration": round(duration, 6),
+            "identity": identity,
+        }
         if handler is None:  # logging set up otherwise (gogpt embedded): the ordinary way
             logger.info("%s", message, extra={"access": fields})
-        else:  # a line per request: skip making a LogRecord that only gogpt's own handler would see
-            formatter: TextFormatter | JsonFormatter = handler.formatter  # type: ignore[assignment]
+        else:
+            formatter: JsonFormatter = handler.formatter  # type: ignore[assignment]
             handler.write_line(formatter.access_line(logger.name, message, fields, time.time()))
 
 
