@@ -222,10 +222,11 @@ class Meter:
         body = watch.body()
         if body is None:
             return
-        try:
-            body = decoded(body, self._answer_headers, _MAX_DECODED_JSON)
-        except ValueError:
-            return
+        if watch.encoded:
+            try:
+                body = decoded(body, self._answer_headers, _MAX_DECODED_JSON)
+            except ValueError:
+                return
         usage, model = _usage_in_json(body, whole=watch.complete)
         self._usage = _tokens(usage)
         if isinstance(model, str):

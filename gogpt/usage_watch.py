@@ -311,7 +311,7 @@ class JsonWatch:
         self._encoded = encoded  # gzip or deflate: only the whole body can be decoded
         self._parts: list[bytes] = []
         self._kept = 0
-        self._dechunker = Dechunker()
+        self._dechunker: Dechunker | None = None  # made for a chunked answer through the splice
         self.complete = True  # False once bytes were let go (a tail is kept, or nothing)
 
     def feed(self, data: bytes) -> bytes:
@@ -319,6 +319,8 @@ class JsonWatch:
         return data
 
     def feed_framed(self, framed: bytes, framing: Framing, last: bool) -> bytes:
+        if self._dechunker is None:
+            self._dechunker = Dechunker()
         self._keep(self._dechunker.feed(framed))
         return framed
 
@@ -327,6 +329,10 @@ class JsonWatch:
 
     def whole(self, body: bytes) -> None:
         self._parts, self._kept, self.complete = [body], len(body), True
+
+    @property
+    def encoded(self) -> bool:
+        return self._encoded
 
     def body(self) -> bytes | None:
         """The answer as kept: whole, or its tail when unencoded; None when nothing usable is."""
