@@ -63,17 +63,18 @@ _SMALL_ANSWER_BYTES = 64 << 10
 
 def _end_to_end(headers: Mapping[str, str], dropped: frozenset[str]) -> CIMultiDict[str]:
     """Copy `headers` without the `dropped` ones and those the `Connection` header names."""
-    connection = headers.get("Connection", "")
-    named = {token.strip().lower() for token in connection.split(",")} if connection else set()
-    drop = dropped | named if named else dropped
-    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in drop)
+    connection = headers.get("Connection")
+    if connection:
+        dropped = dropped | {token.strip().lower() for token in connection.split(",")}
+    return CIMultiDict([(name, value) for name, value in headers.items() if name.lower() not in dropped])
 
 
 def upstream_headers(
     request: web.Request, authorization: str, *, also_drop: Iterable[str] = ()
 ) -> CIMultiDict[str]:
     """The client's end-to-end headers with gogpt's own credential for the upstream."""
-    headers = _end_to_end(request.headers, _NOT_SENT_UPSTREAM | {name.lower() for name in also_drop})
+    dropped = _NOT_SENT_UPSTREAM | {name.lower() for name in also_drop} if also_drop else _NOT_SENT_UPSTREAM
+    headers = _end_to_end(request.headers, dropped)
     headers["Accept-Encoding"] = accept_encoding(headers.getall("Accept-Encoding", ()))
     if body_was_decoded(request):
         headers.popall("Content-Encoding", None)
