@@ -1,5 +1,6 @@
 """examples/html/admin.html in a real headless Chromium, served from another origin than gogpt:
-minting a token with a policy, usage per identity as a chart and a table, revoking.
+minting a token with a policy, what the budgets of the tokens minted there have left (from
+/me), usage per identity as a chart and a table, revoking.
 
 The whole page, after minting and charting, is saved to tests/artifacts/admin-page.png for a
 person to look at.
@@ -53,6 +54,18 @@ async def chat(gateway: str, token: str) -> tuple[int, dict]:
             return response.status, await response.json()
 
 
+async def me(gateway: str, token: str) -> tuple[int, dict]:
+    """What GET /me answers the token's holder."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as session, session.get(f"{gateway}/me", headers=headers) as response:
+        return response.status, await response.json()
+
+
+def tid_of(token: str) -> str:
+    tid: str = jwt.decode(token, SECRET_KEY, algorithms=["HS256"])["tid"]
+    return tid
+
+
 async def open_admin_page(open_page: OpenPage) -> Page:
     page = await open_page("admin.html")
     await page.fill("#admin-key", SECRET_KEY)
@@ -95,6 +108,65 @@ async def test_admin_page_mints_a_token_without_a_policy_when_the_policy_fields_
     await expect(page.locator("#minted-policy dd").nth(4)).to_have_text("unlimited")
     claims = jwt.decode(token, SECRET_KEY, algorithms=["HS256"])
     assert not {"models", "budget", "period", "rpm"} & claims.keys()
+
+
+async def test_admin_page_shows_what_a_minted_tokens_budget_has_left_as_me_reports_it_and_its_revocation(
+    open_page: OpenPage,
+    gateway_url: str,
+    upstream: FakeUpstream,
+) -> None:
+    upstream.respond = OpenAIChat()  # 9 prompt + 3 completion tokens per call
+    page = await open_admin_page(open_page)
+    carol = await mint_in_page(page, "carol", hours="24", models="gpt-4o-mini", budget="50000")
+    kiosk = await mint_in_page(page, "kiosk")
+    rows = page.locator("#budgets tbody tr")
+    await expect(rows).to_have_text(
+        [
+            f"carol {tid_of(carol)[:8]}… gpt-4o-mini 50,000 tokens per month 0 50,000",
+            f"kiosk {tid_of(kiosk)[:8]}… any unlimited \u2013 unlimited",  # no budget: nothing counted,
+        ],
+        use_inner_text=True,
+    )
+    carol_row = rows.filter(has_text="carol")
+
+    assert (await chat(gateway_url, carol))[0] == 200
+    await page.click("#refresh-budgets")
+    assert await me(gateway_url, carol) == (
+        200,
+        {
+            "id": "carol",
+            "expires_at": jwt.decode(carol, SECRET_KEY, algorithms=["HS256"])["exp"],
+            "models": ["gpt-4o-mini"],
+            "budget": 50_000,
+            "period": "month",
+            "used": 12,
+            "remaining": 49_988,
+            "rpm": None,
+        },
+    )
+    await expect(carol_row.locator(".used")).to_have_text("12")
+    await expect(carol_row.locator(".remaining")).to_have_text("49,988")
+    assert await carol_row.locator("meter").evaluate("bar => [bar.max, bar.value]") == [50_000, 49_988]
+
+    assert (await chat(gateway_url, carol))[0] == 200
+    await page.click("#show-usage")  # refreshes the budgets too
+    await expect(carol_row.locator(".used")).to_have_text("24")
+    await expect(carol_row.locator(".remaining")).to_have_text("49,976")
+    await expect(page.locator("#budgets-status")).to_have_text("Asked GET /me with 2 tokens.")
+
+    await page.get_by_role("button", name="Revoke carol").click()
+    status, answer = await me(gateway_url, carol)
+    assert (status, answer["error"]["message"]) == (401, "The token has been revoked.")
+    await expect(carol_row.locator("td.refused")).to_have_text("The token has been revoked.")
+    await page.click("#refresh-budgets")
+    await expect(page.locator("#budgets-status")).to_have_text("Asked GET /me with 2 tokens: 1 refused.")
+    await expect(carol_row.locator("td.refused")).to_have_text("The token has been revoked.")
+    await expect(rows.filter(has_text="kiosk").locator(".remaining")).to_have_text("unlimited")
+
+    # The tokens are kept in the page's memory only: not in storage, nor shown in the table.
+    assert await page.evaluate("[localStorage.length, sessionStorage.length, document.cookie]") == [0, 0, ""]
+    table = await page.locator("#budgets").inner_html()
+    assert carol not in table and kiosk not in table
 
 
 async def token_refusal(gateway: str, **fields: object) -> str:
@@ -167,6 +239,7 @@ async def test_admin_page_charts_and_lists_the_tokens_each_identity_used(
         [f"alice Revoke {today()} gpt-4o-mini 1 9 3 0", f"bob Revoke {today()} gpt-4o-mini 2 18 6 0"],
         use_inner_text=True,
     )
+    await expect(page.locator("#budgets tbody tr .used")).to_have_text("24")  # bob's two calls
     await page.screenshot(path=save_screenshot_path("admin-page.png"), full_page=True)
 
     tomorrow = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)).strftime("%Y-%m-%d")
@@ -189,6 +262,8 @@ async def test_admin_page_shows_ids_as_text_never_as_markup(
     await page.click("#show-usage")
     await expect(page.locator("#chart .bar .label")).to_have_text(identity[:21] + "…")
     await expect(page.locator("#usage td.identity span")).to_have_text(identity)
+    await mint_in_page(page, identity)
+    await expect(page.locator("#budgets tbody td").first).to_have_text(identity)
     assert await page.locator("img").count() == 0
     assert await page.title() == "gogpt admin"
 
@@ -213,6 +288,7 @@ async def test_admin_page_revokes_an_identity_with_one_click_and_its_token_is_re
     )
     await expect(page.locator("#revoked li")).to_have_count(1)
     await expect(page.locator("#revoked li")).to_contain_text(re.compile(r"^bob: every token minted before "))
+    await expect(page.locator("#budgets td.refused")).to_have_text("The token has been revoked.")
     await page.screenshot(path=save_screenshot_path("admin-page-revoked.png"), full_page=True)
     status, answer = await chat(gateway_url, bob)
     assert (status, answer["error"]["message"]) == (401, "The token has been revoked.")
