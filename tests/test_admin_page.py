@@ -155,6 +155,7 @@ async def test_admin_page_shows_what_a_minted_tokens_budget_has_left_as_me_repor
     await expect(page.locator("#budgets-status")).to_have_text("Asked GET /me with 2 tokens.")
 
     await page.get_by_role("button", name="Revoke carol").click()
+    await expect(page.locator("#usage-status")).to_contain_text("Revoked carol")
     status, answer = await me(gateway_url, carol)
     assert (status, answer["error"]["message"]) == (401, "The token has been revoked.")
     await expect(carol_row.locator("td.refused")).to_have_text("The token has been revoked.")
