@@ -75,7 +75,7 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
         refuse_uncounted(request)
     if policy.models is None:
         data = await request_body(request)
-    elif path == "models" and request.method == "GET":
+    elif path == "models" and request.method in ("GET", "HEAD"):  # HEAD too: its length tells the list's
         return await allowed_models_answer(request, url, headers, _keys(request), policy)
     else:
         data = await allowed_request_body(request, path, policy)

@@ -247,6 +247,17 @@ async def test_the_model_list_shows_only_the_allowed_models(
     assert await resp.json() == {"object": "list", "data": MODELS["data"][:2]}
 
 
+async def test_a_head_of_the_model_list_tells_the_length_of_the_allowed_list_only(
+    client: TestClient, upstream: FakeUpstream
+) -> None:
+    upstream.respond = _answer_models
+    listed = await (await client.get("/v1/models", headers=RESTRICTED)).read()
+    resp = await client.head("/v1/models", headers=RESTRICTED)
+    assert resp.status == 200
+    assert int(resp.headers["Content-Length"]) == len(listed)
+    assert await resp.read() == b""
+
+
 async def test_the_model_list_is_whole_for_tokens_without_a_model_list(
     client: TestClient, upstream: FakeUpstream
 ) -> None:
