@@ -2,9 +2,10 @@
 
 Revocations are recorded in the shared store (revocation_api.py has the routes). Each worker
 keeps a copy of those in force in memory (a dict id → the time up to which its tokens were
-issued, a set of single tokens' tids), so the check costs a set and a dict look-up. A background task reads the store's revocation
-version every REFRESH_INTERVAL seconds, and the revocations themselves only when it changed, so
-every worker of every instance refuses a revoked token within a second for one small read.
+issued, a set of single tokens' tids), so the check costs a set and a dict look-up. A
+background task reads the store's revocation version every REFRESH_INTERVAL seconds, and the
+revocations themselves only when it changed, so every worker of every instance refuses a
+revoked token within a second for one small read.
 
 When the store cannot be read, a worker keeps its last copy and logs the outage once. Refusing
 every token instead would turn an outage of the store into an outage of every call, those that
