@@ -9,10 +9,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import jwt
 import pytest
 import redis.asyncio as redis
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
 
@@ -110,6 +112,20 @@ def auth(token: str) -> dict[str, str]:
 
 
 # Every variable gogpt reads.
+async def ask_token(client: TestClient, transport: str, params: dict[str, Any]) -> ClientResponse:
+    """Ask /token the way a client would: query string (`get`), `json` body or `form` body."""
+    if transport == "get":
+        return await client.get("/token", params=params)
+    if transport == "json":
+        return await client.post("/token", json=params)
+    return await client.post("/token", data=params)
+
+
+def signed_claims(token: str) -> dict[str, Any]:
+    """The claims of a token signed with the tests' SECRET_KEY."""
+    return jwt.decode(token, SECRET_KEY, algorithms=["HS256"])
+
+
 GOGPT_VARIABLES = (
     "API_PROXY",
     "CHAT_API_KEY",

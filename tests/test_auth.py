@@ -11,7 +11,7 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import CHAT_API_KEY, SECRET_KEY, FakeUpstream
+from conftest import CHAT_API_KEY, SECRET_KEY, FakeUpstream, ask_token, signed_claims
 from jwt.warnings import InsecureKeyLengthWarning
 
 from gogpt import Settings, create_app, mint_token
@@ -19,19 +19,6 @@ from gogpt import Settings, create_app, mint_token
 PARAMS = {"id": "user-7", "hour": "3", "key": SECRET_KEY}
 OTHER_KEY = "another-secret-key-0123456789abcdef-0123456789"
 FAR_FUTURE = 2**40
-
-
-def _claims(token: str) -> dict[str, Any]:
-    return jwt.decode(token, SECRET_KEY, algorithms=["HS256"])
-
-
-async def _mint(client: TestClient, transport: str, params: dict[str, Any]) -> Any:
-    """Ask /token the way a client would: query string, JSON body or form body."""
-    if transport == "get":
-        return await client.get("/token", params=params)
-    if transport == "json":
-        return await client.post("/token", json=params)
-    return await client.post("/token", data=params)
 
 
 def _assert_openai_error(body: dict[str, Any], error_type: str) -> None:
@@ -49,28 +36,28 @@ async def test_token_is_an_hs256_jwt_whose_jti_is_the_id(client: TestClient) -> 
     assert resp.status == 200
     token = (await resp.json())["token"]
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
-    assert _claims(token)["jti"] == "user-7"
+    assert signed_claims(token)["jti"] == "user-7"
 
 
 async def test_token_is_valid_for_the_given_hours(client: TestClient) -> None:
     before = round(time.time(), 3)
     resp = await client.get("/token", params=PARAMS)
-    claims = _claims((await resp.json())["token"])
+    claims = signed_claims((await resp.json())["token"])
     assert before <= claims["iat"] <= round(time.time(), 3)
     assert claims["exp"] == int(claims["iat"]) + 3 * 3600
 
 
 @pytest.mark.parametrize("transport", ["json", "form"])
 async def test_token_post_body_works_like_the_query(client: TestClient, transport: str) -> None:
-    resp = await _mint(client, transport, PARAMS)
+    resp = await ask_token(client, transport, PARAMS)
     assert resp.status == 200
-    claims = _claims((await resp.json())["token"])
+    claims = signed_claims((await resp.json())["token"])
     assert (claims["jti"], claims["exp"] - int(claims["iat"])) == ("user-7", 3 * 3600)
 
 
 async def test_token_post_json_takes_hour_as_a_number(client: TestClient) -> None:
     resp = await client.post("/token", json={**PARAMS, "hour": 2})
-    claims = _claims((await resp.json())["token"])
+    claims = signed_claims((await resp.json())["token"])
     assert claims["exp"] - int(claims["iat"]) == 2 * 3600
 
 
@@ -85,7 +72,7 @@ async def test_a_minted_token_opens_chat(client: TestClient, upstream: FakeUpstr
 @pytest.mark.parametrize("missing", ["id", "hour", "key"])
 async def test_token_missing_parameter_is_400(client: TestClient, transport: str, missing: str) -> None:
     params = {name: value for name, value in PARAMS.items() if name != missing}
-    resp = await _mint(client, transport, params)
+    resp = await ask_token(client, transport, params)
     assert resp.status == 400
     body = await resp.json()
     _assert_openai_error(body, "invalid_request_error")
@@ -121,7 +108,7 @@ async def test_token_json_body_that_is_not_an_object_is_400(client: TestClient, 
 @pytest.mark.parametrize("transport", ["get", "json", "form"])
 @pytest.mark.parametrize("key", ["guess", SECRET_KEY[:-1], SECRET_KEY + "x", SECRET_KEY.upper()])
 async def test_token_with_the_wrong_key_is_403(client: TestClient, transport: str, key: str) -> None:
-    resp = await _mint(client, transport, {**PARAMS, "key": key})
+    resp = await ask_token(client, transport, {**PARAMS, "key": key})
     assert resp.status == 403
     body = await resp.json()
     _assert_openai_error(body, "permission_error")
@@ -303,7 +290,7 @@ def _old_token(identity: str) -> str:
 async def test_a_reserved_id_is_refused_at_token_with_400_saying_why(
     client: TestClient, transport: str, identity: str
 ) -> None:
-    resp = await _mint(client, transport, {**PARAMS, "id": identity})
+    resp = await ask_token(client, transport, {**PARAMS, "id": identity})
     assert resp.status == 400
     body = await resp.json()
     _assert_openai_error(body, "invalid_request_error")
@@ -316,7 +303,7 @@ async def test_a_reserved_id_is_refused_at_token_with_400_saying_why(
 async def test_an_id_with_a_control_character_is_refused_at_token_with_400(
     client: TestClient, transport: str, identity: str
 ) -> None:
-    resp = await _mint(client, transport, {**PARAMS, "id": identity})
+    resp = await ask_token(client, transport, {**PARAMS, "id": identity})
     assert resp.status == 400
     body = await resp.json()
     _assert_openai_error(body, "invalid_request_error")

@@ -17,14 +17,12 @@ import time
 import unicodedata
 import warnings
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlencode
 
 import jwt
 import pytest
-from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
-from conftest import GOGPT_VARIABLES, SECRET_KEY, FakeUpstream
+from conftest import GOGPT_VARIABLES, SECRET_KEY, FakeUpstream, ask_token
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -173,15 +171,6 @@ def _mintable(identity: str) -> bool:
     )
 
 
-async def _ask_token(client: TestClient, transport: str, params: dict[str, Any]) -> ClientResponse:
-    """/token asked as a JSON body, a form body or a query string."""
-    if transport == "json":
-        return await client.post("/token", json=params)
-    if transport == "form":
-        return await client.post("/token", data=params)
-    return await client.get("/token", params=params)
-
-
 @FUZZ
 @given(identity=token_ids, transport=st.sampled_from(["json", "form", "get"]))
 @example(identity="\ud800", transport="json")  # a lone surrogate, which only JSON can carry
@@ -195,7 +184,7 @@ async def test_token_ids_are_minted_exactly_when_a_log_line_can_show_them(
     """Never a 5xx; 200 for every id a log reader cannot mistake, 400 for the rest; and a minted
     id comes back in the token and is accepted by the gateway."""
     params = {"id": identity, "hour": "1", "key": SECRET_KEY}
-    resp = await _ask_token(client, transport, params)
+    resp = await ask_token(client, transport, params)
     assert resp.status == (200 if _mintable(identity) else 400)
     body = await resp.json()
     if resp.status == 400:
@@ -291,7 +280,7 @@ async def test_token_policies_are_signed_exactly_when_every_field_is_valid(
     sent = {name: _as_sent(value, transport) for name, value in fields.items()}
     # an id of its own: a token's rpm limits its id, which earlier examples' tokens may have used up
     params = {"id": f"fuzz-{next(_example_ids)}", "hour": "1", "key": SECRET_KEY, **sent}
-    resp = await _ask_token(client, transport, params)
+    resp = await ask_token(client, transport, params)
     expected = _expected_claims(sent)
     event(f"answered {resp.status}")
     body = await resp.json()

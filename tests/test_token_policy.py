@@ -4,25 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import jwt
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import SECRET_KEY, FakeUpstream
+from conftest import SECRET_KEY, FakeUpstream, ask_token, signed_claims
 
 PARAMS = {"id": "user-7", "hour": "3", "key": SECRET_KEY}
 POLICY_CLAIMS = ("models", "budget", "period", "rpm")
-
-
-def _claims(token: str) -> dict[str, Any]:
-    return jwt.decode(token, SECRET_KEY, algorithms=["HS256"])
-
-
-async def _mint(client: TestClient, transport: str, params: dict[str, Any]) -> Any:
-    if transport == "get":
-        return await client.get("/token", params=params)
-    if transport == "json":
-        return await client.post("/token", json=params)
-    return await client.post("/token", data=params)
 
 
 # Values every transport can send (text), each wrong for its field.
@@ -74,7 +61,7 @@ BAD_JSON = [
 async def test_a_bad_policy_value_is_400_naming_the_field(
     client: TestClient, transport: str, field: str, value: str
 ) -> None:
-    resp = await _mint(client, transport, {**PARAMS, field: value})
+    resp = await ask_token(client, transport, {**PARAMS, field: value})
     assert resp.status == 400
     body = await resp.json()
     assert body["error"]["code"] == "invalid_parameter"
@@ -104,7 +91,7 @@ async def test_query_json_and_form_sign_the_same_policy_and_answer_it(client: Te
         await (await client.post("/token", data={**PARAMS, **POLICY_AS_TEXT})).json(),
     ]
     for answer in answers:
-        signed = {name: _claims(answer["token"])[name] for name in POLICY_CLAIMS}
+        signed = {name: signed_claims(answer["token"])[name] for name in POLICY_CLAIMS}
         assert signed == POLICY_AS_JSON
         assert {name: answer[name] for name in POLICY_CLAIMS} == signed
     assert len({answer["tid"] for answer in answers}) == 3  # each token its own
@@ -113,15 +100,18 @@ async def test_query_json_and_form_sign_the_same_policy_and_answer_it(client: Te
 async def test_a_budget_without_a_period_is_per_month(client: TestClient) -> None:
     answer = await (await client.post("/token", json={**PARAMS, "budget": 1000})).json()
     assert (answer["budget"], answer["period"]) == (1000, "month")
-    assert _claims(answer["token"])["period"] == "month"
+    assert signed_claims(answer["token"])["period"] == "month"
 
 
 async def test_empty_policy_values_sign_no_policy(client: TestClient) -> None:
     blank = dict.fromkeys(POLICY_CLAIMS, "")
-    for resp in (await client.get("/token", params={**PARAMS, **blank}), await _mint(client, "get", PARAMS)):
+    for resp in (
+        await client.get("/token", params={**PARAMS, **blank}),
+        await ask_token(client, "get", PARAMS),
+    ):
         answer = await resp.json()
         assert resp.status == 200
-        assert not set(POLICY_CLAIMS) & (answer.keys() | _claims(answer["token"]).keys())
+        assert not set(POLICY_CLAIMS) & (answer.keys() | signed_claims(answer["token"]).keys())
 
 
 async def test_a_token_minted_with_a_model_list_holds_to_it(
