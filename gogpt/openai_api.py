@@ -29,18 +29,10 @@ _V1_ALLOW = "GET, HEAD, POST, DELETE, OPTIONS"  # OPTIONS: the CORS preflight, a
 async def chat_handler(request: web.Request) -> web.StreamResponse:
     """POST /chat: the body, checked to be a JSON object, goes unchanged to /v1/chat/completions."""
     settings = request.app[SETTINGS]
-    # checked, then forwarded as the client wrote it (but for asking a stream for its usage)
-    body, fields = await read_json_object(request, REQUEST_FIELDS)
-    policy = request[CALLER].policy
-    if policy.models is not None:
-        require_allowed_model(policy, fields.get("model"))
     headers = _openai_headers(request, settings)
     headers["Content-Type"] = "application/json"  # browsers may send text/plain to skip a preflight
     url = settings.api_proxy + "/v1/chat/completions"
-    spent = await admit(request, fields, len(body), completes=True)
-    body, meter = meter_openai_call(request, "chat/completions", body, fields, headers, spent=spent)
-    with meter:
-        return await relay(request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter)
+    return await _metered_call(request, "chat/completions", url, headers)
 
 
 async def v1_handler(request: web.Request) -> web.StreamResponse:
@@ -62,15 +54,7 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
     path = request.match_info["path"]
     policy = request[CALLER].policy
     if request.method == "POST" and path in METERED_PATHS and request.body_exists:  # usage is counted
-        body, fields = await read_json_object(request, REQUEST_FIELDS)
-        if policy.models is not None:
-            require_allowed_model(policy, fields.get("model"))
-        spent = await admit(request, fields, len(body), completes=path != "embeddings")
-        body, meter = meter_openai_call(request, path, body, fields, headers, spent=spent)
-        with meter:
-            return await relay(
-                request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter
-            )
+        return await _metered_call(request, path, url, headers)
     if request.method == "POST":
         refuse_uncounted(request)
     if policy.models is None:
@@ -80,6 +64,22 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
     else:
         data = await allowed_request_body(request, path, policy)
     return await relay(request, request.method, url, headers=headers, data=data, keys=_keys(request))
+
+
+async def _metered_call(
+    request: web.Request, path: str, url: str | URL, headers: CIMultiDict[str]
+) -> web.StreamResponse:
+    """A call to one of METERED_PATHS: its body checked to be a JSON object and forwarded as the
+    client wrote it (but for asking a stream for its usage), once its model is allowed and its
+    worst case held against the token's budget; its usage counted as it is relayed."""
+    body, fields = await read_json_object(request, REQUEST_FIELDS)
+    policy = request[CALLER].policy
+    if policy.models is not None:
+        require_allowed_model(policy, fields.get("model"))
+    spent = await admit(request, fields, len(body), completes=path != "embeddings")
+    body, meter = meter_openai_call(request, path, body, fields, headers, spent=spent)
+    with meter:
+        return await relay(request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter)
 
 
 @functools.lru_cache(maxsize=1024)  # clients call a handful of paths: each is checked and built once
