@@ -203,8 +203,9 @@ class EventWatch:
             completed = b"".join(self._open) + framed[: self._open_left]
             if not completed.endswith(_FRAMED_EVENT_END):
                 return None
-            if USAGE_KEY in completed:
-                completed = self._read_usage_chunks(completed, len(completed))
+            key = completed.find(USAGE_KEY)
+            if key >= 0:
+                completed = self._read_usage_chunks(completed, len(completed), key)
             rest = framed[self._open_left :]
         cut, left = len(rest), 0
         if not between_chunks:  # the read cut a chunk: it starts after the last event that ended one
@@ -213,10 +214,11 @@ class EventWatch:
             left = _still_to_come(rest, cut)
             if not left:
                 return None
-        if rest.find(USAGE_KEY, 0, cut) < 0:  # the usual read
+        key = rest.find(USAGE_KEY, 0, cut)
+        if key < 0:  # the usual read
             whole: bytes | None = rest if cut == len(rest) else rest[:cut]
         else:
-            whole = self._read_usage_chunks(rest, cut)
+            whole = self._read_usage_chunks(rest, cut, key)
         if completed is None or whole is None:
             return None
         self.events += started
@@ -225,13 +227,10 @@ class EventWatch:
             return framed
         return completed + whole if completed else whole
 
-    def _read_usage_chunks(self, framed: bytes, end: int) -> bytes | None:
+    def _read_usage_chunks(self, framed: bytes, end: int, key: int) -> bytes | None:
         """framed[:end], whole chunks that each end an event, with every chunk holding a usage key
-        read, and (when stripping) the usage-only event taken out of it; None if such a chunk is
-        not as its framing said (the careful way will tell)."""
-        key = framed.find(USAGE_KEY, 0, end)
-        if key < 0:
-            return framed if end == len(framed) else framed[:end]
+        (the first at `key`) read, and (when stripping) the usage-only event taken out of it; None
+        if such a chunk is not as its framing said (the careful way will tell)."""
         kept: list[bytes] = []
         start = 0  # the start of what is not yet in `kept`
         while key >= 0:
