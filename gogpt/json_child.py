@@ -20,11 +20,28 @@ import sys
 from collections.abc import Collection
 from typing import Any, BinaryIO
 
-__all__ = ["INVALID", "NOT_AN_OBJECT", "TOO_COSTLY", "object_fields"]
+__all__ = ["INVALID", "NOT_AN_OBJECT", "TOO_COSTLY", "loads", "object_fields"]
 
 INVALID = "invalid"
 NOT_AN_OBJECT = "not an object"
 TOO_COSTLY = "too costly"
+_DECODER = json.JSONDecoder()
+
+
+def loads(text: bytes) -> Any:
+    """`json.loads(text)`, in half the time for what bodies and events mostly are: a UTF-8 object
+    with nothing around it. json.loads spends longer finding the text's encoding and the spaces
+    around a small object than parsing it."""
+    if text[:1] == b"{" and text[-1:] == b"}":
+        try:
+            decoded = text.decode()
+            value, end = _DECODER.raw_decode(decoded)
+        except ValueError:  # UnicodeDecodeError too: json.loads says what is wrong
+            pass
+        else:
+            if end == len(decoded):
+                return value
+    return json.loads(text)
 
 
 def object_fields(body: bytes, names: Collection[str]) -> dict[str, Any] | str:
@@ -33,7 +50,7 @@ def object_fields(body: bytes, names: Collection[str]) -> dict[str, Any] | str:
     scalars, and what crosses back from the child stays small. A name `a.b` is the field `b` of
     the object in field `a`."""
     try:
-        parsed = json.loads(body)
+        parsed = loads(body)
     except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
         return INVALID
     except MemoryError:  # only in the capped child, where it is the cap doing its work
@@ -44,11 +61,11 @@ def object_fields(body: bytes, names: Collection[str]) -> dict[str, Any] | str:
     for name in names:
         if name in parsed:
             found[name] = _emptied(parsed[name])
-            continue
-        field, dot, member = name.partition(".")
-        holder = parsed.get(field) if dot else None
-        if isinstance(holder, dict) and member in holder:
-            found[name] = _emptied(holder[member])
+        elif "." in name:
+            field, _, member = name.partition(".")
+            holder = parsed.get(field)
+            if isinstance(holder, dict) and member in holder:
+                found[name] = _emptied(holder[member])
     return found
 
 

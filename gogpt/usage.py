@@ -23,6 +23,7 @@ from aiohttp import web
 
 from .answers import content_codings, decoded
 from .errors import ApiError
+from .json_child import loads
 from .keys import CALLER
 from .ledger import LEDGER, UsageLedger
 from .usage_request import REQUEST_FIELDS, asks_for_usage, with_usage_asked
@@ -171,7 +172,7 @@ class Meter:
         else:
             data = b"\n".join(line[5:] for line in lines.splitlines() if line.startswith(b"data:"))
         try:
-            chunk = json.loads(data.decode("utf-8"))
+            chunk = loads(data)
         except (ValueError, RecursionError):
             return False
         if not isinstance(chunk, dict):
@@ -242,7 +243,7 @@ def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
     """
     if whole and len(body) <= _PARSED_WHOLE_JSON:
         try:
-            answer = json.loads(body)
+            answer = loads(body)
         except (ValueError, RecursionError):
             return None, None
         return (answer.get("usage"), answer.get("model")) if isinstance(answer, dict) else (None, None)

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from gogpt import ConfigError, Settings, create_app, load_settings, mint_token
 from gogpt.auth import verify_credential
-from gogpt.json_child import object_fields
+from gogpt.json_child import loads, object_fields
 from gogpt.usage_request import REQUEST_FIELDS, with_usage_asked
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -419,6 +419,36 @@ async def test_chat_bodies_are_relayed_only_when_they_are_json_objects(
         assert upstream.last.body == (
             with_usage_asked(data, fields) if fields.get("stream") is True else data
         )
+
+
+def _outcome(parse, text: bytes) -> object:
+    try:
+        return ("parsed", parse(text))
+    except (ValueError, RecursionError) as exc:
+        return ("refused", type(exc))
+
+
+# Objects with what json.loads handles around them (spaces, a BOM, other encodings) or refuses.
+json_texts = st.one_of(
+    st.binary(max_size=60),
+    json_values.map(lambda value: json.dumps(value).encode()),
+    st.builds(
+        lambda before, obj, after, encoding: (before + json.dumps(obj) + after).encode(encoding),
+        st.sampled_from(["", " ", "\ufeff", "\n"]),
+        st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+        st.sampled_from(["", " ", "}", "{}", "x"]),
+        st.sampled_from(["utf-8", "utf-16-le", "utf-32"]),
+    ),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=json_texts)
+@example(text=b'{"a": "\xed\xa0\x80"}')  # a lone surrogate, which json.loads takes from bytes
+@example(text=b'{"a": 1}{"b": 2}')
+@example(text=b'{"a": 1} ')
+def test_the_quick_json_parse_takes_and_refuses_exactly_what_json_loads_does(text: bytes):
+    assert _outcome(loads, text) == _outcome(json.loads, text)
 
 
 _ids = st.none() | st.just("") | st.from_regex(_ID, fullmatch=True) | json_values | st.just("../x")
