@@ -168,7 +168,7 @@ class Meter:
         """Read an event that holds a usage key; True if it is a usage-only chat chunk."""
         lines = event.strip()
         if lines.startswith(b"data:") and b"\n" not in lines and b"\r" not in lines:  # OpenAI's: one line
-            data = lines[5:]
+            data = lines[6:] if lines[5:6] == b" " else lines[5:]  # "data: {...}" parses quickest bare
         else:
             data = b"\n".join(line[5:] for line in lines.splitlines() if line.startswith(b"data:"))
         try:
