@@ -12,7 +12,8 @@ so holding it delays nothing it sees.
 Through the splice the same is done on chunked bytes. Upstreams write an event per chunk, so
 the fast way there asks the splice's framing whether every chunk it read whole ended an event
 (it checks as it goes, at no cost), passes them on framed as they came, and keeps back only the
-start of a chunk the read cut, until the chunk is whole. Otherwise the data is taken out of the
+start of a chunk the read cut, until the chunk is whole; of a read's chunks it opens only the
+last one holding a usage key, searching from the end. Otherwise the data is taken out of the
 framing and framed again. Parsing only, no I/O: tested on plain bytes, split every way.
 """
 
@@ -188,8 +189,10 @@ class EventWatch:
         """The fast way, or None when this read needs the careful one.
 
         Passes on every chunk up to the last one the read completed, as it came, when each of
-        them ends an event; only a chunk holding a usage key is opened. A chunk the read cut is
-        kept (held back when stripping) until it is whole, then looked at the same way.
+        them ends an event; only the read's last chunk holding a usage key is opened, found by a
+        search from the read's end: an answer's usage comes at its end, and an upstream that
+        sends running totals sends the answer's own last. A chunk the read cut is kept (held
+        back when stripping) until it is whole, then looked at the same way.
         """
         if misfits:
             return None
@@ -203,9 +206,9 @@ class EventWatch:
             completed = b"".join(self._open) + framed[: self._open_left]
             if not completed.endswith(_FRAMED_EVENT_END):
                 return None
-            key = completed.find(USAGE_KEY)
+            key = completed.rfind(USAGE_KEY)
             if key >= 0:
-                completed = self._read_usage_chunks(completed, len(completed), key)
+                completed = self._read_usage_chunk(completed, len(completed), key)
             rest = framed[self._open_left :]
         cut, left = len(rest), 0
         if not between_chunks:  # the read cut a chunk: it starts after the last event that ended one
@@ -214,11 +217,11 @@ class EventWatch:
             left = _still_to_come(rest, cut)
             if not left:
                 return None
-        key = rest.find(USAGE_KEY, 0, cut)
+        key = rest.rfind(USAGE_KEY, 0, cut)  # from the end, where an answer's usage is
         if key < 0:  # the usual read
             whole: bytes | None = rest if cut == len(rest) else rest[:cut]
         else:
-            whole = self._read_usage_chunks(rest, cut, key)
+            whole = self._read_usage_chunk(rest, cut, key)
         if completed is None or whole is None:
             return None
         self.events += started
@@ -227,39 +230,33 @@ class EventWatch:
             return framed
         return completed + whole if completed else whole
 
-    def _read_usage_chunks(self, framed: bytes, end: int, key: int) -> bytes | None:
-        """framed[:end], whole chunks that each end an event, with every chunk holding a usage key
-        (the first at `key`) read, and (when stripping) the usage-only event taken out of it; None
-        if such a chunk is not as its framing said (the careful way will tell)."""
-        kept: list[bytes] = []
-        start = 0  # the start of what is not yet in `kept`
-        while key >= 0:
-            chunk_start = framed.rfind(_FRAMED_EVENT_END, 0, key) + len(_FRAMED_EVENT_END)
-            if chunk_start < len(_FRAMED_EVENT_END):
-                chunk_start = 0
-            chunk_end = framed.find(_FRAMED_EVENT_END, key, end) + len(_FRAMED_EVENT_END)
-            eol = framed.find(b"\n", chunk_start, key)
-            if eol < 0 or chunk_end < len(_FRAMED_EVENT_END):
-                return None
-            try:
-                size = int(framed[chunk_start:eol].split(b";", 1)[0], 16)
-            except ValueError:
-                return None
-            if size != chunk_end - 2 - (eol + 1):
-                return None
-            data = framed[eol + 1 : chunk_end - 2]
-            if data.find(b"\n\n") == len(data) - 2:  # one event, as upstreams send them
-                left = b"" if self._read_event(data) and self._strip else data
-            else:
-                left = self._read_usage(data)
-            if left is not data:
-                kept.append(framed[start:chunk_start])
-                if left:
-                    kept.append(b"%x\r\n%s\r\n" % (len(left), left))
-                start = chunk_end
-            key = framed.find(USAGE_KEY, chunk_end, end)
-        kept.append(framed[start:end])
-        return b"".join(kept)
+    def _read_usage_chunk(self, framed: bytes, end: int, key: int) -> bytes | None:
+        """framed[:end], whole chunks that each end an event, with the chunk holding the usage key
+        at `key` read, and (when stripping) the usage-only event taken out of it; None if that
+        chunk is not as its framing said (the careful way will tell)."""
+        chunk_start = framed.rfind(_FRAMED_EVENT_END, 0, key) + len(_FRAMED_EVENT_END)
+        if chunk_start < len(_FRAMED_EVENT_END):
+            chunk_start = 0
+        chunk_end = framed.find(_FRAMED_EVENT_END, key, end) + len(_FRAMED_EVENT_END)
+        eol = framed.find(b"\n", chunk_start, key)
+        if eol < 0 or chunk_end < len(_FRAMED_EVENT_END):
+            return None
+        try:
+            size = int(framed[chunk_start:eol].split(b";", 1)[0], 16)
+        except ValueError:
+            return None
+        if size != chunk_end - 2 - (eol + 1):
+            return None
+        data = framed[eol + 1 : chunk_end - 2]
+        if data.find(b"\n\n") == len(data) - 2:  # one event, as upstreams send them
+            left = b"" if self._read_event(data) and self._strip else data
+        else:
+            left = self._read_usage(data)
+        if left is data:
+            return framed if end == len(framed) else framed[:end]
+        rechunked = b"%x\r\n%s\r\n" % (len(left), left) if left else b""
+        around = memoryview(framed)  # the rest is copied once, by the join
+        return b"".join((around[:chunk_start], rechunked, around[chunk_end:end]))
 
     def _careful(self, data: bytes, *, last: bool) -> bytes:
         """Whole events ready to go, the usage ones read (and dropped when stripping)."""

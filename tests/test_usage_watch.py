@@ -210,6 +210,20 @@ def test_through_the_splice_a_usage_event_written_in_two_chunks_is_taken_out_how
         assert seen.events == [USAGE_ONLY], cut
 
 
+def test_through_the_splice_an_upstream_sending_running_totals_is_counted_by_its_last_one():
+    def running(content: str, completion: int) -> bytes:
+        usage = {"prompt_tokens": 9, "completion_tokens": completion, "total_tokens": 9 + completion}
+        return event({"choices": [{"index": 0, "delta": {"content": content}}], "usage": usage})
+
+    totals = [running("Hel", 1), running("lo", 2), running("!", 3)]
+    data = b"".join(totals) + DONE
+    wire = framed(data, [len(part) for part in totals])
+    for reads in ([], [wire.index(b"data: [DONE]") - 3]):  # all in one read; the totals in one read
+        out, _, seen = spliced(wire, reads)
+        assert out == data  # nothing taken out: each total comes with its content
+        assert seen.events[-1:] == [totals[-1]]
+
+
 def test_through_the_splice_bytes_like_an_event_end_inside_a_chunk_are_not_taken_for_one():
     inside = b"data: a\n\n\r\ndata: b\n\n"  # an event, a blank CRLF line and an event, in one chunk
     data = delta("x") + inside + FINISH + USAGE_ONLY + DONE
