@@ -178,11 +178,12 @@ async def read_json_object(request: web.Request, names: Collection[str] = ()) ->
     A body over INLINE_BYTES waits for one of the parser's few large-body turns before it is
     read on, and is parsed off the loop, so neither memory nor the loop is at its mercy.
     """
-    settings = request.app[SETTINGS]
-    parser = request.app[JSON_PARSER]
+    app = request.app
+    settings = app[SETTINGS]
+    parser = app[JSON_PARSER]
     _refuse_declared_past(request, settings.max_body_bytes)
-    body = _Body(request, settings.upstream_timeout)
     content = request.content
+    body = _Body(request, settings.upstream_timeout)
     if content.is_eof():  # all of it came with the head (most calls): one read, no timer, no await
         try:
             data = content.read_nowait()

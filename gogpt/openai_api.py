@@ -76,7 +76,9 @@ async def _metered_call(
     policy = request[CALLER].policy
     if policy.models is not None:
         require_allowed_model(policy, fields.get("model"))
-    spent = await admit(request, fields, len(body), completes=path != "embeddings")
+    spent = None
+    if policy.budget is not None:
+        spent = await admit(request, fields, len(body), completes=path != "embeddings")
     body, meter = meter_openai_call(request, path, body, fields, headers, spent=spent)
     with meter:
         return await relay(request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter)
