@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from .auth import public, require_admin
 from .errors import ApiError
 from .keys import SETTINGS, STORE, Caller
+from .ledger import LEDGER
 from .metrics import DURATION, REQUESTS, exposition
 
 __all__ = ["count_request", "enforce_rate_limit", "healthz_handler", "metrics_handler"]
@@ -28,6 +29,7 @@ async def healthz_handler(request: web.Request) -> web.Response:
 async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus text, for the admin credential only: route names and volumes are not public."""
     require_admin(request)
+    request.app[LEDGER].count_tokens()  # this worker's latest calls too (the others' a second late)
     return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
