@@ -197,7 +197,7 @@ class EventWatch:
         if misfits:
             return None
         completed: bytes | None = b""
-        rest = framed
+        start = 0  # where the chunks this read began start: the bytes are not copied to cut them out
         if self._open:
             if len(framed) < self._open_left:  # the cut chunk goes on
                 self._open.append(framed)
@@ -208,35 +208,36 @@ class EventWatch:
                 return None
             key = completed.rfind(USAGE_KEY)
             if key >= 0:
-                completed = self._read_usage_chunk(completed, len(completed), key)
-            rest = framed[self._open_left :]
-        cut, left = len(rest), 0
+                completed = self._read_usage_chunk(completed, 0, len(completed), key)
+            start = self._open_left
+        cut, left = len(framed), 0
         if not between_chunks:  # the read cut a chunk: it starts after the last event that ended one
-            at = rest.rfind(_FRAMED_EVENT_END)
-            cut = at + len(_FRAMED_EVENT_END) if at >= 0 else 0
-            left = _still_to_come(rest, cut)
+            at = framed.rfind(_FRAMED_EVENT_END, start)
+            cut = at + len(_FRAMED_EVENT_END) if at >= 0 else start
+            left = _still_to_come(framed, cut)
             if not left:
                 return None
-        key = rest.rfind(USAGE_KEY, 0, cut)  # from the end, where an answer's usage is
-        if key < 0:  # the usual read
-            whole: bytes | None = rest if cut == len(rest) else rest[:cut]
-        else:
-            whole = self._read_usage_chunk(rest, cut, key)
-        if completed is None or whole is None:
+        key = framed.rfind(USAGE_KEY, start, cut)  # from the end, where an answer's usage is
+        edited = self._read_usage_chunk(framed, start, cut, key) if key >= 0 else b""
+        if completed is None or edited is None:
             return None
         self.events += started
-        self._open, self._open_left = ([rest[cut:]] if left else []), left
+        self._open, self._open_left = ([framed[cut:]] if left else []), left
         if not self._strip:
             return framed
-        return completed + whole if completed else whole
+        if key >= 0:
+            return completed + edited if completed else edited
+        if completed or start:  # one copy, of the parts that go
+            return b"".join((completed, memoryview(framed)[start:cut]))
+        return framed if cut == len(framed) else framed[:cut]
 
-    def _read_usage_chunk(self, framed: bytes, end: int, key: int) -> bytes | None:
-        """framed[:end], whole chunks that each end an event, with the chunk holding the usage key
-        at `key` read, and (when stripping) the usage-only event taken out of it; None if that
+    def _read_usage_chunk(self, framed: bytes, start: int, end: int, key: int) -> bytes | None:
+        """framed[start:end], whole chunks that each end an event, with the chunk holding the usage
+        key at `key` read, and (when stripping) the usage-only event taken out of it; None if that
         chunk is not as its framing said (the careful way will tell)."""
-        chunk_start = framed.rfind(_FRAMED_EVENT_END, 0, key) + len(_FRAMED_EVENT_END)
-        if chunk_start < len(_FRAMED_EVENT_END):
-            chunk_start = 0
+        chunk_start = framed.rfind(_FRAMED_EVENT_END, start, key) + len(_FRAMED_EVENT_END)
+        if chunk_start < start + len(_FRAMED_EVENT_END):
+            chunk_start = start
         chunk_end = framed.find(_FRAMED_EVENT_END, key, end) + len(_FRAMED_EVENT_END)
         eol = framed.find(b"\n", chunk_start, key)
         if eol < 0 or chunk_end < len(_FRAMED_EVENT_END):
@@ -253,10 +254,10 @@ class EventWatch:
         else:
             left = self._read_usage(data)
         if left is data:
-            return framed if end == len(framed) else framed[:end]
+            return framed if start == 0 and end == len(framed) else framed[start:end]
         rechunked = b"%x\r\n%s\r\n" % (len(left), left) if left else b""
         around = memoryview(framed)  # the rest is copied once, by the join
-        return b"".join((around[:chunk_start], rechunked, around[chunk_end:end]))
+        return b"".join((around[start:chunk_start], rechunked, around[chunk_end:end]))
 
     def _careful(self, data: bytes, *, last: bool) -> bytes:
         """Whole events ready to go, the usage ones read (and dropped when stripping)."""
