@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import io
 import json
 import os
@@ -154,9 +155,10 @@ http {{
 
 @contextlib.contextmanager
 def candidate(
-    name: str, upstream_port: int, gogpt_env: Mapping[str, str] | None = None
+    name: str, upstream_port: int, gogpt_env: Mapping[str, str] | None = None, cpus: set[int] | None = None
 ) -> Iterator[tuple[int, list[int]]]:
-    """Start a proxy (or none, for direct); yield its port and the pids whose CPU and memory count."""
+    """Start a proxy (or none, for direct) on `cpus` (None: any); yield its port and the pids whose
+    CPU and memory count."""
     if name == "direct":
         yield upstream_port, []
         return
@@ -184,7 +186,13 @@ def candidate(
                 **(gogpt_env or {}),
             }
         process = subprocess.Popen(
-            command, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            command,
+            env=env,
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            # before exec: every thread and worker process of the proxy inherits it
+            preexec_fn=None if cpus is None else functools.partial(os.sched_setaffinity, 0, cpus),
         )
         try:
             wait_for_port(port)
@@ -216,10 +224,15 @@ def percentile(values: list[int], fraction: float) -> float:
 
 
 async def measure(
-    name: str, profile: Profile, upstream_port: int, token: str, gogpt_env: Mapping[str, str] | None = None
+    name: str,
+    profile: Profile,
+    upstream_port: int,
+    token: str,
+    gogpt_env: Mapping[str, str] | None = None,
+    cpus: set[int] | None = None,
 ) -> dict:
     spec = {"count": profile.count, "interval": profile.interval, "size": profile.size}
-    with candidate(name, upstream_port, gogpt_env) as (port, pids):
+    with candidate(name, upstream_port, gogpt_env, cpus) as (port, pids):
         auth = token if name.startswith("gogpt") else ""
         await run_load(
             port, PATH, auth, 4, {**spec, "count": min(profile.count, 10)}, profile.stream, 1
@@ -290,6 +303,14 @@ async def main_async(args: argparse.Namespace) -> int:
     from gogpt import mint_token
 
     profiles = QUICK if args.quick else PROFILES
+    proxy_cpus = None
+    if args.pin:  # the proxy alone on the last CPU; the load client and the upstream on the others
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            print("--pin needs two CPUs: not pinned", file=sys.stderr)
+        else:
+            proxy_cpus = {cpus[-1]}
+            os.sched_setaffinity(0, set(cpus[:-1]))  # the upstream, started next, inherits it
     upstream_port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream", str(upstream_port)], cwd=ROOT)
     token = mint_token(SECRET_KEY, "bench", 1)
@@ -306,7 +327,9 @@ async def main_async(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                     continue
-                row = await measure(name, profiles[profile_name], upstream_port, token, dict(args.gogpt_env))
+                row = await measure(
+                    name, profiles[profile_name], upstream_port, token, dict(args.gogpt_env), proxy_cpus
+                )
                 failed |= row["errors"] > 0 or row["events"] != row["expected_events"]
                 rows.append(row)
             results[profile_name] = rows
@@ -318,6 +341,7 @@ async def main_async(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "quick": args.quick,
+        "pinned": proxy_cpus is not None,
         "cpus": os.cpu_count(),
         "gogpt_env": dict(args.gogpt_env),
         "results": results,
@@ -346,6 +370,12 @@ def main() -> None:
         help="comma-separated; gogpt@REF is gogpt as at a git ref (gogpt@main), to compare in one run",
     )
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run the proxy alone on one CPU and the load on the others: steadier CPU figures,"
+        " while events/s then shows the load's ceiling more than the proxy's",
+    )
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument(
         "--gogpt-env",
