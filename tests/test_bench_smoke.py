@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
 from bench import floor
+from bench.__main__ import candidate
 from bench.client import run_load
 from bench.pipe import ClientSide
 from bench.summary import against_floor, markdown
@@ -123,3 +125,16 @@ async def test_the_bombs_bench_sends_each_attack_and_reports_what_it_cost():
     token, uploads = report.splitlines()[1:]
     assert "'statuses': {'413': 2}" in token
     assert "peak RSS MB" in uploads and "longest loop step" in uploads
+
+
+async def test_a_pinned_candidate_runs_on_the_cpus_it_was_given_and_relays():
+    loop = asyncio.get_running_loop()
+    upstream = await loop.create_server(UpstreamProtocol, "127.0.0.1", 0)
+    last = max(os.sched_getaffinity(0))  # with two CPUs or more, a proper subset of this process's
+    async with upstream:
+        with candidate("floor", upstream.sockets[0].getsockname()[1], cpus={last}) as (port, pids):
+            assert {cpu for pid in pids for cpu in os.sched_getaffinity(pid)} == {last}
+            tally = await run_load(
+                port, "/v1/chat/completions", "", 2, {"count": 20, "interval": 0, "size": 50}, True, 2
+            )
+    assert (tally.errors, tally.events) == ([], 2 * 2 * 20)
