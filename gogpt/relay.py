@@ -346,7 +346,11 @@ async def _whole_answer(
                 watch.whole(body)
     headers.popall("Content-Length", None)
     RELAYED_BYTES.inc(len(body))
-    return web.Response(status=upstream.status, reason=reason, body=body, headers=headers)
+    answer = web.Response(status=upstream.status, reason=reason, body=body, headers=headers)
+    # Sent now: what follows an answer (its usage, metrics, the access line) is not in the client's wait.
+    await answer.prepare(request)
+    await answer.write_eof()
+    return answer
 
 
 async def call_upstream(
