@@ -183,14 +183,16 @@ async def read_json_object(request: web.Request, names: Collection[str] = ()) ->
     parser = app[JSON_PARSER]
     _refuse_declared_past(request, settings.max_body_bytes)
     content = request.content
-    body = _Body(request, settings.upstream_timeout)
-    if content.is_eof():  # all of it came with the head (most calls): one read, no timer, no await
+    came_whole = content.is_eof()  # all of it came with the head (most calls): no timer, no await
+    if came_whole:
         try:
             data = content.read_nowait()
         except web.RequestPayloadError:
             raise _unreadable() from None
         if len(data) <= INLINE_BYTES:
             return data, parser.fields_here(data, names)
+    body = _Body(request, settings.upstream_timeout)
+    if came_whole:
         body.chunks, body.size, body.complete = [data], len(data), True
     with _client_faults():
         await body.read_past(INLINE_BYTES)

@@ -255,6 +255,8 @@ class EventWatch:
             left = self._read_usage(data)
         if left is data:
             return framed if start == 0 and end == len(framed) else framed[start:end]
+        if not left and chunk_end == end:  # the usage-only event ended the read (as OpenAI sends it)
+            return framed[start:chunk_start]
         rechunked = b"%x\r\n%s\r\n" % (len(left), left) if left else b""
         around = memoryview(framed)  # the rest is copied once, by the join
         return b"".join((around[start:chunk_start], rechunked, around[chunk_end:end]))
