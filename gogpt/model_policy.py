@@ -9,10 +9,9 @@ tokens without a list, and the admin credential, pay one attribute check.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -24,7 +23,7 @@ from .form_fields import form_field_values
 from .logs import printable
 from .policy import Policy
 from .redact import REDACTOR
-from .relay import call_upstream
+from .relay import pooled_call
 from .upstreams import KeyPool
 
 __all__ = ["allowed_models_answer", "allowed_request_body", "require_allowed_model"]
@@ -88,7 +87,7 @@ async def allowed_models_answer(
     """GET /v1/models for a token with a model list: the upstream's answer with only the allowed
     models in its `data`. An upstream error is passed on as the relay passes one (redacted)."""
     headers["Accept-Encoding"] = DECODABLE  # decoded and filtered here
-    upstream, done = await _call(request, url, headers, keys)
+    upstream, done = await pooled_call(request, "GET", url, keys, headers=headers)
     try:
         async with upstream:
             ok = upstream.status == 200
@@ -104,24 +103,6 @@ async def allowed_models_answer(
     listing = _model_list(body)
     listing["data"] = [entry for entry in listing["data"] if _is_allowed_entry(policy, entry)]
     return web.json_response(listing)
-
-
-async def _call(
-    request: web.Request, url: URL, headers: CIMultiDict[str], keys: KeyPool | None
-) -> tuple[aiohttp.ClientResponse, Callable[[], None]]:
-    """The upstream's answer, and what to call when it has been read (a pool key's call ends)."""
-
-    def send(outgoing: Mapping[str, str]) -> Awaitable[aiohttp.ClientResponse]:
-        return call_upstream(request, "GET", url, headers=outgoing)
-
-    if keys is None:
-        return await send(headers), lambda: None
-    upstream, key = await keys.call(send, headers, None)
-
-    def done() -> None:
-        key.in_flight -= 1
-
-    return upstream, done
 
 
 def _text(value: bytes) -> str | None:

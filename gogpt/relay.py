@@ -114,22 +114,46 @@ async def relay(
             headers["Content-Length"] = str(length)
     # The fast path (see splice.py) passes the upstream's chunking on: the client must speak HTTP/1.1.
     spliceable = on_chunk is None and request.version >= aiohttp.HttpVersion11 and _may_stream(request, data)
-    if keys is None:
-        upstream = await call_upstream(request, method, url, headers=headers, data=data, splice=spliceable)
-        return await _relay_answer(
-            request, upstream, method, url, on_chunk=on_chunk, spliceable=spliceable, answer_watch=watch
-        )
-
-    def send(outgoing: Mapping[str, str]) -> Awaitable[aiohttp.ClientResponse]:
-        return call_upstream(request, method, url, headers=outgoing, data=data, splice=spliceable)
-
-    upstream, key = await keys.call(send, headers, data)
+    upstream, done = await pooled_call(
+        request, method, url, keys, headers=headers, data=data, splice=spliceable
+    )
     try:
         return await _relay_answer(
             request, upstream, method, url, on_chunk=on_chunk, spliceable=spliceable, answer_watch=watch
         )
     finally:
+        done()
+
+
+def _nothing_to_end() -> None:
+    pass
+
+
+async def pooled_call(
+    request: web.Request,
+    method: str,
+    url: str | URL,
+    keys: KeyPool | None,
+    *,
+    headers: Mapping[str, str],
+    data: bytes | AsyncIterable[bytes] | None = None,
+    splice: bool = False,
+) -> tuple[aiohttp.ClientResponse, Callable[[], None]]:
+    """`call_upstream` on the pool's best key (and others while it fails before answering), and
+    what ends that key's call once its answer has been relayed. No pool: one call, nothing to end."""
+    if keys is None:
+        upstream = await call_upstream(request, method, url, headers=headers, data=data, splice=splice)
+        return upstream, _nothing_to_end
+
+    def send(outgoing: Mapping[str, str]) -> Awaitable[aiohttp.ClientResponse]:
+        return call_upstream(request, method, url, headers=outgoing, data=data, splice=splice)
+
+    upstream, key = await keys.call(send, headers, data)
+
+    def done() -> None:
         key.in_flight -= 1
+
+    return upstream, done
 
 
 def _may_stream(request: web.Request, data: bytes | AsyncIterable[bytes] | None) -> bool:
