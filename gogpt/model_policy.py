@@ -23,7 +23,7 @@ from .form_fields import form_field_values
 from .logs import printable
 from .policy import Policy
 from .redact import REDACTOR
-from .relay import pooled_call
+from .relay import answer_head, pooled_call
 from .upstreams import KeyPool
 
 __all__ = ["allowed_models_answer", "allowed_request_body", "require_allowed_model"]
@@ -33,6 +33,8 @@ _MODEL_FREE_POSTS = frozenset({"files", "uploads"})
 _SHOWN_MODEL_CHARS = 100
 # OpenAI's list is ~20 KiB; OpenAI-compatible servers with thousands of models stay well under this.
 _MODEL_LIST_BYTES = 4 << 20
+# The upstream's headers that described its list, not the filtered one sent instead.
+_DESCRIBE_THE_BODY = ("Content-Length", "Content-Encoding", "Content-Type", "ETag", "Content-MD5")
 
 
 def require_allowed_model(policy: Policy, model: object) -> None:
@@ -85,7 +87,8 @@ async def allowed_models_answer(
     request: web.Request, url: URL, headers: CIMultiDict[str], keys: KeyPool | None, policy: Policy
 ) -> web.Response:
     """GET /v1/models for a token with a model list: the upstream's answer with only the allowed
-    models in its `data`. An upstream error is passed on as the relay passes one (redacted)."""
+    models in its `data`, and its other headers as the relay passes them (`x-request-id`, ...).
+    An upstream error is passed on as the relay passes one (redacted)."""
     headers["Accept-Encoding"] = DECODABLE  # decoded and filtered here
     upstream, done = await pooled_call(request, "GET", url, keys, headers=headers)
     try:
@@ -102,7 +105,10 @@ async def allowed_models_answer(
         )
     listing = _model_list(body)
     listing["data"] = [entry for entry in listing["data"] if _is_allowed_entry(policy, entry)]
-    return web.json_response(listing)
+    _, answer_headers = answer_head(request, upstream)
+    for name in _DESCRIBE_THE_BODY:  # the list is sent decoded, filtered, as JSON
+        answer_headers.popall(name, None)
+    return web.json_response(listing, headers=answer_headers)
 
 
 def _text(value: bytes) -> str | None:

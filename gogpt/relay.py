@@ -26,7 +26,7 @@ from .splice import EVENT_ENDS, KEEPALIVE, held_body
 from .upstreams import KeyPool
 from .watching import AnswerWatch, BodyWatch
 
-__all__ = ["call_upstream", "relay", "upstream_headers"]
+__all__ = ["answer_head", "call_upstream", "pooled_call", "relay", "upstream_headers"]
 
 log = logging.getLogger("gogpt.relay")
 
@@ -180,7 +180,7 @@ async def _relay_answer(
         UPSTREAM_ERRORS.labels("upstream_error").inc()
         raise ApiError(502, "The upstream switched protocols instead of answering.", code="upstream_error")
     splice = held_body(upstream) if spliceable else None
-    reason, answer_headers = _answer_head(request, upstream)
+    reason, answer_headers = answer_head(request, upstream)
     error = upstream.status >= 300  # read whole, decoded and checked for secrets
     if splice is not None and (error or "Content-Length" in upstream.headers):
         splice.release()
@@ -332,7 +332,7 @@ def _is_small_answer(upstream: aiohttp.ClientResponse, method: str) -> bool:
     )
 
 
-def _answer_head(
+def answer_head(
     request: web.Request, upstream: aiohttp.ClientResponse
 ) -> tuple[str | None, CIMultiDict[str]]:
     """The upstream's reason phrase and end-to-end headers, with gogpt's secrets blanked out of both."""

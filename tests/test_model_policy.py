@@ -247,6 +247,22 @@ async def test_the_model_list_shows_only_the_allowed_models(
     assert await resp.json() == {"object": "list", "data": MODELS["data"][:2]}
 
 
+async def test_the_filtered_model_list_keeps_the_upstream_s_own_headers(
+    client: TestClient, upstream: FakeUpstream
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        headers = {"x-request-id": "req_123", "openai-processing-ms": "12", "Connection": "keep-alive"}
+        return web.json_response(MODELS, headers=headers)
+
+    upstream.respond = answer
+    resp = await client.get("/v1/models", headers=RESTRICTED, auto_decompress=False)
+    assert resp.status == 200
+    assert (resp.headers["x-request-id"], resp.headers["openai-processing-ms"]) == ("req_123", "12")
+    assert resp.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert "Content-Encoding" not in resp.headers  # it was decoded to be filtered
+    assert await resp.json() == {"object": "list", "data": MODELS["data"][:2]}
+
+
 async def test_a_head_of_the_model_list_tells_the_length_of_the_allowed_list_only(
     client: TestClient, upstream: FakeUpstream
 ) -> None:
