@@ -34,8 +34,8 @@ LIMIT = 1_000_000  # requests a minute per id (the largest `rpm`): every check i
 
 
 def _open_store(kind: str, path: str) -> Any:
+    from gogpt.memory_store import MemoryStore
     from gogpt.sqlite_store import SqliteStore
-    from gogpt.store import MemoryStore
 
     return MemoryStore() if kind == "memory" else SqliteStore(path)
 

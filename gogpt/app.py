@@ -22,6 +22,7 @@ from .keys import HTTP, SETTINGS, SPLICING_HTTP, STORE
 from .ledger import usage_ledger
 from .lockout import LOCKOUT, Lockout
 from .me import me_handler
+from .memory_store import MemoryStore
 from .openai_api import chat_handler, v1_handler
 from .ops import healthz_handler, metrics_handler
 from .redact import REDACTOR, Redactor, configured_secrets
@@ -30,7 +31,7 @@ from .revocation import revocation_watch
 from .revocation_api import revoke_handler, revoked_handler
 from .splice import SplicingResponse, check_internals, guard_connections
 from .sqlite_store import SqliteStore
-from .store import MemoryStore, Store
+from .store import Store
 from .upstreams import KEY_POOL, KeyPool
 from .usage_api import usage_handler
 

@@ -21,7 +21,8 @@ from typing import TypeVar
 from aiohttp import web
 
 from .errors import ApiError
-from .store import MemoryStore, Store, StoreUnavailable
+from .memory_store import MemoryStore
+from .store import Store, StoreUnavailable
 
 __all__ = ["LOCKOUT", "Lockout", "client_address"]
 

@@ -1,16 +1,13 @@
 """Shared state behind one small interface: caches, session leases, rate limits and usage.
 
-`MemoryStore` keeps everything in the process (the default, nothing to install); the Redis
-store (gogpt.redis_store) and the SQLite one (gogpt.sqlite_store) implement the same protocol.
+Three backends implement the protocol: in the process (gogpt.memory_store, nothing to install),
+in a SQLite file shared by a machine's workers (gogpt.sqlite_store), and in Redis
+(gogpt.redis_store).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -19,7 +16,6 @@ __all__ = [
     "USAGE_COUNTS",
     "Admission",
     "BudgetState",
-    "MemoryStore",
     "Revocation",
     "Store",
     "StoreUnavailable",
@@ -29,8 +25,6 @@ __all__ = [
     "sorted_rows",
     "wall_clock_us",
 ]
-
-log = logging.getLogger("gogpt.store")
 
 
 class StoreUnavailable(Exception):
@@ -201,189 +195,3 @@ class Store(Protocol):
 
     async def budget_state(self, key: str) -> BudgetState:
         """What budget `key` has used and holds now (zero for a budget never reserved)."""
-
-
-class MemoryStore:
-    """The in-process store. Caches are LRU-bounded so they never grow without limit."""
-
-    def __init__(self, max_entries: int = 4096, max_usage_rows: int = 100_000) -> None:
-        self._max_entries = max_entries
-        self._cache: OrderedDict[str, tuple[float, str]] = OrderedDict()
-        self._leases: dict[str, tuple[float, str]] = {}
-        self._due: OrderedDict[str, int] = OrderedDict()  # rate-limit keys: the next hit's time, in us
-        self._max_usage_rows = max_usage_rows
-        self._usage: dict[tuple[str, str, str], UsageRow] = {}
-        self._batches: OrderedDict[str, None] = OrderedDict()  # the last batch ids added
-        self._minted: OrderedDict[str, float] = OrderedDict()
-        self._revocations: dict[tuple[str, str], Revocation] = {}
-        self._revocations_version = 0
-        self._budgets: dict[str, _MemoryBudget] = {}
-
-    async def get_json(self, key: str) -> Any | None:
-        entry = self._cache.get(key)
-        if entry is None:
-            return None
-        expires, text = entry
-        if expires <= time.monotonic():
-            del self._cache[key]
-            return None
-        self._cache.move_to_end(key)
-        return json.loads(text)  # stored as text so callers never share a mutable value
-
-    async def set_json(self, key: str, value: Any, ttl: float) -> None:
-        self._cache[key] = (time.monotonic() + ttl, json.dumps(value))
-        self._cache.move_to_end(key)
-        while len(self._cache) > self._max_entries:
-            self._cache.popitem(last=False)
-
-    async def acquire(self, key: str, ttl: float) -> str | None:
-        if await self.is_held(key):
-            return None
-        token = secrets.token_hex(8)
-        self._leases[key] = (time.monotonic() + ttl, token)
-        return token
-
-    async def renew(self, key: str, token: str, ttl: float) -> bool:
-        held = self._leases.get(key)
-        if held is None or held[1] != token or held[0] <= time.monotonic():
-            return False
-        self._leases[key] = (time.monotonic() + ttl, token)
-        return True
-
-    async def release(self, key: str, token: str) -> None:
-        held = self._leases.get(key)
-        if held is not None and held[1] == token:
-            del self._leases[key]
-
-    async def is_held(self, key: str) -> bool:
-        held = self._leases.get(key)
-        if held is None:
-            return False
-        if held[0] <= time.monotonic():
-            del self._leases[key]
-            return False
-        return True
-
-    async def admit(self, key: str, limit: int, period: float) -> Admission:
-        interval, ahead = rate_steps(limit, period)
-        now = wall_clock_us()
-        due = max(self._due.get(key, now), now)
-        if due - now > ahead:
-            return Admission(False, (due - now - ahead) / 1e6)
-        due += interval
-        self._due[key] = due
-        self._due.move_to_end(key)
-        while len(self._due) > self._max_entries * 4:  # oldest callers first
-            self._due.popitem(last=False)
-        return Admission(True, max(0, due - now - ahead) / 1e6)
-
-    async def add_usage(self, batch: str, rows: Sequence[UsageRow]) -> None:
-        if batch in self._batches:
-            return
-        self._batches[batch] = None
-        while len(self._batches) > 1024:
-            self._batches.popitem(last=False)
-        usage = self._usage
-        for row in rows:
-            key = (row.day, row.id, row.model)
-            kept = usage.get(key)
-            if kept is not None:
-                sums = [a + b for a, b in zip(kept.counts, row.counts, strict=True)]
-                row = UsageRow(row.id, row.day, row.model, *sums)
-            usage[key] = row
-        if len(usage) > self._max_usage_rows:  # the process's memory is not a ledger: oldest days go
-            oldest = min(day for day, _, _ in usage)
-            log.warning("usage kept in memory passed %d rows: %s is forgotten", self._max_usage_rows, oldest)
-            for key in [key for key in usage if key[0] == oldest]:
-                del usage[key]
-
-    async def usage(self, query: UsageQuery) -> list[UsageRow]:
-        return sorted_rows([row for row in self._usage.values() if query.matches(row)])
-
-    async def close(self) -> None:
-        self._cache.clear()
-        self._leases.clear()
-        self._due.clear()
-
-    async def note_minted(self, identity: str, expires: float) -> None:
-        self._minted[identity] = max(expires, self._minted.get(identity, expires))
-        self._minted.move_to_end(identity)
-        # Forgetting is safe: an id with no expiry noted is revoked for the longest a token may live.
-        while len(self._minted) > self._max_entries * 4:
-            self._minted.popitem(last=False)
-
-    async def minted_until(self, identity: str) -> float | None:
-        expires = self._minted.get(identity)
-        return expires if expires is not None and expires > time.time() else None
-
-    async def revoke(self, revocation: Revocation) -> Revocation:
-        now = time.time()
-        for subject in [subject for subject, kept in self._revocations.items() if kept.expires <= now]:
-            del self._revocations[subject]
-        subject = (revocation.id, revocation.tid)
-        recorded = self._revocations[subject] = revocation.merged(self._revocations.get(subject))
-        self._revocations_version += 1
-        return recorded
-
-    async def revocations(self) -> list[Revocation]:
-        now = time.time()
-        in_force = [kept for kept in self._revocations.values() if kept.expires > now]
-        return sorted(in_force, key=lambda kept: kept.revoked_at)
-
-    async def revocations_version(self) -> int:
-        return self._revocations_version
-
-    async def reserve_budget(
-        self, key: str, hold: str, amount: int, budget: int, hold_ttl: float, expires: float
-    ) -> tuple[bool, BudgetState]:
-        now = time.time()
-        kept = self._budget(key, now)
-        state = kept.state(now)
-        if state.used + state.held + amount > budget:
-            return False, state
-        kept.holds[hold] = (amount, now + hold_ttl)
-        kept.expires = max(kept.expires, expires)
-        return True, state
-
-    async def settle_budget(self, key: str, hold: str, spent: int, hold_ttl: float, expires: float) -> None:
-        now = time.time()
-        kept = self._budget(key, now)
-        amount, _ = kept.holds.get(hold, (0, 0.0))
-        if amount < 0:  # settled already
-            return
-        kept.holds[hold] = (-1, now + hold_ttl)
-        kept.used += spent
-        kept.expires = max(kept.expires, expires)
-
-    async def budget_state(self, key: str) -> BudgetState:
-        now = time.time()
-        kept = self._budgets.get(key)
-        return BudgetState() if kept is None or kept.expires <= now else kept.state(now)
-
-    def _budget(self, key: str, now: float) -> _MemoryBudget:
-        kept = self._budgets.get(key)
-        if kept is None or kept.expires <= now:
-            if len(self._budgets) >= self._max_entries * 4:  # forget the budgets whose period is over
-                self._budgets = {name: kept for name, kept in self._budgets.items() if kept.expires > now}
-            kept = self._budgets[key] = _MemoryBudget()
-        return kept
-
-
-class _MemoryBudget:
-    """A budget in the process: what is used, and the holds by id (amount -1: settled)."""
-
-    __slots__ = ("expires", "holds", "used")
-
-    def __init__(self) -> None:
-        self.used = 0
-        self.expires = 0.0
-        self.holds: dict[str, tuple[int, float]] = {}  # hold id: (amount, expires)
-
-    def state(self, now: float) -> BudgetState:
-        held = 0
-        for hold, (amount, expires) in list(self.holds.items()):
-            if expires <= now:
-                del self.holds[hold]
-            elif amount > 0:
-                held += amount
-        return BudgetState(self.used, held)

@@ -17,8 +17,9 @@ from serving import free_port, start_gogpt, wait_until_listening
 
 from gogpt import mint_token
 from gogpt.ledger import UsageLedger
+from gogpt.memory_store import MemoryStore
 from gogpt.revocation import Revocations
-from gogpt.store import MemoryStore, StoreUnavailable, UsageRow
+from gogpt.store import StoreUnavailable, UsageRow
 
 TAIL_EVENTS = 10
 

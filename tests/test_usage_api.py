@@ -17,9 +17,10 @@ from test_usage import ADMIN, CHAT, OpenAIChat, row, today, usage
 from gogpt import Settings, create_app
 from gogpt.keys import STORE
 from gogpt.ledger import UsageLedger
+from gogpt.memory_store import MemoryStore
 from gogpt.redis_store import RedisStore
 from gogpt.sqlite_store import SqliteStore
-from gogpt.store import MemoryStore, StoreUnavailable, UsageQuery, UsageRow
+from gogpt.store import StoreUnavailable, UsageQuery, UsageRow
 
 ROWS = [
     UsageRow("alice", "2026-01-01", "gpt-4o", 1, 10, 20, 0),
