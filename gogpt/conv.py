@@ -28,7 +28,8 @@ from .errors import ApiError, UpstreamAnswer
 from .keys import CALLER, SETTINGS, STORE
 from .model_policy import require_allowed_model
 from .redact import REDACTOR
-from .relay import call_upstream, relay, upstream_headers
+from .relay import call_upstream, relay
+from .relayed_headers import upstream_headers
 from .sse_ids import MessageIds
 from .store import Store, StoreUnavailable
 from .usage import meter_conv_call

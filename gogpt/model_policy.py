@@ -23,7 +23,8 @@ from .form_fields import form_field_values
 from .logs import printable
 from .policy import Policy
 from .redact import REDACTOR
-from .relay import answer_head, pooled_call
+from .relay import pooled_call
+from .relayed_headers import answer_head
 from .upstreams import KeyPool
 
 __all__ = ["allowed_models_answer", "allowed_request_body", "require_allowed_model"]

@@ -14,7 +14,8 @@ from .config import Settings
 from .errors import ApiError
 from .keys import CALLER, SETTINGS
 from .model_policy import allowed_models_answer, allowed_request_body, require_allowed_model
-from .relay import relay, upstream_headers
+from .relay import relay
+from .relayed_headers import upstream_headers
 from .upstreams import KEY_POOL, KeyPool
 from .usage import METERED_PATHS, REQUEST_FIELDS, meter_openai_call
 

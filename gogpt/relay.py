@@ -5,82 +5,35 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 from yarl import URL
 
-from .answers import ERROR_ANSWER_BYTES, accept_encoding, read_decoded
+from .answers import ERROR_ANSWER_BYTES, read_decoded
 from .bodies import body_was_decoded
 from .errors import ApiError, upstream_error
 from .keys import HTTP, SETTINGS, SPLICING_HTTP
 from .metrics import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
 from .redact import REDACTOR
-from .splice import EVENT_ENDS, KEEPALIVE, held_body
+from .relayed_headers import answer_head
+from .splice import held_body
+from .stream_guards import KeepAlive, StallWatch
 from .upstreams import KeyPool
 from .watching import AnswerWatch, BodyWatch
 
-__all__ = ["answer_head", "call_upstream", "pooled_call", "relay", "upstream_headers"]
+__all__ = ["call_upstream", "pooled_call", "relay"]
 
 log = logging.getLogger("gogpt.relay")
 
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-# Never forwarded upstream: the client's credential and cookies stay with gogpt, and
-# `Host`, `Content-Length` and `Expect` describe this hop, so the client library sets its own.
-_NOT_SENT_UPSTREAM = _HOP_BY_HOP | {"host", "content-length", "authorization", "cookie", "expect"}
-# The gateway's own CORS headers replace the upstream's.
-_NOT_SENT_BACK = _HOP_BY_HOP | {
-    "access-control-allow-origin",
-    "access-control-allow-headers",
-    "access-control-allow-methods",
-    "access-control-allow-credentials",
-    "access-control-expose-headers",
-    "access-control-max-age",
-}
 _STREAM_ASKED = re.compile(rb'"stream"\s*:\s*true')
 _ACCEPT_ENCODING = ("Accept-Encoding",)
 # Answers of known length up to this size are read whole and sent in one write with their head.
 _SMALL_ANSWER_BYTES = 64 << 10
-
-
-def _end_to_end(headers: Mapping[str, str], dropped: frozenset[str]) -> CIMultiDict[str]:
-    """Copy `headers` without the `dropped` ones and those the `Connection` header names."""
-    connection = headers.get("Connection")
-    if connection:
-        dropped = dropped | {token.strip().lower() for token in connection.split(",")}
-    return CIMultiDict([(name, value) for name, value in headers.items() if name.lower() not in dropped])
-
-
-def upstream_headers(
-    request: web.Request, authorization: str, *, also_drop: Iterable[str] = ()
-) -> CIMultiDict[str]:
-    """The client's end-to-end headers with gogpt's own credential for the upstream."""
-    dropped = _NOT_SENT_UPSTREAM | {name.lower() for name in also_drop} if also_drop else _NOT_SENT_UPSTREAM
-    headers = _end_to_end(request.headers, dropped)
-    headers["Accept-Encoding"] = accept_encoding(headers.getall("Accept-Encoding", ()))
-    if body_was_decoded(request):
-        headers.popall("Content-Encoding", None)
-    if authorization:
-        headers["Authorization"] = authorization
-    return headers
 
 
 async def relay(
@@ -196,17 +149,17 @@ async def _relay_answer(
     settings = request.app[SETTINGS]
     keepalive = settings.sse_keepalive if upstream.content_type == "text/event-stream" else 0.0
     STREAMS_ACTIVE.inc()
-    stall: _StallWatch | None = None  # not to be confused with body_watch, which reads the body
-    idle: _KeepAlive | None = None
+    stall: StallWatch | None = None  # not to be confused with body_watch, which reads the body
+    idle: KeepAlive | None = None
     try:
         await response.prepare(request)
-        stall = _StallWatch(request, settings.client_timeout)
+        stall = StallWatch(request, settings.client_timeout)
         write = response.write
         if splice is not None:
             await splice.forward_to(request, keepalive=keepalive, watch=body_watch)
             await upstream.content.read()  # the terminal chunk, back with aiohttp's parser
         elif body_watch is not None:  # it may hold back or drop bytes: what it returns is sent
-            idle = _KeepAlive(request, response, keepalive) if keepalive else None
+            idle = KeepAlive(request, response, keepalive) if keepalive else None
             async for chunk in upstream.content.iter_any():
                 ready = body_watch.feed(chunk)
                 if ready:
@@ -217,7 +170,7 @@ async def _relay_answer(
             if ready:
                 await write(ready)
         elif keepalive and on_chunk is None:
-            idle = _KeepAlive(request, response, keepalive)
+            idle = KeepAlive(request, response, keepalive)
             async for chunk in upstream.content.iter_any():
                 idle.tail = chunk  # before the write: while it waits on the client, the chunk is out
                 await write(chunk)
@@ -225,7 +178,7 @@ async def _relay_answer(
             async for chunk in upstream.content.iter_any():
                 await write(chunk)
         else:
-            idle = _KeepAlive(request, response, keepalive) if keepalive else None
+            idle = KeepAlive(request, response, keepalive) if keepalive else None
             async for chunk in upstream.content.iter_any():
                 if idle is not None:
                     idle.tail = chunk
@@ -255,72 +208,6 @@ async def _relay_answer(
     return response
 
 
-class _KeepAlive:
-    """`: keep-alive` between events while an event stream has sent the client nothing for `interval`.
-
-    Load balancers cut connections idle for about a minute while a model thinks. The writer's
-    byte count, which aiohttp keeps anyway, tells whether anything went out; `tail`, the last
-    chunk written, whether the stream stands between two events (a comment inside an event
-    would end it early).
-    """
-
-    __slots__ = ("_task", "tail")
-
-    def __init__(self, request: web.BaseRequest, response: web.StreamResponse, interval: float) -> None:
-        self.tail = b"\n\n"  # a stream starts between events
-        self._task = asyncio.create_task(self._run(request.writer, response, interval))
-
-    async def _run(self, writer: AbstractStreamWriter, response: web.StreamResponse, interval: float) -> None:
-        step, quiet, sent = interval / 4, 0.0, writer.output_size
-        while True:
-            await asyncio.sleep(step)
-            quiet = quiet + step if writer.output_size == sent else 0.0
-            if quiet >= interval and self.tail.endswith(EVENT_ENDS):
-                await response.write(KEEPALIVE)
-                quiet = 0.0
-            sent = writer.output_size
-
-    def cancel(self) -> None:
-        self._task.cancel()
-
-
-class _StallWatch:
-    """Cuts a client that reads nothing for `bound` seconds while its answer waits to be sent.
-
-    Otherwise a client that never reads holds an upstream stream (and a /conv lease) for as long
-    as the upstream keeps going. One timer per stream, nothing per chunk: a client that reads
-    nothing leaves the same bytes waiting in its transport's buffer, check after check.
-    """
-
-    __slots__ = ("_bound", "_loop", "_pending", "_period", "_stalled", "_timer", "_transport")
-
-    def __init__(self, request: web.BaseRequest, bound: float) -> None:
-        self._transport = request.transport
-        self._loop = asyncio.get_running_loop()
-        self._bound, self._period = bound, bound / 4
-        self._stalled, self._pending = 0.0, -1
-        self._timer = self._loop.call_later(self._period, self._check)
-
-    def _check(self) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        pending = transport.get_write_buffer_size()
-        if pending and pending == self._pending:
-            self._stalled += self._period
-            if self._stalled >= self._bound:
-                log.warning("a client read nothing for %g s: its connection is cut", self._bound)
-                transport.abort()  # the relay's write fails, which closes the upstream
-                return
-        else:
-            self._stalled = 0.0
-        self._pending = pending
-        self._timer = self._loop.call_later(self._period, self._check)
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-
 def _is_small_answer(upstream: aiohttp.ClientResponse, method: str) -> bool:
     """A non-streamed answer of known, small length (a completion, a model list)."""
     length = upstream.content_length
@@ -330,15 +217,6 @@ def _is_small_answer(upstream: aiohttp.ClientResponse, method: str) -> bool:
         and method != "HEAD"  # its Content-Length describes a body that is not sent
         and upstream.content_type != "text/event-stream"
     )
-
-
-def answer_head(
-    request: web.Request, upstream: aiohttp.ClientResponse
-) -> tuple[str | None, CIMultiDict[str]]:
-    """The upstream's reason phrase and end-to-end headers, with gogpt's secrets blanked out of both."""
-    redactor = request.app[REDACTOR]
-    reason = redactor.text(upstream.reason) if upstream.reason else None
-    return reason, redactor.headers(_end_to_end(upstream.headers, _NOT_SENT_BACK))
 
 
 async def _whole_answer(
