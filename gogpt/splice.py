@@ -14,7 +14,7 @@ Two things live on the protocol of every upstream connection (`UpstreamProtocol`
   wakes the relay task and is framed again by the server's writer: most of gogpt's CPU per
   event. For a chunked answer to an HTTP/1.1 client, the splice instead passes the body on as it
   came, framing and all, from `data_received` straight to the client's transport, once
-  `ChunkedFraming` has checked it. The relay task sleeps until the answer ends, the client falls
+  `ChunkedFraming` (chunked_coding.py) has checked it. The relay task sleeps until the answer ends, the client falls
   behind, or either side fails. The terminal chunk goes back to aiohttp's parser, which ends the
   message as usual, so the connection returns to the pool.
 """
@@ -31,13 +31,12 @@ import aiohttp
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler  # internal: the client's protocol class
 
+from .chunked_coding import ChunkedFraming, MalformedChunk
 from .watching import BodyWatch
 
 __all__ = [
     "EVENT_ENDS",
     "KEEPALIVE",
-    "ChunkedFraming",
-    "MalformedChunk",
     "Splice",
     "SplicingResponse",
     "UpstreamBrokeOff",
@@ -49,10 +48,6 @@ __all__ = [
 
 log = logging.getLogger("gogpt.relay")
 
-# A chunk-size line: hex size, optional extensions, CRLF (RFC 9112 section 7.1). Anything else
-# is refused: these bytes go to the client unparsed, so they must frame exactly what they say.
-_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r\n")
-_MAX_SIZE_LINE = 4096
 # Where a head ends: the first empty line, CRLF or (as aiohttp's lenient parser reads it) bare LF.
 _HEAD_END = re.compile(rb"\n\r?\n")
 _MAX_HELD_BYTES = 1 << 20  # between the head and the relay's decision; reading pauses beyond
@@ -67,76 +62,8 @@ _FRAMED_KEEPALIVE = b"%x\r\n%s\r\n" % (len(KEEPALIVE), KEEPALIVE)
 _FRAMED_EVENT_ENDS = tuple(end + b"\r\n" for end in EVENT_ENDS)  # the event's end, then its chunk's
 
 
-class MalformedChunk(ValueError):
-    """Bytes that are not chunked transfer coding."""
-
-
 class UpstreamBrokeOff(aiohttp.ClientPayloadError):
     """The upstream closed, fell silent or sent bad framing in the middle of a spliced answer."""
-
-
-class ChunkedFraming:
-    """Checks chunked transfer coding as it streams past, doing no I/O (as h11's ChunkedReader).
-
-    `feed` returns the bytes that may go on now (a size line cut by a read waits for the rest)
-    and, once the terminal chunk has come, the bytes from it on; it raises `MalformedChunk`.
-    """
-
-    __slots__ = ("_crlf_due", "_in_chunk", "_partial", "chunks", "data_bytes", "unaligned")
-
-    def __init__(self) -> None:
-        self._partial = b""  # an unfinished size line, or the CRLF after a chunk's data
-        self._in_chunk = 0  # bytes of chunk data still to come
-        self._crlf_due = False  # the CRLF that closes a chunk's data, when it did not come with it
-        self.data_bytes = 0  # chunk data seen, framing excluded
-        self.chunks = 0  # chunks whose size line has been read
-        self.unaligned = 0  # chunks read whole in one feed whose data does not end an event with \n\n
-
-    @property
-    def between_chunks(self) -> bool:
-        return not (self._in_chunk or self._crlf_due)  # a size line still to come is not on the wire yet
-
-    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
-        if self._partial:
-            data, self._partial = self._partial + data, b""
-        pos, end = 0, len(data)
-        while pos < end:
-            if self._in_chunk:
-                step = min(self._in_chunk, end - pos)
-                pos += step
-                self._in_chunk -= step
-                continue
-            eol = data.find(b"\n", pos)
-            if eol < 0:
-                if end - pos > _MAX_SIZE_LINE:
-                    raise MalformedChunk("a chunk-size line that does not end")
-                self._partial = data[pos:]
-                return data[:pos], None
-            if self._crlf_due:
-                if eol != pos + 1 or data[pos] != 0x0D:
-                    raise MalformedChunk("chunk data not followed by CRLF")
-                self._crlf_due = False
-                pos = eol + 1
-                continue
-            size_line = _CHUNK_SIZE_LINE.fullmatch(data, pos, eol + 1)
-            if size_line is None:
-                raise MalformedChunk("not a chunk-size line")
-            size = int(size_line[1], 16)
-            if size == 0:
-                return data[:pos], data[pos:]
-            self.data_bytes += size
-            self.chunks += 1
-            pos = eol + 1
-            after = pos + size
-            ending = data[after - 2 : after + 2]
-            if ending == b"\n\n\r\n":  # the usual case: the whole chunk is here, and ends an event
-                pos = after + 2
-            elif ending[2:] == b"\r\n":  # the whole chunk is here
-                pos = after + 2
-                self.unaligned += 1
-            else:
-                self._in_chunk, self._crlf_due = size, True
-        return data, None
 
 
 class UpstreamProtocol(ResponseHandler):

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .chunked_coding import Dechunker
 from .watching import Framing
 
-__all__ = ["USAGE_KEY", "Dechunker", "EventWatch", "JsonWatch"]
+__all__ = ["USAGE_KEY", "EventWatch", "JsonWatch"]
 
 USAGE_KEY = b'_tokens"'
 _EVENT_ENDS = (b"\n\n", b"\n\r\n", b"\r\r")  # the blank line that ends an event, as SSE allows it
@@ -60,39 +61,6 @@ def _still_to_come(framed: bytes, start: int) -> int:
     except ValueError:
         return 0
     return max(eol + 1 + size + 2 - len(framed), 0)
-
-
-class Dechunker:
-    """The data of chunked bytes that `splice.ChunkedFraming` has already checked.
-
-    Those bytes never end inside a size line or a chunk's CRLF (the framing keeps such a part
-    back until the rest comes), so nothing here needs to be validated or kept but a count.
-    """
-
-    __slots__ = ("_crlf_due", "_left")
-
-    def __init__(self) -> None:
-        self._left = 0  # data bytes of the current chunk still to come
-        self._crlf_due = False
-
-    def feed(self, framed: bytes) -> bytes:
-        parts: list[bytes] = []
-        pos, end = 0, len(framed)
-        while pos < end:
-            if self._left:
-                step = min(self._left, end - pos)
-                parts.append(framed[pos : pos + step])
-                pos += step
-                self._left -= step
-                self._crlf_due = not self._left
-            elif self._crlf_due:
-                pos += 2
-                self._crlf_due = False
-            else:
-                eol = framed.index(b"\n", pos)
-                self._left = int(framed[pos:eol].split(b";", 1)[0], 16)  # int() ignores the spaces and CR
-                pos = eol + 1
-        return b"".join(parts)
 
 
 class EventWatch:

@@ -13,7 +13,7 @@ __all__ = ["AnswerWatch", "BodyWatch", "Framing"]
 
 
 class Framing(Protocol):
-    """What the splice's chunk framing (splice.ChunkedFraming) has counted so far."""
+    """What the splice's chunk framing (chunked_coding.ChunkedFraming) has counted so far."""
 
     chunks: int  # chunks started
     unaligned: int  # chunks read whole in one read whose data does not end an event

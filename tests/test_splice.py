@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gogpt import Settings, create_app, mint_token
-from gogpt.splice import ChunkedFraming, MalformedChunk
+from gogpt.chunked_coding import ChunkedFraming, MalformedChunk
 from tests.conftest import SECRET_KEY, FakeUpstream
 from tests.serving import free_port, start_gogpt, wait_until_listening
 

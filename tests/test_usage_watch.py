@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gogpt.chunked_coding import ChunkedFraming, Dechunker
 from gogpt.json_child import object_fields
-from gogpt.splice import ChunkedFraming
 from gogpt.usage_request import REQUEST_FIELDS, with_usage_asked
-from gogpt.usage_watch import Dechunker, EventWatch
+from gogpt.usage_watch import EventWatch
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
 

@@ -1,0 +1,116 @@
+"""Chunked transfer coding (RFC 9112 section 7.1) as bytes stream past, parsing only, no I/O:
+checked before the splice sends it on as it came (`ChunkedFraming`), and its data taken out
+of the framing again where an answer is read on the way (`Dechunker`). Tested on plain bytes.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["ChunkedFraming", "Dechunker", "MalformedChunk"]
+
+# A chunk-size line: hex size, optional extensions, CRLF (RFC 9112 section 7.1). Anything else
+# is refused: these bytes go to the client unparsed, so they must frame exactly what they say.
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r\n")
+_MAX_SIZE_LINE = 4096
+
+
+class MalformedChunk(ValueError):
+    """Bytes that are not chunked transfer coding."""
+
+
+class ChunkedFraming:
+    """Checks chunked transfer coding as it streams past, doing no I/O (as h11's ChunkedReader).
+
+    `feed` returns the bytes that may go on now (a size line cut by a read waits for the rest)
+    and, once the terminal chunk has come, the bytes from it on; it raises `MalformedChunk`.
+    """
+
+    __slots__ = ("_crlf_due", "_in_chunk", "_partial", "chunks", "data_bytes", "unaligned")
+
+    def __init__(self) -> None:
+        self._partial = b""  # an unfinished size line, or the CRLF after a chunk's data
+        self._in_chunk = 0  # bytes of chunk data still to come
+        self._crlf_due = False  # the CRLF that closes a chunk's data, when it did not come with it
+        self.data_bytes = 0  # chunk data seen, framing excluded
+        self.chunks = 0  # chunks whose size line has been read
+        self.unaligned = 0  # chunks read whole in one feed whose data does not end an event with \n\n
+
+    @property
+    def between_chunks(self) -> bool:
+        return not (self._in_chunk or self._crlf_due)  # a size line still to come is not on the wire yet
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        if self._partial:
+            data, self._partial = self._partial + data, b""
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._in_chunk:
+                step = min(self._in_chunk, end - pos)
+                pos += step
+                self._in_chunk -= step
+                continue
+            eol = data.find(b"\n", pos)
+            if eol < 0:
+                if end - pos > _MAX_SIZE_LINE:
+                    raise MalformedChunk("a chunk-size line that does not end")
+                self._partial = data[pos:]
+                return data[:pos], None
+            if self._crlf_due:
+                if eol != pos + 1 or data[pos] != 0x0D:
+                    raise MalformedChunk("chunk data not followed by CRLF")
+                self._crlf_due = False
+                pos = eol + 1
+                continue
+            size_line = _CHUNK_SIZE_LINE.fullmatch(data, pos, eol + 1)
+            if size_line is None:
+                raise MalformedChunk("not a chunk-size line")
+            size = int(size_line[1], 16)
+            if size == 0:
+                return data[:pos], data[pos:]
+            self.data_bytes += size
+            self.chunks += 1
+            pos = eol + 1
+            after = pos + size
+            ending = data[after - 2 : after + 2]
+            if ending == b"\n\n\r\n":  # the usual case: the whole chunk is here, and ends an event
+                pos = after + 2
+            elif ending[2:] == b"\r\n":  # the whole chunk is here
+                pos = after + 2
+                self.unaligned += 1
+            else:
+                self._in_chunk, self._crlf_due = size, True
+        return data, None
+
+
+class Dechunker:
+    """The data of chunked bytes that `ChunkedFraming` has already checked.
+
+    Those bytes never end inside a size line or a chunk's CRLF (the framing keeps such a part
+    back until the rest comes), so nothing here needs to be validated or kept but a count.
+    """
+
+    __slots__ = ("_crlf_due", "_left")
+
+    def __init__(self) -> None:
+        self._left = 0  # data bytes of the current chunk still to come
+        self._crlf_due = False
+
+    def feed(self, framed: bytes) -> bytes:
+        parts: list[bytes] = []
+        pos, end = 0, len(framed)
+        while pos < end:
+            if self._left:
+                step = min(self._left, end - pos)
+                parts.append(framed[pos : pos + step])
+                pos += step
+                self._left -= step
+                self._crlf_due = not self._left
+            elif self._crlf_due:
+                pos += 2
+                self._crlf_due = False
+            else:
+                eol = framed.index(b"\n", pos)
+                self._left = int(framed[pos:eol].split(b";", 1)[0], 16)  # int() ignores the spaces and CR
+                pos = eol + 1
+        return b"".join(parts)
