@@ -182,6 +182,7 @@ async def read_json_object(request: web.Request, names: Collection[str] = ()) ->
     settings = app[SETTINGS]
     parser = app[JSON_PARSER]
     _refuse_declared_past(request, settings.max_body_bytes)
+    inline = min(INLINE_BYTES, settings.max_body_bytes)  # past the limit, read_all refuses it
     content = request.content
     came_whole = content.is_eof()  # all of it came with the head (most calls): no timer, no await
     if came_whole:
@@ -189,14 +190,14 @@ async def read_json_object(request: web.Request, names: Collection[str] = ()) ->
             data = content.read_nowait()
         except web.RequestPayloadError:
             raise _unreadable() from None
-        if len(data) <= INLINE_BYTES:
+        if len(data) <= inline:
             return data, parser.fields_here(data, names)
     body = _Body(request, settings.upstream_timeout)
     if came_whole:
         body.chunks, body.size, body.complete = [data], len(data), True
     with _client_faults():
-        await body.read_past(INLINE_BYTES)
-        if body.complete and body.size <= INLINE_BYTES:
+        await body.read_past(inline)
+        if body.complete and body.size <= inline:
             return body.joined(), parser.fields_here(body.joined(), names)
         async with parser.large_body:
             await body.read_all(settings.max_body_bytes)
@@ -209,10 +210,11 @@ async def read_whole_body(request: web.Request) -> bytes:
     INLINE_BYTES waits for one of the parser's few large-body turns), for a check of all of it."""
     settings = request.app[SETTINGS]
     _refuse_declared_past(request, settings.max_body_bytes)
+    inline = min(INLINE_BYTES, settings.max_body_bytes)  # past the limit, whole() refuses it
     body = _Body(request, settings.upstream_timeout)
     with _client_faults():
-        await body.read_past(INLINE_BYTES)
-        if body.complete and body.size <= INLINE_BYTES:
+        await body.read_past(inline)
+        if body.complete and body.size <= inline:
             return body.joined()
         async with request.app[JSON_PARSER].large_body:
             return await body.whole(settings.max_body_bytes)
