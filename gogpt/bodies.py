@@ -144,6 +144,18 @@ def _too_large(max_bytes: int) -> ApiError:
     return ApiError(413, f"The request body is larger than {max_bytes} bytes.", code="request_too_large")
 
 
+def _came_whole(request: web.BaseRequest) -> bytes | None:
+    """The whole body when all of it came with the head (most calls), read without a stepwise
+    reader, a timer or an await; None when some of it is still to come."""
+    content = request.content
+    if not content.is_eof():
+        return None
+    try:
+        return content.read_nowait()
+    except web.RequestPayloadError:
+        raise _unreadable() from None
+
+
 def _refuse_declared_past(request: web.BaseRequest, max_bytes: int) -> None:
     """Checked here rather than by `client_max_size`, which aiohttp takes from the outermost
     application: a gateway mounted with `add_subapp` would get its host's limit instead."""
@@ -162,6 +174,11 @@ async def request_body(request: web.Request) -> bytes | AsyncIterable[bytes] | N
         return None
     settings = request.app[SETTINGS]
     _refuse_declared_past(request, settings.max_body_bytes)
+    data = _came_whole(request)
+    if data is not None:
+        if len(data) > settings.max_body_bytes:  # a compressed body, decoded
+            raise _too_large(settings.max_body_bytes)
+        return data
     body = _Body(request, settings.upstream_timeout)
     length = request.content_length
     if length is None or length <= _READ_WHOLE_BYTES or body_was_decoded(request):
@@ -183,17 +200,11 @@ async def read_json_object(request: web.Request, names: Collection[str] = ()) ->
     parser = app[JSON_PARSER]
     _refuse_declared_past(request, settings.max_body_bytes)
     inline = min(INLINE_BYTES, settings.max_body_bytes)  # past the limit, read_all refuses it
-    content = request.content
-    came_whole = content.is_eof()  # all of it came with the head (most calls): no timer, no await
-    if came_whole:
-        try:
-            data = content.read_nowait()
-        except web.RequestPayloadError:
-            raise _unreadable() from None
-        if len(data) <= inline:
-            return data, parser.fields_here(data, names)
+    data = _came_whole(request)
+    if data is not None and len(data) <= inline:
+        return data, parser.fields_here(data, names)
     body = _Body(request, settings.upstream_timeout)
-    if came_whole:
+    if data is not None:
         body.chunks, body.size, body.complete = [data], len(data), True
     with _client_faults():
         await body.read_past(inline)
