@@ -351,7 +351,9 @@ async def test_a_small_compressed_body_that_decodes_past_a_low_limit_is_413(
     aiohttp_client, settings: Settings, upstream: FakeUpstream, auth, path: str
 ):
     client = await aiohttp_client(create_app(settings.with_overrides(max_body_bytes=4096)))
-    body = gzip.compress(b'{"model": "gpt-4o", "input": "' + b"x" * 8192 + b'"}')  # arrives whole with its head
+    body = gzip.compress(
+        b'{"model": "gpt-4o", "input": "' + b"x" * 8192 + b'"}'
+    )  # arrives whole with its head
     assert len(body) < 4096
     headers = {**auth, "Content-Type": "application/json", "Content-Encoding": "gzip"}
     resp = await client.post(path, data=body, headers=headers)
