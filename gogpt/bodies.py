@@ -59,22 +59,21 @@ def body_was_decoded(request: web.BaseRequest) -> bool:
 class _Body:
     """A request body read in steps, each wait for the client at most `idle` seconds (None: no bound)."""
 
-    def __init__(self, request: web.BaseRequest, idle: float | None) -> None:
+    def __init__(self, request: web.BaseRequest, idle: float | None, *, whole: bytes | None = None) -> None:
+        """`whole`: the body, when `_came_whole` has read it already."""
         self._content = request.content
         self._idle = idle
         self.chunks: list[bytes] = []
         self.size = 0
         self.complete = False
+        if whole is None:
+            whole = _came_whole(request)
+        if whole is not None:
+            self._add(whole)
+            self.complete = True
 
     async def read_past(self, limit: int) -> None:
         """Read until the body ends or more than `limit` bytes are in."""
-        content = self._content
-        if self.complete:
-            return
-        if not self.chunks and content.is_eof():  # all of it came with the head: one read, no timer
-            self._add(await content.readany())
-            self.complete = True
-            return
         while not self.complete and self.size <= limit:
             chunk = await self.next_chunk(min(_STEP_BYTES, limit + 1 - self.size))
             if chunk:
@@ -156,6 +155,12 @@ def _came_whole(request: web.BaseRequest) -> bytes | None:
         raise _unreadable() from None
 
 
+def _in_place_bytes(max_bytes: int) -> int:
+    """The largest body read and checked on the loop; a larger one waits for a large-body turn,
+    where it is refused (413) past `max_bytes`."""
+    return min(INLINE_BYTES, max_bytes)
+
+
 def _refuse_declared_past(request: web.BaseRequest, max_bytes: int) -> None:
     """Checked here rather than by `client_max_size`, which aiohttp takes from the outermost
     application: a gateway mounted with `add_subapp` would get its host's limit instead."""
@@ -199,13 +204,11 @@ async def read_json_object(request: web.Request, names: Collection[str] = ()) ->
     settings = app[SETTINGS]
     parser = app[JSON_PARSER]
     _refuse_declared_past(request, settings.max_body_bytes)
-    inline = min(INLINE_BYTES, settings.max_body_bytes)  # past the limit, read_all refuses it
+    inline = _in_place_bytes(settings.max_body_bytes)
     data = _came_whole(request)
     if data is not None and len(data) <= inline:
         return data, parser.fields_here(data, names)
-    body = _Body(request, settings.upstream_timeout)
-    if data is not None:
-        body.chunks, body.size, body.complete = [data], len(data), True
+    body = _Body(request, settings.upstream_timeout, whole=data)
     with _client_faults():
         await body.read_past(inline)
         if body.complete and body.size <= inline:
@@ -221,7 +224,7 @@ async def read_whole_body(request: web.Request) -> bytes:
     INLINE_BYTES waits for one of the parser's few large-body turns), for a check of all of it."""
     settings = request.app[SETTINGS]
     _refuse_declared_past(request, settings.max_body_bytes)
-    inline = min(INLINE_BYTES, settings.max_body_bytes)  # past the limit, whole() refuses it
+    inline = _in_place_bytes(settings.max_body_bytes)
     body = _Body(request, settings.upstream_timeout)
     with _client_faults():
         await body.read_past(inline)

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ChunkedFraming", "Dechunker", "MalformedChunk"]
+__all__ = ["ChunkedFraming", "Dechunker", "MalformedChunk", "chunk_size"]
 
 # A chunk-size line: hex size, optional extensions, CRLF (RFC 9112 section 7.1). Anything else
 # is refused: these bytes go to the client unparsed, so they must frame exactly what they say.
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r\n")
 _MAX_SIZE_LINE = 4096
+
+
+def chunk_size(line: bytes) -> int:
+    """The size a chunk-size line gives, extensions and CRLF around it ignored (int() skips the
+    spaces and the CR); ValueError when it gives none."""
+    return int(line.split(b";", 1)[0], 16)
 
 
 class MalformedChunk(ValueError):
@@ -111,6 +117,6 @@ class Dechunker:
                 self._crlf_due = False
             else:
                 eol = framed.index(b"\n", pos)
-                self._left = int(framed[pos:eol].split(b";", 1)[0], 16)  # int() ignores the spaces and CR
+                self._left = chunk_size(framed[pos:eol])
                 pos = eol + 1
         return b"".join(parts)

@@ -32,7 +32,7 @@ log = logging.getLogger("gogpt.store")
 
 
 class MemoryStore:
-    """The in-process store. Caches are LRU-bounded so they never grow without limit."""
+    """The Store protocol (store.py) on dicts of this process."""
 
     def __init__(self, max_entries: int = 4096, max_usage_rows: int = 100_000) -> None:
         self._max_entries = max_entries

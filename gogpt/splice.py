@@ -14,9 +14,9 @@ Two things live on the protocol of every upstream connection (`UpstreamProtocol`
   wakes the relay task and is framed again by the server's writer: most of gogpt's CPU per
   event. For a chunked answer to an HTTP/1.1 client, the splice instead passes the body on as it
   came, framing and all, from `data_received` straight to the client's transport, once
-  `ChunkedFraming` (chunked_coding.py) has checked it. The relay task sleeps until the answer ends, the client falls
-  behind, or either side fails. The terminal chunk goes back to aiohttp's parser, which ends the
-  message as usual, so the connection returns to the pool.
+  `ChunkedFraming` (chunked_coding.py) has checked it. The relay task sleeps until the answer
+  ends, the client falls behind, or either side fails. The terminal chunk goes back to
+  aiohttp's parser, which ends the message as usual, so the connection returns to the pool.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .chunked_coding import Dechunker
+from .chunked_coding import Dechunker, chunk_size
 from .watching import Framing
 
 __all__ = ["USAGE_KEY", "EventWatch", "JsonWatch"]
@@ -57,7 +57,7 @@ def _still_to_come(framed: bytes, start: int) -> int:
     if eol < 0:
         return 0
     try:
-        size = int(framed[start:eol].split(b";", 1)[0], 16)
+        size = chunk_size(framed[start:eol])
     except ValueError:
         return 0
     return max(eol + 1 + size + 2 - len(framed), 0)
@@ -211,7 +211,7 @@ class EventWatch:
         if eol < 0 or chunk_end < len(_FRAMED_EVENT_END):
             return None
         try:
-            size = int(framed[chunk_start:eol].split(b";", 1)[0], 16)
+            size = chunk_size(framed[chunk_start:eol])
         except ValueError:
             return None
         if size != chunk_end - 2 - (eol + 1):
