@@ -30,7 +30,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,10 +155,15 @@ http {{
 
 @contextlib.contextmanager
 def candidate(
-    name: str, upstream_port: int, gogpt_env: Mapping[str, str] | None = None, cpus: set[int] | None = None
+    name: str,
+    upstream_port: int,
+    gogpt_env: Mapping[str, str] | None = None,
+    cpus: set[int] | None = None,
+    *,
+    under: Sequence[str] = (),
 ) -> Iterator[tuple[int, list[int]]]:
     """Start a proxy (or none, for direct) on `cpus` (None: any); yield its port and the pids whose
-    CPU and memory count."""
+    CPU and memory count. `under`: a command the proxy runs under (valgrind, for bench.instructions)."""
     if name == "direct":
         yield upstream_port, []
         return
@@ -185,8 +190,10 @@ def candidate(
                 "WORKERS": "2" if name == "gogpt-2w" else "1",
                 **(gogpt_env or {}),
             }
+        if under:  # runs that repeat exactly: hashing seeded alike, no bytecode written by the first
+            env.update(PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1")
         process = subprocess.Popen(
-            command,
+            [*under, *command],
             env=env,
             cwd=workdir,
             stdout=subprocess.DEVNULL,
@@ -195,13 +202,13 @@ def candidate(
             preexec_fn=None if cpus is None else functools.partial(os.sched_setaffinity, 0, cpus),
         )
         try:
-            wait_for_port(port)
+            wait_for_port(port, 300 if under else 20)
             time.sleep(0.5 if name == "gogpt-2w" else 0)  # let the second worker bind too
             yield port, process_tree(process.pid)
         finally:
             process.send_signal(signal.SIGTERM if name != "nginx" else signal.SIGQUIT)
             try:
-                process.wait(30)
+                process.wait(120 if under else 30)
             except subprocess.TimeoutExpired:
                 process.kill()
 

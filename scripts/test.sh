@@ -12,7 +12,7 @@ step() { printf '\n==> %s\n' "$*"; }
 die() { printf '\nscripts/test.sh: %s\n' "$*" >&2; exit 1; }
 
 # Programs some tests drive, as "program:Debian package". .ci/run installs the same packages.
-SYSTEM_PROGRAMS=(redis-server:redis-server chromium:chromium openssl:openssl)
+SYSTEM_PROGRAMS=(redis-server:redis-server chromium:chromium openssl:openssl valgrind:valgrind)
 missing=()
 for entry in "${SYSTEM_PROGRAMS[@]}"; do
   command -v "${entry%%:*}" >/dev/null 2>&1 || missing+=("${entry#*:}")
