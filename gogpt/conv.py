@@ -7,14 +7,10 @@ whose SSE answer is relayed byte for byte while its message id is read off the s
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import random
 import re
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +26,12 @@ from .model_policy import require_allowed_model
 from .redact import REDACTOR
 from .relay import call_upstream, relay
 from .relayed_headers import upstream_headers
+from .session_lease import session_key, session_lease
 from .sse_ids import MessageIds
-from .store import Store, StoreUnavailable
+from .store import Store
 from .usage import meter_conv_call
 
 __all__ = ["CONV_STATE", "ConvState", "conv_handler", "hide_all_conversations"]
-
-log = logging.getLogger("gogpt.conv")
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _MODEL = "text-davinci-002-render-sha"
@@ -45,7 +40,6 @@ _MULTI_MIN_CONVERSATIONS = 5  # multi mode answers an empty list until the accou
 _EMPTY_LIST = {"items": [], "total": 0, "limit": 1, "offset": 0, "has_missing_conversations": False}
 _LIST_TTL = 300.0  # seconds a conversation list is answered from the cache
 _DETAIL_TTL = 86400.0
-_LEASE_TTL = 30.0  # a session lease outlives a dead instance by at most this long
 _FIRST_LIST_TTL = 30 * 86400.0  # seconds the first-list mark of one start is kept (then swept)
 _NOT_SENT_UPSTREAM = ("Chat-Type", "Accept-Encoding")  # routing header; JSON answers are parsed here
 # Lists are a few KiB and a long conversation some hundreds; json.loads builds objects up to
@@ -144,7 +138,7 @@ async def _pick_index(store: Store, items: list[Any], multi: bool) -> int:
     free = [
         index
         for index, item in enumerate(items)
-        if isinstance(item, dict) and not await store.is_held(_session_key(True, str(item.get("id"))))
+        if isinstance(item, dict) and not await store.is_held(session_key(True, str(item.get("id"))))
     ]
     return random.choice(free) if free else -1  # noqa: S311 - spreading load, not security
 
@@ -193,8 +187,8 @@ async def _post_message(settings: Settings, request: web.Request) -> web.StreamR
     headers["Accept"] = "text/event-stream"
     store = request.app[STORE]
     ids = MessageIds()
-    session = _session_key(settings.multi, conversation_id or str(uuid.uuid4()))
-    async with _session_lease(store, session):
+    session = session_key(settings.multi, conversation_id or str(uuid.uuid4()))
+    async with session_lease(store, session):
         try:
             with meter_conv_call(request, _MODEL) as meter:
                 return await relay(
@@ -218,40 +212,6 @@ async def _remember_current_node(store: Store, conversation_id: str | None, mess
     cached = await store.get_json(key)
     if isinstance(cached, dict):
         await store.set_json(key, {**cached, "current_node": message_id}, _DETAIL_TTL)
-
-
-def _session_key(multi: bool, conversation_id: str) -> str:
-    """The whole account is one session in single mode; each conversation is one in multi mode."""
-    return f"conv:session:{conversation_id}" if multi else "conv:session:account"
-
-
-@asynccontextmanager
-async def _session_lease(store: Store, key: str) -> AsyncIterator[None]:
-    """Hold the session for one reply; freed when the reply ends, fails or the client leaves."""
-    token = await store.acquire(key, _LEASE_TTL)
-    if token is None:
-        raise ApiError(
-            409,
-            "This ChatGPT session is busy with another reply; try again when it ends.",
-            code="session_busy",
-        )
-    renewing = asyncio.create_task(_keep_renewing(store, key, token))
-    try:
-        yield
-    finally:
-        renewing.cancel()
-        await store.release(key, token)
-
-
-async def _keep_renewing(store: Store, key: str, token: str) -> None:
-    while True:
-        await asyncio.sleep(_LEASE_TTL / 3)
-        try:
-            if not await store.renew(key, token, _LEASE_TTL):
-                log.warning("lost the lease on a ChatGPT session while replying")
-                return
-        except StoreUnavailable:
-            log.warning("could not renew a ChatGPT session lease: the store is unavailable")
 
 
 async def _upstream_json(
