@@ -50,43 +50,77 @@ class ChunkedFraming:
         if self._partial:
             data, self._partial = self._partial + data, b""
         pos, end = 0, len(data)
-        while pos < end:
-            if self._in_chunk:
-                step = min(self._in_chunk, end - pos)
-                pos += step
-                self._in_chunk -= step
-                continue
-            eol = data.find(b"\n", pos)
-            if eol < 0:
-                if end - pos > _MAX_SIZE_LINE:
-                    raise MalformedChunk("a chunk-size line that does not end")
+        if self._in_chunk or self._crlf_due:  # the rest of a chunk an earlier read cut
+            pos = self._rest_of_chunk(data, 0)
+        find = data.find
+        chunks = unaligned = data_bytes = 0  # counted here, added to the attributes once per read
+        try:
+            while pos < end and not self._crlf_due:
+                eol = find(b"\n", pos)
+                if eol < 0:
+                    if end - pos > _MAX_SIZE_LINE:
+                        raise MalformedChunk("a chunk-size line that does not end")
+                    self._partial = data[pos:]
+                    return data[:pos], None
+                size = _CHECKED_SIZE_LINES.get(data[pos : eol + 1])
+                if size is None:
+                    size = _checked_size(data[pos : eol + 1])
+                if size == 0:
+                    return data[:pos], data[pos:]
+                chunks += 1
+                data_bytes += size
+                after = eol + 1 + size  # where the chunk's data ends
+                ending = data[after - 2 : after + 2]
+                if ending == b"\n\n\r\n":  # the usual case: the whole chunk is here, and ends an event
+                    pos = after + 2
+                elif ending[2:] == b"\r\n":  # the whole chunk is here
+                    pos = after + 2
+                    unaligned += 1
+                else:  # the read cut it (or what follows its data is not CRLF, which is refused)
+                    self._in_chunk, self._crlf_due = size, True
+                    pos = self._rest_of_chunk(data, eol + 1)
+            if self._crlf_due:  # the read ended in a chunk, or before all of its CRLF
+                if data[pos:] not in (b"", b"\r"):
+                    raise MalformedChunk("chunk data not followed by CRLF")
                 self._partial = data[pos:]
                 return data[:pos], None
-            if self._crlf_due:
-                if eol != pos + 1 or data[pos] != 0x0D:
-                    raise MalformedChunk("chunk data not followed by CRLF")
-                self._crlf_due = False
-                pos = eol + 1
-                continue
-            size_line = _CHUNK_SIZE_LINE.fullmatch(data, pos, eol + 1)
-            if size_line is None:
-                raise MalformedChunk("not a chunk-size line")
-            size = int(size_line[1], 16)
-            if size == 0:
-                return data[:pos], data[pos:]
-            self.data_bytes += size
-            self.chunks += 1
-            pos = eol + 1
-            after = pos + size
-            ending = data[after - 2 : after + 2]
-            if ending == b"\n\n\r\n":  # the usual case: the whole chunk is here, and ends an event
-                pos = after + 2
-            elif ending[2:] == b"\r\n":  # the whole chunk is here
-                pos = after + 2
-                self.unaligned += 1
-            else:
-                self._in_chunk, self._crlf_due = size, True
-        return data, None
+            return data, None
+        finally:
+            self.chunks += chunks
+            self.unaligned += unaligned
+            self.data_bytes += data_bytes
+
+    def _rest_of_chunk(self, data: bytes, pos: int) -> int:
+        """Past what `data` holds of the chunk going on at `pos`: its data, then its CRLF."""
+        if self._in_chunk:
+            step = min(self._in_chunk, len(data) - pos)
+            pos += step
+            self._in_chunk -= step
+        if not self._in_chunk and len(data) - pos >= 2:
+            if data[pos : pos + 2] != b"\r\n":
+                raise MalformedChunk("chunk data not followed by CRLF")
+            self._crlf_due = False
+            pos += 2
+        return pos
+
+
+# Size lines seen before and found good, with their sizes: upstreams write the same few again
+# and again, and a look-up costs a third of the check (the match and int()). Short lines only,
+# and a bounded number of them, so an upstream cannot make this grow.
+_CHECKED_SIZE_LINES: dict[bytes, int] = {}
+_MAX_CHECKED_SIZE_LINES = 4096
+_MAX_KEPT_SIZE_LINE = 16
+
+
+def _checked_size(line: bytes) -> int:
+    """The size a chunk-size line (CRLF included) gives, or `MalformedChunk`."""
+    size_line = _CHUNK_SIZE_LINE.fullmatch(line)
+    if size_line is None:
+        raise MalformedChunk("not a chunk-size line")
+    size = int(size_line[1], 16)
+    if len(line) <= _MAX_KEPT_SIZE_LINE and len(_CHECKED_SIZE_LINES) < _MAX_CHECKED_SIZE_LINES:
+        _CHECKED_SIZE_LINES[line] = size
+    return size
 
 
 class Dechunker:
