@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gogpt import Settings, create_app, mint_token
+from gogpt import Settings, chunked_coding, create_app, mint_token
 from gogpt.chunked_coding import ChunkedFraming, MalformedChunk
 from tests.conftest import SECRET_KEY, FakeUpstream
 from tests.serving import free_port, start_gogpt, wait_until_listening
@@ -90,6 +90,14 @@ def test_bytes_between_a_chunks_data_and_its_crlf_are_refused_wherever_the_reads
         reads = [body[:split], body[split:]] if 0 < split < len(body) else [body]
         with pytest.raises(MalformedChunk):
             framed(reads)
+
+
+def test_an_upstream_cannot_grow_the_table_of_checked_size_lines_without_bound():
+    framing = ChunkedFraming()
+    for size in range(1, 6000):  # a new size line for every chunk
+        assert framing.feed(chunk(b"x" * size)) == (chunk(b"x" * size), None)
+    assert len(chunked_coding._CHECKED_SIZE_LINES) <= chunked_coding._MAX_CHECKED_SIZE_LINES
+    assert framing.chunks == 5999
 
 
 def test_nothing_after_the_last_good_chunk_is_passed_on():
