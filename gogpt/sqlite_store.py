@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from . import sqlite_schema as schema
+from . import sqlite_statements as sql
 from .config import ConfigError
 from .sqlite_schema import FileFault
 from .store import Admission, BudgetState, Revocation, StoreUnavailable, UsageQuery, UsageRow, rate_steps
@@ -86,7 +87,7 @@ class SqliteStore:
     async def open(self) -> None:
         """Create or upgrade the schema and open both connections; a fault is logged, not raised."""
         with contextlib.suppress(StoreUnavailable):
-            await self._in_thread(schema.sweep)
+            await self._in_thread(sql.sweep)
         self._sweeper = asyncio.create_task(self._sweep_every(self._sweep_interval))
 
     async def close(self) -> None:
@@ -99,50 +100,50 @@ class SqliteStore:
         self._thread.shutdown()
 
     async def get_json(self, key: str) -> Any | None:
-        text = await self._run(schema.get_text, key)
+        text = await self._run(sql.get_text, key)
         return None if text is None else json.loads(text)
 
     async def set_json(self, key: str, value: Any, ttl: float) -> None:
-        await self._run(schema.set_text, key, json.dumps(value), ttl)
+        await self._run(sql.set_text, key, json.dumps(value), ttl)
 
     async def acquire(self, key: str, ttl: float) -> str | None:
-        return await self._run(schema.acquire, key, secrets.token_hex(8), ttl)
+        return await self._run(sql.acquire, key, secrets.token_hex(8), ttl)
 
     async def renew(self, key: str, token: str, ttl: float) -> bool:
-        return await self._run(schema.renew, key, token, ttl)
+        return await self._run(sql.renew, key, token, ttl)
 
     async def release(self, key: str, token: str) -> None:
-        await self._run(schema.release, key, token)
+        await self._run(sql.release, key, token)
 
     async def is_held(self, key: str) -> bool:
-        return await self._run(schema.is_held, key)
+        return await self._run(sql.is_held, key)
 
     async def admit(self, key: str, limit: int, period: float) -> Admission:
-        admitted, wait = await self._run(schema.admit, key, *rate_steps(limit, period))
+        admitted, wait = await self._run(sql.admit, key, *rate_steps(limit, period))
         return Admission(admitted, wait / 1e6)
 
     async def add_usage(self, batch: str, rows: Sequence[UsageRow]) -> None:
-        await self._run(schema.add_usage, batch, [(row.id, row.day, row.model, *row.counts) for row in rows])
+        await self._run(sql.add_usage, batch, [(row.id, row.day, row.model, *row.counts) for row in rows])
 
     async def usage(self, query: UsageQuery) -> list[UsageRow]:
-        found = await self._run(schema.usage, query.id, query.model, query.since, query.until)
+        found = await self._run(sql.usage, query.id, query.model, query.since, query.until)
         return [UsageRow(*columns) for columns in found]
 
     async def note_minted(self, identity: str, expires: float) -> None:
-        await self._run(schema.note_minted, identity, expires)
+        await self._run(sql.note_minted, identity, expires)
 
     async def minted_until(self, identity: str) -> float | None:
-        return await self._run(schema.minted_until, identity)
+        return await self._run(sql.minted_until, identity)
 
     async def revoke(self, revocation: Revocation) -> Revocation:
         columns = (revocation.id, revocation.tid, revocation.revoked_at, revocation.expires)
-        return Revocation(*await self._run(schema.revoke, columns))
+        return Revocation(*await self._run(sql.revoke, columns))
 
     async def revocations(self) -> list[Revocation]:
-        return [Revocation(*columns) for columns in await self._run(schema.revocations)]
+        return [Revocation(*columns) for columns in await self._run(sql.revocations)]
 
     async def revocations_version(self) -> int:
-        return await self._run(schema.revocations_version)
+        return await self._run(sql.revocations_version)
 
     async def _run(self, operation: Callable[..., T], *args: Any) -> T:
         """On the loop, pausing while another process holds the lock; StoreUnavailable past the wait."""
@@ -239,7 +240,7 @@ class SqliteStore:
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(StoreUnavailable):
-                await self._in_thread(schema.sweep)
+                await self._in_thread(sql.sweep)
 
     def _checkpoint_in_thread(self) -> None:
         """Copy the WAL back into the file, so it restarts instead of growing (PASSIVE never waits)."""
@@ -257,16 +258,14 @@ class SqliteStore:
     async def reserve_budget(
         self, key: str, hold: str, amount: int, budget: int, hold_ttl: float, expires: float
     ) -> tuple[bool, BudgetState]:
-        taken, used, held = await self._run(
-            schema.reserve_budget, key, hold, amount, budget, hold_ttl, expires
-        )
+        taken, used, held = await self._run(sql.reserve_budget, key, hold, amount, budget, hold_ttl, expires)
         return taken, BudgetState(used, held)
 
     async def settle_budget(self, key: str, hold: str, spent: int, hold_ttl: float, expires: float) -> None:
-        await self._run(schema.settle_budget, key, hold, spent, hold_ttl, expires)
+        await self._run(sql.settle_budget, key, hold, spent, hold_ttl, expires)
 
     async def budget_state(self, key: str) -> BudgetState:
-        return BudgetState(*await self._run(schema.budget_state, key))
+        return BudgetState(*await self._run(sql.budget_state, key))
 
 
 def _is_busy(exc: Exception) -> bool:

@@ -59,6 +59,7 @@ def test_leaf_modules_import_nothing_of_gogpt() -> None:
     assert graph["gogpt.config"] == set()
     assert graph["gogpt.store"] == set()
     assert graph["gogpt.sqlite_schema"] == set()
+    assert graph["gogpt.sqlite_statements"] == set()
 
 
 if __name__ == "__main__":  # print the graph: python tests/test_imports.py
