@@ -56,6 +56,20 @@ class Profile:
     # then this many requests in turn on one connection, outside the CPU count: one request's latency alone
     one_at_a_time: int = 0
 
+    @property
+    def spec(self) -> dict[str, float]:
+        """What the fake upstream is asked for: its `"bench"` body field."""
+        return {"count": self.count, "interval": self.interval, "size": self.size}
+
+    def events(self, repeat: int) -> int:
+        """The events `repeat` rounds of this profile bring, a JSON answer counting as one."""
+        return self.streams * repeat * (self.count if self.stream else 1)
+
+
+async def warm_up(port: int, auth: str, profile: Profile) -> None:
+    """A few requests first, so that connections and caches are in place before anything counts."""
+    await run_load(port, PATH, auth, 4, {**profile.spec, "count": min(profile.count, 10)}, profile.stream, 1)
+
 
 PROFILES = {
     "burst": Profile(streams=32, count=3000, interval=0),
@@ -238,12 +252,10 @@ async def measure(
     gogpt_env: Mapping[str, str] | None = None,
     cpus: set[int] | None = None,
 ) -> dict:
-    spec = {"count": profile.count, "interval": profile.interval, "size": profile.size}
+    spec = profile.spec
     with candidate(name, upstream_port, gogpt_env, cpus) as (port, pids):
         auth = token if name.startswith("gogpt") else ""
-        await run_load(
-            port, PATH, auth, 4, {**spec, "count": min(profile.count, 10)}, profile.stream, 1
-        )  # warm up
+        await warm_up(port, auth, profile)
         pids = sorted({pid for root in pids for pid in process_tree(root)})
         cpu_before = cpu_seconds(pids)
         started = time.perf_counter()
@@ -258,7 +270,7 @@ async def measure(
             alone = await asyncio.wait_for(
                 run_load(port, PATH, auth, 1, spec, profile.stream, profile.one_at_a_time), 600
             )
-    expected = profile.streams * profile.repeat * (profile.count if profile.stream else 1)
+    expected = profile.events(profile.repeat)
     return {
         "candidate": name,
         "events": tally.events,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import uvloop
 
-from .__main__ import PATH, ROOT, SECRET_KEY, Profile, candidate, free_port, wait_for_port
+from .__main__ import PATH, ROOT, SECRET_KEY, Profile, candidate, free_port, wait_for_port, warm_up
 from .client import run_load
 
 # The bench's profiles, shortened: under callgrind a proxy runs about fifty times slower.
@@ -52,17 +52,16 @@ async def count_run(
     name: str, profile: Profile, repeat: int, upstream_port: int, token: str
 ) -> tuple[int, int]:
     """(instructions, requests) of one candidate started, serving `repeat` rounds of the profile, and stopped."""
-    spec = {"count": profile.count, "interval": profile.interval, "size": profile.size}
     with tempfile.TemporaryDirectory(prefix="gogpt-instructions-") as workdir:
         out = Path(workdir, "callgrind.out")
         under = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
         with candidate(name, upstream_port, under=under) as (port, _):
             auth = token if name.startswith("gogpt") else ""
-            await run_load(port, PATH, auth, 4, {**spec, "count": min(profile.count, 10)}, profile.stream, 1)
+            await warm_up(port, auth, profile)
             tally = await asyncio.wait_for(
-                run_load(port, PATH, auth, profile.streams, spec, profile.stream, repeat), 1800
+                run_load(port, PATH, auth, profile.streams, profile.spec, profile.stream, repeat), 1800
             )
-        expected = profile.streams * repeat * (profile.count if profile.stream else 1)
+        expected = profile.events(repeat)
         if tally.errors or tally.events != expected:
             raise RuntimeError(f"{name}: {tally.events} of {expected} events; {tally.errors[:3]}")
         return instructions_in(out), tally.streams

@@ -35,7 +35,7 @@ class ChunkedFraming:
     __slots__ = ("_crlf_due", "_in_chunk", "_partial", "chunks", "data_bytes", "unaligned")
 
     def __init__(self) -> None:
-        self._partial = b""  # an unfinished size line, or the CRLF after a chunk's data
+        self._partial = b""  # an unfinished size line, or the CR of the CRLF after a chunk's data
         self._in_chunk = 0  # bytes of chunk data still to come
         self._crlf_due = False  # the CRLF that closes a chunk's data, when it did not come with it
         self.data_bytes = 0  # chunk data seen, framing excluded

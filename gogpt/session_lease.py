@@ -1,8 +1,8 @@
 """One reply at a time per ChatGPT session, across workers and instances: a lease in the store.
 
-The Go server's rule: the backend-api mixes up two replies streaming on one session at once.
-A reply holds its session's lease while it streams, renewed in the background, so a worker that
-dies frees the session within `_LEASE_TTL`.
+The Go server's rule, kept: a session (the account, or a conversation in multi mode) streams
+one reply at a time. A reply holds its session's lease while it streams, renewed in the
+background, so a worker that dies frees the session within `_LEASE_TTL`.
 """
 
 from __future__ import annotations
