@@ -137,10 +137,7 @@ class Meter:
     ) -> None:
         tokens = 0
         try:
-            left_early = kind is asyncio.CancelledError or (
-                isinstance(error, ApiError) and error.status == 504
-            )
-            if self._answered or left_early:
+            if self._answered or _left_early(kind, error):
                 tokens = self._settle()
         finally:
             self._watch = None  # it calls back into the meter: a cycle the collector would have to find
@@ -152,13 +149,13 @@ class Meter:
         self._answered = True
         if self._requests_only or upstream.method == "HEAD":
             return None
-        self._answer_headers = upstream.headers
-        codings = content_codings(upstream.headers) if "Content-Encoding" in upstream.headers else []
+        headers = self._answer_headers = upstream.headers
+        codings = content_codings(headers) if "Content-Encoding" in headers else []
         if upstream.content_type == "text/event-stream":
             if codings:  # compressed although asked not to be: read nothing, estimate
                 return None
             # A length sent with the answer would no longer be true without the usage chunk.
-            strip = self._strip and "Content-Length" not in upstream.headers
+            strip = self._strip and "Content-Length" not in headers
             self._watch = EventWatch(self._read_event, strip=strip)
         elif upstream.content_type == "application/json":
             self._watch = JsonWatch(encoded=bool(codings))
@@ -166,13 +163,8 @@ class Meter:
 
     def _read_event(self, event: bytes) -> bool:
         """Read an event that holds a usage key; True if it is a usage-only chat chunk."""
-        lines = event.strip()
-        if lines.startswith(b"data:") and b"\n" not in lines and b"\r" not in lines:  # OpenAI's: one line
-            data = lines[6:] if lines[5:6] == b" " else lines[5:]  # "data: {...}" parses quickest bare
-        else:
-            data = b"\n".join(line[5:] for line in lines.splitlines() if line.startswith(b"data:"))
         try:
-            chunk = loads(data)
+            chunk = loads(_event_data(event))
         except (ValueError, RecursionError):
             return False
         if not isinstance(chunk, dict):
@@ -234,6 +226,12 @@ class Meter:
             self._reported_model = model
 
 
+def _left_early(kind: type[BaseException] | None, error: BaseException | None) -> bool:
+    """Whether a call ended, unanswered, while the upstream was still working on it: the client
+    left (the handler was cancelled), or the upstream did not answer in time (504)."""
+    return kind is asyncio.CancelledError or (isinstance(error, ApiError) and error.status == 504)
+
+
 def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
     """A JSON answer's top-level `usage` and `model`.
 
@@ -262,6 +260,15 @@ def _last_member(body: bytes, name: bytes) -> Any:
                 pass
         key = body.rfind(name, 0, key)
     return None
+
+
+def _event_data(event: bytes) -> bytes:
+    """An event's data: the values of its `data:` lines, joined by newlines (as SSE defines it)."""
+    # find, not `in`: on bytes, `in` first tries its operand as an int (raising and clearing a TypeError)
+    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2 and event.find(b"\r") < 0:
+        return event[6:-2]  # OpenAI's: one "data: " line, then the blank line
+    values = (line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:"))
+    return b"\n".join(values)
 
 
 def _content_deltas(watch: EventWatch, *, chat: bool) -> int:

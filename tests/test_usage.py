@@ -258,6 +258,26 @@ async def test_the_usage_chunk_is_taken_out_at_event_boundaries_however_the_writ
     assert await usage(client) == [row()]
 
 
+USAGE_EVENT_FORMS = {  # the usage-only chunk as SSE also allows it to be written
+    "no space after data:": lambda event: event.replace(b"data: ", b"data:"),
+    "CRLF line ends": lambda event: event.replace(b"\n", b"\r\n"),
+    "its JSON over two data lines": lambda event: event.replace(b',"usage"', b'\ndata: ,"usage"'),
+}
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "ordinary path"])
+@pytest.mark.parametrize("form", USAGE_EVENT_FORMS)
+async def test_a_usage_chunk_written_in_any_form_sse_allows_is_counted_and_taken_out(
+    aiohttp_client, settings: Settings, openai_chat: OpenAIChat, auth, splice: bool, form: str
+):
+    client = await aiohttp_client(create_app(settings.with_overrides(splice=splice)))
+    rewrite = USAGE_EVENT_FORMS[form]
+    openai_chat.writes = lambda events: [rewrite(e) if b'"choices":[]' in e else e for e in events]
+    resp = await client.post("/chat", json={**CHAT, "stream": True}, headers=auth)
+    assert await resp.read() == b"".join(e for e in chat_stream(with_usage=True) if b'"choices":[]' not in e)
+    assert await usage(client) == [row()]
+
+
 # ---- estimated -------------------------------------------------------------------------------------
 
 
