@@ -11,8 +11,6 @@ client left, or the upstream did not answer in time); an upstream's refusal is n
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import time
 from collections.abc import Callable, MutableMapping
 from types import TracebackType
@@ -23,9 +21,9 @@ from aiohttp import web
 
 from .answers import content_codings, decoded
 from .errors import ApiError
-from .json_child import loads
 from .keys import CALLER
 from .ledger import LEDGER, UsageLedger
+from .usage_reports import event_report, json_report
 from .usage_request import REQUEST_FIELDS, asks_for_usage, with_usage_asked
 from .usage_watch import EventWatch, JsonWatch
 
@@ -35,9 +33,6 @@ __all__ = ["METERED_PATHS", "REQUEST_FIELDS", "Meter", "meter_conv_call", "meter
 METERED_PATHS = frozenset({"chat/completions", "completions", "responses", "embeddings"})
 _MAX_MODEL_CHARS = 256
 _MAX_DECODED_JSON = 64 << 20
-_PARSED_WHOLE_JSON = 1 << 20  # JSON answers up to this are parsed; in larger ones the usage is looked up
-_COLON = re.compile(rb"\s*:\s*")
-_DECODER = json.JSONDecoder()
 
 
 def meter_openai_call(
@@ -163,20 +158,13 @@ class Meter:
 
     def _read_event(self, event: bytes) -> bool:
         """Read an event that holds a usage key; True if it is a usage-only chat chunk."""
-        try:
-            chunk = loads(_event_data(event))
-        except (ValueError, RecursionError):
+        report = event_report(event)
+        if report is None:
             return False
-        if not isinstance(chunk, dict):
-            return False
-        holder = chunk["response"] if isinstance(chunk.get("response"), dict) else chunk  # /v1/responses
-        tokens = _tokens(holder.get("usage"))
-        if tokens is None:
-            return False
-        self._usage = tokens
-        if isinstance(holder.get("model"), str):
-            self._reported_model = holder["model"]
-        return chunk.get("choices") == []
+        self._usage = report.tokens
+        if report.model is not None:
+            self._reported_model = report.model
+        return report.usage_only
 
     def _settle(self) -> int:
         """Record the call's usage; the tokens it used."""
@@ -220,55 +208,16 @@ class Meter:
                 body = decoded(body, self._answer_headers, _MAX_DECODED_JSON)
             except ValueError:
                 return
-        usage, model = _usage_in_json(body, whole=watch.complete)
-        self._usage = _tokens(usage)
-        if isinstance(model, str):
-            self._reported_model = model
+        report = json_report(body, whole=watch.complete)
+        self._usage = report.tokens
+        if report.model is not None:
+            self._reported_model = report.model
 
 
 def _left_early(kind: type[BaseException] | None, error: BaseException | None) -> bool:
     """Whether a call ended, unanswered, while the upstream was still working on it: the client
     left (the handler was cancelled), or the upstream did not answer in time (504)."""
     return kind is asyncio.CancelledError or (isinstance(error, ApiError) and error.status == 504)
-
-
-def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
-    """A JSON answer's top-level `usage` and `model`.
-
-    A large answer (an embedding of many inputs) is not parsed: its last `"usage"` member is the
-    top-level one (it comes after the choices, data or output, and inside a string a quote is
-    escaped), and so is its last `"model"` but in /v1/responses, whose tools may name models.
-    """
-    if whole and len(body) <= _PARSED_WHOLE_JSON:
-        try:
-            answer = loads(body)
-        except (ValueError, RecursionError):
-            return None, None
-        return (answer.get("usage"), answer.get("model")) if isinstance(answer, dict) else (None, None)
-    return _last_member(body, b'"usage"'), _last_member(body, b'"model"')
-
-
-def _last_member(body: bytes, name: bytes) -> Any:
-    """The value of the last member called `name` (quoted) in a JSON text, or None."""
-    key = body.rfind(name)
-    while key >= 0:
-        colon = _COLON.match(body, key + len(name))
-        if colon is not None:
-            try:
-                return _DECODER.raw_decode(body[colon.end() :].decode("utf-8", "replace"))[0]
-            except (ValueError, RecursionError):
-                pass
-        key = body.rfind(name, 0, key)
-    return None
-
-
-def _event_data(event: bytes) -> bytes:
-    """An event's data: the values of its `data:` lines, joined by newlines (as SSE defines it)."""
-    # find, not `in`: on bytes, `in` first tries its operand as an int (raising and clearing a TypeError)
-    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2 and event.find(b"\r") < 0:
-        return event[6:-2]  # OpenAI's: one "data: " line, then the blank line
-    values = (line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:"))
-    return b"\n".join(values)
 
 
 def _content_deltas(watch: EventWatch, *, chat: bool) -> int:
@@ -281,17 +230,6 @@ def _content_deltas(watch: EventWatch, *, chat: bool) -> int:
         first = watch.first
         deltas -= b'"role"' in first[: first.find(b"\n\n")]
     return max(deltas, 0)
-
-
-def _tokens(usage: Any) -> tuple[int, int] | None:
-    """(prompt, completion) from a usage object, in the chat or the responses API's names."""
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))  # embeddings have none
-    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
-        return None
-    return prompt, completion
 
 
 _today: tuple[int, str] = (-1, "")

@@ -1,0 +1,102 @@
+"""What an upstream's answer reports of its usage: read from an event that holds a usage key, or
+from a JSON answer. Parsing only, no I/O: usage.Meter asks, as the answer is relayed or once it
+has ended.
+
+A usage object is the chat API's (`prompt_tokens`, `completion_tokens`) or the responses API's
+(`input_tokens`, `output_tokens`); a streamed /v1/responses answer reports it in the
+`response.completed` event's `response`. Counts that are not whole numbers of at least 0 are no
+report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, NamedTuple
+
+from .json_child import loads
+
+__all__ = ["UsageReport", "event_report", "json_report"]
+
+_PARSED_WHOLE_JSON = 1 << 20  # JSON answers up to this are parsed; in larger ones the usage is looked up
+_COLON = re.compile(rb"\s*:\s*")
+_DECODER = json.JSONDecoder()
+
+
+class UsageReport(NamedTuple):
+    tokens: tuple[int, int] | None  # (prompt, completion), when the answer reported them
+    model: str | None  # the model the upstream said answered
+    usage_only: bool = False  # a chat chunk that carries the usage alone (`"choices": []`)
+
+
+def event_report(event: bytes) -> UsageReport | None:
+    """What an event reports of the usage, or None when it reports none (a usage key in its text
+    does not make a usage object)."""
+    try:
+        chunk = loads(_event_data(event))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(chunk, dict):
+        return None
+    holder = chunk["response"] if isinstance(chunk.get("response"), dict) else chunk  # /v1/responses
+    tokens = _tokens(holder.get("usage"))
+    if tokens is None:
+        return None
+    model = holder.get("model")
+    return UsageReport(tokens, model if isinstance(model, str) else None, chunk.get("choices") == [])
+
+
+def json_report(body: bytes, *, whole: bool) -> UsageReport:
+    """What a JSON answer (`whole`, or its tail) reports of the usage."""
+    usage, model = _usage_in_json(body, whole=whole)
+    return UsageReport(_tokens(usage), model if isinstance(model, str) else None)
+
+
+def _event_data(event: bytes) -> bytes:
+    """An event's data: the values of its `data:` lines, joined by newlines (as SSE defines it)."""
+    # find, not `in`: on bytes, `in` first tries its operand as an int (raising and clearing a TypeError)
+    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2 and event.find(b"\r") < 0:
+        return event[6:-2]  # OpenAI's: one "data: " line, then the blank line
+    values = (line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:"))
+    return b"\n".join(values)
+
+
+def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
+    """A JSON answer's top-level `usage` and `model`.
+
+    A large answer (an embedding of many inputs) is not parsed: its last `"usage"` member is the
+    top-level one (it comes after the choices, data or output, and inside a string a quote is
+    escaped), and so is its last `"model"` but in /v1/responses, whose tools may name models.
+    """
+    if whole and len(body) <= _PARSED_WHOLE_JSON:
+        try:
+            answer = loads(body)
+        except (ValueError, RecursionError):
+            return None, None
+        return (answer.get("usage"), answer.get("model")) if isinstance(answer, dict) else (None, None)
+    return _last_member(body, b'"usage"'), _last_member(body, b'"model"')
+
+
+def _last_member(body: bytes, name: bytes) -> Any:
+    """The value of the last member called `name` (quoted) in a JSON text, or None."""
+    key = body.rfind(name)
+    while key >= 0:
+        colon = _COLON.match(body, key + len(name))
+        if colon is not None:
+            try:
+                return _DECODER.raw_decode(body[colon.end() :].decode("utf-8", "replace"))[0]
+            except (ValueError, RecursionError):
+                pass
+        key = body.rfind(name, 0, key)
+    return None
+
+
+def _tokens(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) from a usage object, in the chat or the responses API's names."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))  # embeddings have none
+    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
+        return None
+    return prompt, completion
