@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from .json_child import loads
+from .json_parser import INLINE_BYTES
 
 __all__ = ["UsageReport", "event_report", "json_report"]
 
-_PARSED_WHOLE_JSON = 1 << 20  # JSON answers up to this are parsed; in larger ones the usage is looked up
+# JSON answers up to this are parsed whole; in larger ones the usage is looked up. The bound is the
+# one request bodies are parsed on the loop under: 1 MiB of an embedding's numbers took 20 ms there.
+_PARSED_WHOLE_JSON = INLINE_BYTES
+_MEMBER_BYTES = 4096  # a usage object or a model's name is far shorter
 _COLON = re.compile(rb"\s*:\s*")
 _DECODER = json.JSONDecoder()
 
@@ -64,9 +69,11 @@ def _event_data(event: bytes) -> bytes:
 def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
     """A JSON answer's top-level `usage` and `model`.
 
-    A large answer (an embedding of many inputs) is not parsed: its last `"usage"` member is the
-    top-level one (it comes after the choices, data or output, and inside a string a quote is
-    escaped), and so is its last `"model"` but in /v1/responses, whose tools may name models.
+    A large answer (an embedding of many inputs) is not parsed. Its usage is the last `"usage"`
+    member that holds a usage object: it comes after the choices, data or output, inside a string
+    a quote is escaped, and what may follow it (/v1/responses' `metadata`) holds strings only. Its
+    model is the first `"model"` member: it comes before the choices and the output, whose tools
+    may name other models.
     """
     if whole and len(body) <= _PARSED_WHOLE_JSON:
         try:
@@ -74,21 +81,28 @@ def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
         except (ValueError, RecursionError):
             return None, None
         return (answer.get("usage"), answer.get("model")) if isinstance(answer, dict) else (None, None)
-    return _last_member(body, b'"usage"'), _last_member(body, b'"model"')
+    usage = next(
+        (value for value in _member_values(body, b'"usage"', last_first=True) if _tokens(value) is not None),
+        None,
+    )
+    return usage, next(_member_values(body, b'"model"', last_first=False), None)
 
 
-def _last_member(body: bytes, name: bytes) -> Any:
-    """The value of the last member called `name` (quoted) in a JSON text, or None."""
-    key = body.rfind(name)
+def _member_values(body: bytes, name: bytes, *, last_first: bool) -> Iterator[Any]:
+    """The values of the members called `name` (quoted) in a JSON text, from its end or its start.
+    Each is decoded from at most _MEMBER_BYTES, not from all the text after it."""
+    key = body.rfind(name) if last_first else body.find(name)
     while key >= 0:
         colon = _COLON.match(body, key + len(name))
         if colon is not None:
+            value = body[colon.end() : colon.end() + _MEMBER_BYTES].decode("utf-8", "replace")
             try:
-                return _DECODER.raw_decode(body[colon.end() :].decode("utf-8", "replace"))[0]
+                decoded = _DECODER.raw_decode(value)[0]
             except (ValueError, RecursionError):
                 pass
-        key = body.rfind(name, 0, key)
-    return None
+            else:
+                yield decoded
+        key = body.rfind(name, 0, key) if last_first else body.find(name, key + len(name))
 
 
 def _tokens(usage: Any) -> tuple[int, int] | None:

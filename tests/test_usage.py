@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from aiohttp.test_utils import TestClient
 from conftest import SECRET_KEY, FakeUpstream
 
 from gogpt import Settings, create_app, mint_token
+from gogpt.json_parser import INLINE_BYTES
 
 ADMIN = {"Authorization": f"Bearer {SECRET_KEY}"}
 MODEL = "gpt-4o-mini"
@@ -405,6 +407,60 @@ async def test_a_responses_json_answer_is_counted_from_input_and_output_tokens(
         await client.post("/v1/responses", json={"model": "gpt-4o", "input": "hi"}, headers=auth)
     ).status == 200
     assert await usage(client) == [row(model="gpt-4o", prompt=11, completion=2)]
+
+
+async def test_a_large_embedding_answer_is_counted_without_being_parsed(
+    client: TestClient, upstream: FakeUpstream, auth
+):
+    data = [{"object": "embedding", "index": i, "embedding": [0.0123456789] * 1536} for i in range(4)]
+    answer = {
+        "object": "list",
+        "data": data,
+        "model": "text-embedding-3-small",
+        "usage": {"prompt_tokens": 20},
+    }
+    sent = json.dumps(answer).encode()
+    assert len(sent) > INLINE_BYTES  # looked up, not parsed
+
+    async def embeddings(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=sent, content_type="application/json")
+
+    upstream.respond = embeddings
+    body = {"model": "text-embedding-3-small", "input": ["a", "b", "c", "d"]}
+    resp = await client.post("/v1/embeddings", json=body, headers=auth)
+    assert await resp.read() == sent
+    assert await usage(client) == [row(model="text-embedding-3-small", prompt=20, completion=0)]
+
+
+async def test_a_large_responses_answer_is_counted_from_its_own_usage_and_model(
+    client: TestClient, upstream: FakeUpstream, auth
+):
+    """Past the size parsed whole, what follows the usage (metadata, which holds strings) and the
+    tools (which may name models) do not pass for the answer's own."""
+    long_text = [{"type": "output_text", "text": "Hi " * 30_000}]
+    answer = {
+        **RESPONSE,
+        "output": [{"type": "message", "content": long_text}],
+        "metadata": {"usage": "none", "model": "not-a-model"},
+    }
+    assert len(json.dumps(answer)) > INLINE_BYTES
+
+    async def responses(request: web.Request) -> web.StreamResponse:
+        return web.json_response(answer)
+
+    async def completion_tokens_of(model: str) -> float:  # the metric is the process's: read its change
+        metrics = await (await client.get("/metrics", headers=ADMIN)).text()
+        found = re.search(
+            rf'gogpt_tokens_total{{kind="completion",model="{model}",source="exact"}} (\S+)', metrics
+        )
+        return float(found[1]) if found else 0.0
+
+    upstream.respond = responses
+    before = await completion_tokens_of("gpt-4o-2024-08-06")
+    resp = await client.post("/v1/responses", json={"model": "gpt-4o", "input": "hi"}, headers=auth)
+    assert resp.status == 200
+    assert await usage(client) == [row(model="gpt-4o", prompt=11, completion=2)]
+    assert await completion_tokens_of("gpt-4o-2024-08-06") == before + 2
 
 
 async def test_a_responses_stream_is_counted_from_its_completed_event_and_relayed_unchanged(
