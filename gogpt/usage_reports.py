@@ -24,6 +24,7 @@ __all__ = ["UsageReport", "event_report", "json_report"]
 # one request bodies are parsed on the loop under: 1 MiB of an embedding's numbers took 20 ms there.
 _PARSED_WHOLE_JSON = INLINE_BYTES
 _MEMBER_BYTES = 4096  # a usage object or a model's name is far shorter
+_MODEL_NEAR_START = 64 << 10  # where a chat completion or a response names its model
 _COLON = re.compile(rb"\s*:\s*")
 _DECODER = json.JSONDecoder()
 
@@ -72,8 +73,9 @@ def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
     A large answer (an embedding of many inputs) is not parsed. Its usage is the last `"usage"`
     member that holds a usage object: it comes after the choices, data or output, inside a string
     a quote is escaped, and what may follow it (/v1/responses' `metadata`) holds strings only. Its
-    model is the first `"model"` member: it comes before the choices and the output, whose tools
-    may name other models.
+    model is the first `"model"` member near its start, where chat completions and responses name
+    it (their output and tools, which come after, may name other models), else the last one, as
+    embeddings name it after their data.
     """
     if whole and len(body) <= _PARSED_WHOLE_JSON:
         try:
@@ -81,17 +83,19 @@ def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
         except (ValueError, RecursionError):
             return None, None
         return (answer.get("usage"), answer.get("model")) if isinstance(answer, dict) else (None, None)
-    usage = next(
-        (value for value in _member_values(body, b'"usage"', last_first=True) if _tokens(value) is not None),
-        None,
-    )
-    return usage, next(_member_values(body, b'"model"', last_first=False), None)
+    usages = _member_values(body, b'"usage"', backwards=True)
+    usage = next((value for value in usages if _tokens(value) is not None), None)
+    model = next(_member_values(body, b'"model"', backwards=False, end=_MODEL_NEAR_START), None)
+    if model is None:
+        model = next(_member_values(body, b'"model"', backwards=True), None)
+    return usage, model
 
 
-def _member_values(body: bytes, name: bytes, *, last_first: bool) -> Iterator[Any]:
-    """The values of the members called `name` (quoted) in a JSON text, from its end or its start.
+def _member_values(body: bytes, name: bytes, *, backwards: bool, end: int | None = None) -> Iterator[Any]:
+    """The values of the members called `name` (quoted) in body[:end], from its end or its start.
     Each is decoded from at most _MEMBER_BYTES, not from all the text after it."""
-    key = body.rfind(name) if last_first else body.find(name)
+    end = len(body) if end is None else min(end, len(body))
+    key = body.rfind(name, 0, end) if backwards else body.find(name, 0, end)
     while key >= 0:
         colon = _COLON.match(body, key + len(name))
         if colon is not None:
@@ -102,7 +106,7 @@ def _member_values(body: bytes, name: bytes, *, last_first: bool) -> Iterator[An
                 pass
             else:
                 yield decoded
-        key = body.rfind(name, 0, key) if last_first else body.find(name, key + len(name))
+        key = body.rfind(name, 0, key) if backwards else body.find(name, key + len(name), end)
 
 
 def _tokens(usage: Any) -> tuple[int, int] | None:

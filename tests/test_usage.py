@@ -409,6 +409,14 @@ async def test_a_responses_json_answer_is_counted_from_input_and_output_tokens(
     assert await usage(client) == [row(model="gpt-4o", prompt=11, completion=2)]
 
 
+async def exact_tokens(client: TestClient, kind: str, model: str) -> float:
+    """gogpt_tokens_total's exact count of `kind` for `model`: the registry is the process's, so
+    tests compare it before and after."""
+    metrics = await (await client.get("/metrics", headers=ADMIN)).text()
+    found = re.search(rf'gogpt_tokens_total{{kind="{kind}",model="{model}",source="exact"}} (\S+)', metrics)
+    return float(found[1]) if found else 0.0
+
+
 async def test_a_large_embedding_answer_is_counted_without_being_parsed(
     client: TestClient, upstream: FakeUpstream, auth
 ):
@@ -416,7 +424,7 @@ async def test_a_large_embedding_answer_is_counted_without_being_parsed(
     answer = {
         "object": "list",
         "data": data,
-        "model": "text-embedding-3-small",
+        "model": "text-embedding-3-small-v2",  # named after the data, past where a completion names it
         "usage": {"prompt_tokens": 20},
     }
     sent = json.dumps(answer).encode()
@@ -426,10 +434,12 @@ async def test_a_large_embedding_answer_is_counted_without_being_parsed(
         return web.Response(body=sent, content_type="application/json")
 
     upstream.respond = embeddings
+    before = await exact_tokens(client, "prompt", "text-embedding-3-small-v2")
     body = {"model": "text-embedding-3-small", "input": ["a", "b", "c", "d"]}
     resp = await client.post("/v1/embeddings", json=body, headers=auth)
     assert await resp.read() == sent
     assert await usage(client) == [row(model="text-embedding-3-small", prompt=20, completion=0)]
+    assert await exact_tokens(client, "prompt", "text-embedding-3-small-v2") == before + 20
 
 
 async def test_a_large_responses_answer_is_counted_from_its_own_usage_and_model(
@@ -448,19 +458,12 @@ async def test_a_large_responses_answer_is_counted_from_its_own_usage_and_model(
     async def responses(request: web.Request) -> web.StreamResponse:
         return web.json_response(answer)
 
-    async def completion_tokens_of(model: str) -> float:  # the metric is the process's: read its change
-        metrics = await (await client.get("/metrics", headers=ADMIN)).text()
-        found = re.search(
-            rf'gogpt_tokens_total{{kind="completion",model="{model}",source="exact"}} (\S+)', metrics
-        )
-        return float(found[1]) if found else 0.0
-
     upstream.respond = responses
-    before = await completion_tokens_of("gpt-4o-2024-08-06")
+    before = await exact_tokens(client, "completion", "gpt-4o-2024-08-06")
     resp = await client.post("/v1/responses", json={"model": "gpt-4o", "input": "hi"}, headers=auth)
     assert resp.status == 200
     assert await usage(client) == [row(model="gpt-4o", prompt=11, completion=2)]
-    assert await completion_tokens_of("gpt-4o-2024-08-06") == before + 2
+    assert await exact_tokens(client, "completion", "gpt-4o-2024-08-06") == before + 2
 
 
 async def test_a_responses_stream_is_counted_from_its_completed_event_and_relayed_unchanged(
