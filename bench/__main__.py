@@ -55,11 +55,14 @@ class Profile:
     repeat: int = 1
     # then this many requests in turn on one connection, outside the CPU count: one request's latency alone
     one_at_a_time: int = 0
+    floats: int = 0  # JSON answers are embeddings of this many numbers, not completions
+    path: str = PATH
 
     @property
     def spec(self) -> dict[str, float]:
         """What the fake upstream is asked for: its `"bench"` body field."""
-        return {"count": self.count, "interval": self.interval, "size": self.size}
+        spec = {"count": self.count, "interval": self.interval, "size": self.size}
+        return {**spec, "floats": self.floats} if self.floats else spec
 
     def events(self, repeat: int) -> int:
         """The events `repeat` rounds of this profile bring, a JSON answer counting as one."""
@@ -68,7 +71,9 @@ class Profile:
 
 async def warm_up(port: int, auth: str, profile: Profile) -> None:
     """A few requests first, so that connections and caches are in place before anything counts."""
-    await run_load(port, PATH, auth, 4, {**profile.spec, "count": min(profile.count, 10)}, profile.stream, 1)
+    await run_load(
+        port, profile.path, auth, 4, {**profile.spec, "count": min(profile.count, 10)}, profile.stream, 1
+    )
 
 
 PROFILES = {
@@ -81,6 +86,17 @@ PROFILES = {
     # slow's streams, four times as long: with each request's cost spread over 400 events,
     # CPU per event here is mostly the cost of relaying an event
     "long": Profile(streams=500, count=400, interval=0.02),
+    # embeddings of 26 inputs (850 KB of numbers): what reading a large JSON answer's usage costs
+    "embed": Profile(
+        streams=8,
+        count=1,
+        interval=0,
+        stream=False,
+        repeat=25,
+        one_at_a_time=40,
+        floats=40_000,
+        path="/v1/embeddings",
+    ),
 }
 QUICK = {
     "burst": Profile(streams=8, count=300, interval=0),
@@ -89,6 +105,16 @@ QUICK = {
     "json": Profile(streams=8, count=1, interval=0, size=512, stream=False, repeat=30, one_at_a_time=100),
     "short": Profile(streams=8, count=20, interval=0, repeat=10),
     "long": Profile(streams=50, count=80, interval=0.02),
+    "embed": Profile(
+        streams=2,
+        count=1,
+        interval=0,
+        stream=False,
+        repeat=5,
+        one_at_a_time=5,
+        floats=40_000,
+        path="/v1/embeddings",
+    ),
 }
 CANDIDATES = ("direct", "nginx", "pipe", "floor", "gogpt", "gogpt-2w")  # and gogpt@REF: gogpt as at a git ref
 
@@ -260,7 +286,7 @@ async def measure(
         cpu_before = cpu_seconds(pids)
         started = time.perf_counter()
         tally: Tally = await asyncio.wait_for(
-            run_load(port, PATH, auth, profile.streams, spec, profile.stream, profile.repeat), 600
+            run_load(port, profile.path, auth, profile.streams, spec, profile.stream, profile.repeat), 600
         )
         wall = time.perf_counter() - started
         cpu = cpu_seconds(pids) - cpu_before
@@ -268,7 +294,7 @@ async def measure(
         alone = Tally()
         if profile.one_at_a_time:
             alone = await asyncio.wait_for(
-                run_load(port, PATH, auth, 1, spec, profile.stream, profile.one_at_a_time), 600
+                run_load(port, profile.path, auth, 1, spec, profile.stream, profile.one_at_a_time), 600
             )
     expected = profile.events(profile.repeat)
     return {

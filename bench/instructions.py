@@ -26,7 +26,7 @@ from pathlib import Path
 
 import uvloop
 
-from .__main__ import PATH, ROOT, SECRET_KEY, Profile, candidate, free_port, wait_for_port, warm_up
+from .__main__ import ROOT, SECRET_KEY, Profile, candidate, free_port, wait_for_port, warm_up
 from .client import run_load
 
 # The bench's profiles, shortened: under callgrind a proxy runs about fifty times slower.
@@ -35,6 +35,9 @@ PROFILES = {
     "json": Profile(streams=32, count=1, interval=0, size=512, stream=False, repeat=40),
     "short": Profile(streams=32, count=20, interval=0, repeat=20),
     "burst": Profile(streams=32, count=500, interval=0, repeat=5),
+    "embed": Profile(
+        streams=8, count=1, interval=0, stream=False, repeat=10, floats=40_000, path="/v1/embeddings"
+    ),
 }
 CANDIDATES = ("floor", "gogpt")  # and pipe, and gogpt@REF: gogpt as at a git ref
 _TOTAL = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
@@ -59,7 +62,8 @@ async def count_run(
             auth = token if name.startswith("gogpt") else ""
             await warm_up(port, auth, profile)
             tally = await asyncio.wait_for(
-                run_load(port, PATH, auth, profile.streams, profile.spec, profile.stream, repeat), 1800
+                run_load(port, profile.path, auth, profile.streams, profile.spec, profile.stream, repeat),
+                1800,
             )
         expected = profile.events(repeat)
         if tally.errors or tally.events != expected:

@@ -2,13 +2,16 @@
 
 POST any path with a JSON body holding `"bench": {"count": N, "interval": S, "size": B}` streams
 N events `data: <seq> <time_ns> <payload of B bytes>\\n\\n`, S seconds apart (0: as fast as
-the socket takes them); `"stream": false` answers one JSON completion instead. Keep-alive.
+the socket takes them); `"stream": false` answers one JSON completion instead, or, with
+`"floats": F` in "bench", an embeddings answer of F numbers. Keep-alive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import random
 import sys
 import time
 from typing import cast
@@ -20,6 +23,23 @@ def usage_chunk(count: int) -> bytes:
     usage = {"prompt_tokens": 10, "completion_tokens": count, "total_tokens": 10 + count}
     body = b"data: %s\n\n" % json.dumps({"id": "bench", "choices": [], "usage": usage}).encode()
     return b"%x\r\n%s\r\n" % (len(body), body)
+
+
+@functools.lru_cache(maxsize=4)
+def embedding_answer(floats: int) -> bytes:
+    """An embeddings answer holding `floats` numbers, written as OpenAI writes them: the kind of
+    JSON answer that is slowest to parse, and large."""
+    numbers = random.Random(floats)
+    data = [
+        {
+            "object": "embedding",
+            "index": index,
+            "embedding": [numbers.uniform(-0.1, 0.1) for _ in range(1536)],
+        }
+        for index in range(max(floats // 1536, 1))
+    ]
+    usage = {"prompt_tokens": 10, "total_tokens": 10}
+    return json.dumps({"object": "list", "data": data, "model": "bench", "usage": usage}).encode()
 
 
 def event(seq: int, size: int) -> bytes:
@@ -75,7 +95,13 @@ class UpstreamProtocol(asyncio.Protocol):
             float(spec.get("interval", 0)),
             int(spec.get("size", 64)),
         )
-        if not request.get("stream", True):
+        if not request.get("stream", True) and spec.get("floats"):
+            body = embedding_answer(int(spec["floats"]))
+            transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+        elif not request.get("stream", True):
             body = json.dumps(
                 {
                     "id": "bench",

@@ -26,8 +26,12 @@ async def test_the_load_client_verifies_streams_and_json_from_the_fake_upstream(
         answered = await run_load(
             port, "/v1/chat/completions", "", 2, {"count": 1, "interval": 0, "size": 30}, False, 5
         )
+        embedded = await run_load(
+            port, "/v1/embeddings", "", 2, {"count": 1, "interval": 0, "size": 30, "floats": 3072}, False, 2
+        )
     assert (streamed.errors, streamed.events, streamed.streams) == ([], 4 * 2 * 50, 8)
     assert (answered.errors, answered.events) == ([], 10)
+    assert (embedded.errors, embedded.events) == ([], 4)
 
 
 async def test_the_load_client_notices_a_stream_cut_short():
