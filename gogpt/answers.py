@@ -18,7 +18,15 @@ from multidict import CIMultiDictProxy
 
 from .errors import ApiError, upstream_error
 
-__all__ = ["DECODABLE", "ERROR_ANSWER_BYTES", "accept_encoding", "content_codings", "decoded", "read_decoded"]
+__all__ = [
+    "DECODABLE",
+    "ERROR_ANSWER_BYTES",
+    "Decoder",
+    "accept_encoding",
+    "content_codings",
+    "decoded",
+    "read_decoded",
+]
 
 log = logging.getLogger("gogpt.relay")
 
@@ -83,18 +91,86 @@ def decoded(body: bytes, headers: CIMultiDictProxy[str], max_bytes: int) -> byte
     codings = content_codings(headers)
     if not codings or not body:
         return body
-    if len(codings) > _MAX_CODINGS or any(coding not in _DECODABLE for coding in codings):
-        raise ValueError("an unknown content coding")
-    try:
-        for coding in reversed(codings):  # the last one listed was applied last
-            body = (
-                _inflate_deflate(body, max_bytes)
-                if coding == "deflate"
-                else _inflate(body, _GZIP_WBITS, max_bytes)
-            )
-    except zlib.error:
-        raise ValueError("a body that does not decode") from None
+    decoder = Decoder(codings, max_bytes)
+    body = decoder.feed(body)
+    if not decoder.finished:
+        raise ValueError("a body cut short")
     return body
+
+
+class Decoder:
+    """Undoes content codings (gzip and deflate, stacked as `codings` lists them) as the bytes
+    arrive, at most `max_bytes` of output in all; ValueError for bytes that do not decode.
+
+    `finished`: every coding's end has come, with nothing after it.
+    """
+
+    __slots__ = ("_inflaters", "_room")
+
+    def __init__(self, codings: Iterable[str], max_bytes: int) -> None:
+        codings = list(codings)
+        if len(codings) > _MAX_CODINGS or any(coding not in _DECODABLE for coding in codings):
+            raise ValueError("an unknown content coding")
+        self._inflaters = [
+            _Inflater(coding == "gzip") for coding in reversed(codings)
+        ]  # the last applied first
+        self._room = max_bytes
+
+    @property
+    def finished(self) -> bool:
+        return all(inflater.finished for inflater in self._inflaters)
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            for inflater in self._inflaters:
+                data = inflater.feed(data, self._room)
+        except zlib.error:
+            raise ValueError("a body that does not decode") from None
+        self._room -= len(data)
+        return data
+
+
+class _Inflater:
+    """One coding undone as its bytes arrive: every member of a gzip body (up to _MAX_GZIP_MEMBERS),
+    deflate as the standard says (zlib framing) or the raw deflate some servers send."""
+
+    __slots__ = ("_gzip", "_inflater", "_members", "_start")
+
+    def __init__(self, gzip: bool) -> None:
+        self._gzip = gzip
+        self._inflater = (
+            zlib.decompressobj(_GZIP_WBITS) if gzip else None
+        )  # deflate: known from its first bytes
+        self._members = 1
+        self._start = b""
+
+    @property
+    def finished(self) -> bool:
+        return self._inflater is not None and self._inflater.eof and not self._inflater.unused_data
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        """`data` inflated; _TooLarge past `room` bytes of output."""
+        if self._inflater is None:
+            data = self._start + data
+            if len(data) < 2:
+                self._start = data
+                return b""
+            zlib_framed = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0  # RFC 1950's header
+            self._inflater = zlib.decompressobj(zlib.MAX_WBITS if zlib_framed else -zlib.MAX_WBITS)
+        parts: list[bytes] = []
+        while data:
+            if self._inflater.eof:  # another gzip member, or bytes after the end
+                if not self._gzip or self._members == _MAX_GZIP_MEMBERS:
+                    raise zlib.error("trailing bytes")
+                self._inflater = zlib.decompressobj(_GZIP_WBITS)
+                self._members += 1
+            part = self._inflater.decompress(data, room + 1)
+            if len(part) > room:
+                raise _TooLarge()
+            parts.append(part)
+            room -= len(part)
+            data = self._inflater.unused_data if self._inflater.eof else b""
+        return b"".join(parts)
 
 
 class _TooLarge(ValueError):
@@ -128,35 +204,6 @@ def content_codings(headers: CIMultiDictProxy[str]) -> list[str]:
     values = headers.getall("Content-Encoding", ())
     codings = (coding.strip().lower() for value in values for coding in value.split(","))
     return [_ALIASES.get(coding, coding) for coding in codings if coding not in ("", "identity")]
-
-
-def _inflate_deflate(data: bytes, max_bytes: int) -> bytes:
-    """`deflate` as the standard says (zlib framing), or the raw deflate some servers send."""
-    try:
-        return _inflate(data, zlib.MAX_WBITS, max_bytes)
-    except zlib.error:
-        return _inflate(data, -zlib.MAX_WBITS, max_bytes)
-
-
-def _inflate(data: bytes, wbits: int, max_bytes: int) -> bytes:
-    """`data` inflated, every gzip member of it, stopping as soon as the output passes `max_bytes`."""
-    parts: list[bytes] = []
-    room = max_bytes
-    for _ in range(_MAX_GZIP_MEMBERS):
-        inflater = zlib.decompressobj(wbits)
-        part = inflater.decompress(data, room + 1)
-        if len(part) > room:
-            raise _TooLarge()
-        if not inflater.eof:  # cut short
-            raise zlib.error("truncated")
-        parts.append(part)
-        room -= len(part)
-        data = inflater.unused_data
-        if not data:
-            return b"".join(parts)
-        if wbits != _GZIP_WBITS:  # only gzip may hold several members
-            raise zlib.error("trailing bytes")
-    raise zlib.error("too many gzip members")
 
 
 def _too_large(max_bytes: int) -> ApiError:
