@@ -19,20 +19,20 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .answers import content_codings, decoded
+from .answers import content_codings
 from .errors import ApiError
+from .json_watch import JsonWatch
 from .keys import CALLER
 from .ledger import LEDGER, UsageLedger
-from .usage_reports import event_report, json_report
+from .usage_reports import event_report
 from .usage_request import REQUEST_FIELDS, asks_for_usage, with_usage_asked
-from .usage_watch import EventWatch, JsonWatch
+from .usage_watch import EventWatch
 
 __all__ = ["METERED_PATHS", "REQUEST_FIELDS", "Meter", "meter_conv_call", "meter_openai_call"]
 
 # The OpenAI API paths (under /v1) whose answers report usage.
 METERED_PATHS = frozenset({"chat/completions", "completions", "responses", "embeddings"})
 _MAX_MODEL_CHARS = 256
-_MAX_DECODED_JSON = 64 << 20
 
 
 def meter_openai_call(
@@ -80,7 +80,6 @@ class Meter:
     tells `spent` (a budget's settlement) how many tokens that was, 0 when the call made no usage."""
 
     __slots__ = (
-        "_answer_headers",
         "_answered",
         "_chat",
         "_day",
@@ -118,7 +117,6 @@ class Meter:
         self._requests_only = requests_only
         self._spent = spent
         self._answered = False
-        self._answer_headers: Any = None
         self._watch: EventWatch | JsonWatch | None = None
         self._usage: tuple[int, int] | None = None
         self._reported_model: str | None = None
@@ -144,7 +142,7 @@ class Meter:
         self._answered = True
         if self._requests_only or upstream.method == "HEAD":
             return None
-        headers = self._answer_headers = upstream.headers
+        headers = upstream.headers
         codings = content_codings(headers) if "Content-Encoding" in headers else []
         if upstream.content_type == "text/event-stream":
             if codings:  # compressed although asked not to be: read nothing, estimate
@@ -153,7 +151,7 @@ class Meter:
             strip = self._strip and "Content-Length" not in headers
             self._watch = EventWatch(self._read_event, strip=strip)
         elif upstream.content_type == "application/json":
-            self._watch = JsonWatch(encoded=bool(codings))
+            self._watch = JsonWatch(codings)
         return self._watch
 
     def _read_event(self, event: bytes) -> bool:
@@ -200,18 +198,11 @@ class Meter:
         return prompt + completion
 
     def _read_json(self, watch: JsonWatch) -> None:
-        body = watch.body()
-        if body is None:
-            return
-        if watch.encoded:
-            try:
-                body = decoded(body, self._answer_headers, _MAX_DECODED_JSON)
-            except ValueError:
-                return
-        report = json_report(body, whole=watch.complete)
-        self._usage = report.tokens
-        if report.model is not None:
-            self._reported_model = report.model
+        report = watch.report()
+        if report is not None:
+            self._usage = report.tokens
+            if report.model is not None:
+                self._reported_model = report.model
 
 
 def _left_early(kind: type[BaseException] | None, error: BaseException | None) -> bool:

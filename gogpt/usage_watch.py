@@ -24,15 +24,13 @@ from collections.abc import Callable
 from .chunked_coding import Dechunker, chunk_size
 from .watching import Framing
 
-__all__ = ["USAGE_KEY", "EventWatch", "JsonWatch"]
+__all__ = ["USAGE_KEY", "EventWatch"]
 
 USAGE_KEY = b'_tokens"'
 _EVENT_ENDS = (b"\n\n", b"\n\r\n", b"\r\r")  # the blank line that ends an event, as SSE allows it
 _FRAMED_EVENT_END = b"\n\n\r\n"  # an event's end that is also its chunk's end
 _MAX_HELD_BYTES = 8 << 20  # an unfinished event longer than this is let through unread
 _FIRST_BYTES = 1024  # kept of a stream's start, to look at its first event
-_JSON_KEPT_BYTES = 16 << 20  # a JSON answer up to this is kept whole (to decode it); beyond, its tail
-_JSON_TAIL_BYTES = 64 << 10  # where the usage of a large, unencoded JSON answer is
 
 
 def _after_last_event(data: bytes, start: int = 0, end: int | None = None) -> int:
@@ -267,50 +265,3 @@ class EventWatch:
             return ready
         kept.append(ready[start:])
         return b"".join(kept)
-
-
-class JsonWatch:
-    """Keeps a JSON answer (or, past a bound, its tail, where the usage is) as it is relayed."""
-
-    __slots__ = ("_dechunker", "_encoded", "_kept", "_parts", "complete")
-
-    def __init__(self, *, encoded: bool) -> None:
-        self._encoded = encoded  # gzip or deflate: only the whole body can be decoded
-        self._parts: list[bytes] = []
-        self._kept = 0
-        self._dechunker: Dechunker | None = None  # made for a chunked answer through the splice
-        self.complete = True  # False once bytes were let go (a tail is kept, or nothing)
-
-    def feed(self, data: bytes) -> bytes:
-        self._keep(data)
-        return data
-
-    def feed_framed(self, framed: bytes, framing: Framing, last: bool) -> bytes:
-        if self._dechunker is None:
-            self._dechunker = Dechunker()
-        self._keep(self._dechunker.feed(framed))
-        return framed
-
-    def end(self) -> bytes:
-        return b""
-
-    def whole(self, body: bytes) -> None:
-        self._parts, self._kept, self.complete = [body], len(body), True
-
-    @property
-    def encoded(self) -> bool:
-        return self._encoded
-
-    def body(self) -> bytes | None:
-        """The answer as kept: whole, or its tail when unencoded; None when nothing usable is."""
-        if not self.complete and self._encoded:
-            return None
-        return b"".join(self._parts)
-
-    def _keep(self, data: bytes) -> None:
-        self._parts.append(data)
-        self._kept += len(data)
-        if self._kept > (_JSON_KEPT_BYTES if self.complete else 2 * _JSON_TAIL_BYTES):
-            self.complete = False
-            tail = b"".join(self._parts)[-_JSON_TAIL_BYTES:] if not self._encoded else b""
-            self._parts, self._kept = [tail], len(tail)

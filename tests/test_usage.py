@@ -6,8 +6,10 @@ never reaches the client, spliced or not, however the upstream's writes cut the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -171,6 +173,30 @@ async def test_a_json_answer_sent_in_chunks_is_counted(
     upstream.respond = chunked
     client = await aiohttp_client(create_app(settings.with_overrides(splice=splice)))
     assert await (await client.post("/v1/chat/completions", json=CHAT, headers=auth)).read() == answer
+    assert await usage(client) == [row()]
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "ordinary path"])
+async def test_a_large_gzipped_answer_in_many_writes_is_decoded_as_it_passes_and_counted(
+    aiohttp_client, settings: Settings, upstream: FakeUpstream, auth, splice: bool
+):
+    filler = base64.b64encode(os.urandom(300_000)).decode()  # hardly compresses, as an embedding's numbers
+    answer = {"object": "chat.completion", "model": SNAPSHOT, "choices": [{"text": filler}], "usage": USAGE}
+    packed = gzip.compress(json.dumps(answer).encode())
+
+    async def gzipped(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        )
+        await response.prepare(request)
+        for at in range(0, len(packed), 50_000):
+            await response.write(packed[at : at + 50_000])
+        return response
+
+    upstream.respond = gzipped
+    client = await aiohttp_client(create_app(settings.with_overrides(splice=splice)))
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers={**auth, "Accept-Encoding": "gzip"})
+    assert await resp.json() == answer
     assert await usage(client) == [row()]
 
 

@@ -1,0 +1,87 @@
+"""Keeping what a JSON answer's usage is read from as the answer is relayed, in bounded memory.
+
+An answer up to INLINE_BYTES is kept whole, to be parsed; of a larger one only its first and
+last 64 KiB, where usage_reports looks up its model and its usage. A compressed answer is
+decoded as it passes, at most _MAX_DECODED_BYTES of it (so a bomb's work is bounded too):
+neither its size nor its coding decides what gogpt holds, or how long the loop works on it
+once it has ended. Parsing only, no I/O: tested on plain bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .answers import Decoder
+from .chunked_coding import Dechunker
+from .json_parser import INLINE_BYTES
+from .usage_reports import UsageReport, json_report
+from .watching import Framing
+
+__all__ = ["JsonWatch"]
+
+_END_BYTES = (
+    64 << 10
+)  # kept of each end of a larger answer: its model is near the start, its usage at the end
+_MAX_DECODED_BYTES = 64 << 20
+_SEAM = b"\0"  # between the two ends: no JSON value decodes across it
+
+
+class JsonWatch:
+    """Keeps a JSON answer, or its two ends, as it is relayed (watching.BodyWatch); `report` reads them."""
+
+    __slots__ = ("_dechunker", "_decoder", "_head", "_kept", "_parts", "_unreadable")
+
+    def __init__(self, codings: Sequence[str] = ()) -> None:
+        self._unreadable = False  # the answer did not decode: nothing is kept
+        try:
+            self._decoder = Decoder(codings, _MAX_DECODED_BYTES) if codings else None
+        except ValueError:  # a coding gogpt cannot undo (it asks upstreams for none such)
+            self._decoder, self._unreadable = None, True
+        self._dechunker: Dechunker | None = None  # made for a chunked answer through the splice
+        self._head: bytes | None = None  # its first _END_BYTES, once the answer is past INLINE_BYTES
+        self._parts: list[bytes] = []  # the answer so far; past INLINE_BYTES, its latest bytes
+        self._kept = 0
+
+    def feed(self, data: bytes) -> bytes:
+        self._keep(data)
+        return data
+
+    def feed_framed(self, framed: bytes, framing: Framing, last: bool) -> bytes:
+        if self._dechunker is None:
+            self._dechunker = Dechunker()
+        self._keep(self._dechunker.feed(framed))
+        return framed
+
+    def end(self) -> bytes:
+        return b""
+
+    def whole(self, body: bytes) -> None:
+        self._keep(body)
+
+    def report(self) -> UsageReport | None:
+        """What the answer reports of its usage; None if it cannot be read (it did not decode, or
+        its coding was cut short)."""
+        if self._unreadable or (self._decoder is not None and not self._decoder.finished):
+            return None
+        if self._head is None:
+            return json_report(b"".join(self._parts), whole=True)
+        return json_report(b"".join((self._head, _SEAM, *self._parts)), whole=False)
+
+    def _keep(self, data: bytes) -> None:
+        if self._unreadable:
+            return
+        if self._decoder is not None:
+            try:
+                data = self._decoder.feed(data)
+            except ValueError:
+                self._unreadable, self._head, self._parts = True, None, []
+                return
+        self._parts.append(data)
+        self._kept += len(data)
+        if self._head is None:
+            if self._kept > INLINE_BYTES:  # from now on, only the two ends are kept
+                answer = b"".join(self._parts)
+                self._head, self._parts, self._kept = answer[:_END_BYTES], [answer[-_END_BYTES:]], _END_BYTES
+        elif self._kept > 2 * _END_BYTES:
+            tail = b"".join(self._parts)[-_END_BYTES:]
+            self._parts, self._kept = [tail], len(tail)
