@@ -31,7 +31,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import uvloop
@@ -105,16 +105,7 @@ QUICK = {
     "json": Profile(streams=8, count=1, interval=0, size=512, stream=False, repeat=30, one_at_a_time=100),
     "short": Profile(streams=8, count=20, interval=0, repeat=10),
     "long": Profile(streams=50, count=80, interval=0.02),
-    "embed": Profile(
-        streams=2,
-        count=1,
-        interval=0,
-        stream=False,
-        repeat=5,
-        one_at_a_time=5,
-        floats=40_000,
-        path="/v1/embeddings",
-    ),
+    "embed": replace(PROFILES["embed"], streams=2, repeat=5, one_at_a_time=5),
 }
 CANDIDATES = ("direct", "nginx", "pipe", "floor", "gogpt", "gogpt-2w")  # and gogpt@REF: gogpt as at a git ref
 

@@ -111,9 +111,8 @@ class Decoder:
         codings = list(codings)
         if len(codings) > _MAX_CODINGS or any(coding not in _DECODABLE for coding in codings):
             raise ValueError("an unknown content coding")
-        self._inflaters = [
-            _Inflater(coding == "gzip") for coding in reversed(codings)
-        ]  # the last applied first
+        # the coding listed last was applied last, so it is undone first
+        self._inflaters = [_Inflater(coding == "gzip") for coding in reversed(codings)]
         self._room = max_bytes
 
     @property
@@ -138,9 +137,8 @@ class _Inflater:
 
     def __init__(self, gzip: bool) -> None:
         self._gzip = gzip
-        self._inflater = (
-            zlib.decompressobj(_GZIP_WBITS) if gzip else None
-        )  # deflate: known from its first bytes
+        # deflate's framing (zlib or raw) is told by its first two bytes, so its inflater waits for them
+        self._inflater = zlib.decompressobj(_GZIP_WBITS) if gzip else None
         self._members = 1
         self._start = b""
 

@@ -24,7 +24,7 @@ from .errors import ApiError
 from .json_watch import JsonWatch
 from .keys import CALLER
 from .ledger import LEDGER, UsageLedger
-from .usage_reports import event_report
+from .usage_reports import UsageReport, event_report
 from .usage_request import REQUEST_FIELDS, asks_for_usage, with_usage_asked
 from .usage_watch import EventWatch
 
@@ -159,9 +159,7 @@ class Meter:
         report = event_report(event)
         if report is None:
             return False
-        self._usage = report.tokens
-        if report.model is not None:
-            self._reported_model = report.model
+        self._take(report)
         return report.usage_only
 
     def _settle(self) -> int:
@@ -200,9 +198,12 @@ class Meter:
     def _read_json(self, watch: JsonWatch) -> None:
         report = watch.report()
         if report is not None:
-            self._usage = report.tokens
-            if report.model is not None:
-                self._reported_model = report.model
+            self._take(report)
+
+    def _take(self, report: UsageReport) -> None:
+        self._usage = report.tokens
+        if report.model is not None:
+            self._reported_model = report.model
 
 
 def _left_early(kind: type[BaseException] | None, error: BaseException | None) -> bool:

@@ -155,6 +155,20 @@ async def test_a_gzipped_json_answer_is_relayed_as_it_came_and_counted(
     assert await usage(client) == [row()]
 
 
+def answered_in_writes(body: bytes, size: int, *, gzipped: bool = False) -> Callable:
+    """An upstream handler that writes a JSON answer `size` bytes at a time (chunked, no length)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        headers = {"Content-Type": "application/json", **({"Content-Encoding": "gzip"} if gzipped else {})}
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        for at in range(0, len(body), size):
+            await response.write(body[at : at + size])
+        return response
+
+    return answer
+
+
 @pytest.mark.parametrize("splice", [True, False], ids=["spliced", "ordinary path"])
 async def test_a_json_answer_sent_in_chunks_is_counted(
     aiohttp_client, settings: Settings, upstream: FakeUpstream, auth, splice: bool
@@ -162,15 +176,7 @@ async def test_a_json_answer_sent_in_chunks_is_counted(
     answer = json.dumps(
         {"object": "chat.completion", "model": SNAPSHOT, "choices": [], "usage": USAGE}
     ).encode()
-
-    async def chunked(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(request)
-        for at in range(0, len(answer), 10):
-            await response.write(answer[at : at + 10])
-        return response
-
-    upstream.respond = chunked
+    upstream.respond = answered_in_writes(answer, 10)
     client = await aiohttp_client(create_app(settings.with_overrides(splice=splice)))
     assert await (await client.post("/v1/chat/completions", json=CHAT, headers=auth)).read() == answer
     assert await usage(client) == [row()]
@@ -182,18 +188,7 @@ async def test_a_large_gzipped_answer_in_many_writes_is_decoded_as_it_passes_and
 ):
     filler = base64.b64encode(os.urandom(300_000)).decode()  # hardly compresses, as an embedding's numbers
     answer = {"object": "chat.completion", "model": SNAPSHOT, "choices": [{"text": filler}], "usage": USAGE}
-    packed = gzip.compress(json.dumps(answer).encode())
-
-    async def gzipped(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
-        )
-        await response.prepare(request)
-        for at in range(0, len(packed), 50_000):
-            await response.write(packed[at : at + 50_000])
-        return response
-
-    upstream.respond = gzipped
+    upstream.respond = answered_in_writes(gzip.compress(json.dumps(answer).encode()), 50_000, gzipped=True)
     client = await aiohttp_client(create_app(settings.with_overrides(splice=splice)))
     resp = await client.post("/v1/chat/completions", json=CHAT, headers={**auth, "Accept-Encoding": "gzip"})
     assert await resp.json() == answer
