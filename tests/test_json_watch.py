@@ -75,6 +75,12 @@ def test_a_compressed_answer_is_decoded_as_it_passes(encoding: str, size: int):
     assert watched(codings, pieces(sent, 1000)) == EXACT
 
 
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_a_compressed_answer_read_a_byte_at_a_time_is_read(encoding: str):
+    codings, encode = ENCODINGS[encoding]
+    assert watched(codings, pieces(encode(answer()), 1)) == EXACT
+
+
 @given(st.lists(st.integers(min_value=1, max_value=400), min_size=1, max_size=20))
 def test_however_reads_cut_a_gzipped_answer_its_usage_is_read(cuts: list[int]):
     sent = gzip.compress(answer())
