@@ -14,14 +14,13 @@ from collections.abc import Sequence
 from .answers import Decoder
 from .chunked_coding import Dechunker
 from .json_parser import INLINE_BYTES
-from .usage_reports import UsageReport, json_report
+from .usage_reports import MODEL_NEAR_START, UsageReport, json_report
 from .watching import Framing
 
 __all__ = ["JsonWatch"]
 
-_END_BYTES = (
-    64 << 10
-)  # kept of each end of a larger answer: its model is near the start, its usage at the end
+# Kept of a larger answer: its start, where its model is named, and its end, where its usage is.
+_TAIL_BYTES = 64 << 10
 _MAX_DECODED_BYTES = 64 << 20
 _SEAM = b"\0"  # between the two ends: no JSON value decodes across it
 
@@ -38,7 +37,7 @@ class JsonWatch:
         except ValueError:  # a coding gogpt cannot undo (it asks upstreams for none such)
             self._decoder, self._unreadable = None, True
         self._dechunker: Dechunker | None = None  # made for a chunked answer through the splice
-        self._head: bytes | None = None  # its first _END_BYTES, once the answer is past INLINE_BYTES
+        self._head: bytes | None = None  # its first MODEL_NEAR_START bytes, once past INLINE_BYTES
         self._parts: list[bytes] = []  # the answer so far; past INLINE_BYTES, its latest bytes
         self._kept = 0
 
@@ -81,7 +80,8 @@ class JsonWatch:
         if self._head is None:
             if self._kept > INLINE_BYTES:  # from now on, only the two ends are kept
                 answer = b"".join(self._parts)
-                self._head, self._parts, self._kept = answer[:_END_BYTES], [answer[-_END_BYTES:]], _END_BYTES
-        elif self._kept > 2 * _END_BYTES:
-            tail = b"".join(self._parts)[-_END_BYTES:]
+                self._head = answer[:MODEL_NEAR_START]
+                self._parts, self._kept = [answer[-_TAIL_BYTES:]], _TAIL_BYTES
+        elif self._kept > 2 * _TAIL_BYTES:
+            tail = b"".join(self._parts)[-_TAIL_BYTES:]
             self._parts, self._kept = [tail], len(tail)

@@ -18,13 +18,13 @@ from typing import Any, NamedTuple
 from .json_child import loads
 from .json_parser import INLINE_BYTES
 
-__all__ = ["UsageReport", "event_report", "json_report"]
+__all__ = ["MODEL_NEAR_START", "UsageReport", "event_report", "json_report"]
 
 # JSON answers up to this are parsed whole; in larger ones the usage is looked up. The bound is the
 # one request bodies are parsed on the loop under: 1 MiB of an embedding's numbers took 20 ms there.
 _PARSED_WHOLE_JSON = INLINE_BYTES
 _MEMBER_BYTES = 4096  # a usage object or a model's name is far shorter
-_MODEL_NEAR_START = 64 << 10  # where a chat completion or a response names its model
+MODEL_NEAR_START = 64 << 10  # where a chat completion or a response names its model
 _COLON = re.compile(rb"\s*:\s*")
 _DECODER = json.JSONDecoder()
 
@@ -53,7 +53,8 @@ def event_report(event: bytes) -> UsageReport | None:
 
 
 def json_report(body: bytes, *, whole: bool) -> UsageReport:
-    """What a JSON answer (`whole`, or its tail) reports of the usage."""
+    """What a JSON answer reports of the usage: `body` is all of it (`whole`), or what was kept
+    of its two ends (json_watch.py)."""
     usage, model = _usage_in_json(body, whole=whole)
     return UsageReport(_tokens(usage), model if isinstance(model, str) else None)
 
@@ -85,7 +86,7 @@ def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
         return (answer.get("usage"), answer.get("model")) if isinstance(answer, dict) else (None, None)
     usages = _member_values(body, b'"usage"', backwards=True)
     usage = next((value for value in usages if _tokens(value) is not None), None)
-    model = next(_member_values(body, b'"model"', backwards=False, end=_MODEL_NEAR_START), None)
+    model = next(_member_values(body, b'"model"', backwards=False, end=MODEL_NEAR_START), None)
     if model is None:
         model = next(_member_values(body, b'"model"', backwards=True), None)
     return usage, model
