@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -39,6 +39,7 @@ _ALIASES = {"x-gzip": "gzip"}
 _MAX_CODINGS = 4  # `gzip, gzip` is legal and seen; a longer stack is someone playing games
 _MAX_GZIP_MEMBERS = 16  # 50,000 empty ones fit in 1 MiB and take 0.4 s to walk
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
+_STEP = 1 << 20  # output inflated at a time
 
 
 def accept_encoding(client_values: Iterable[str]) -> str:
@@ -92,7 +93,7 @@ def decoded(body: bytes, headers: CIMultiDictProxy[str], max_bytes: int) -> byte
     if not codings or not body:
         return body
     decoder = Decoder(codings, max_bytes)
-    body = decoder.feed(body)
+    body = b"".join(decoder.feed(body))
     if not decoder.finished:
         raise ValueError("a body cut short")
     return body
@@ -102,6 +103,8 @@ class Decoder:
     """Undoes content codings (gzip and deflate, stacked as `codings` lists them) as the bytes
     arrive, at most `max_bytes` of output in all; ValueError for bytes that do not decode.
 
+    `feed` yields the output a step of at most _STEP bytes at a time, each inflated only once the
+    one before is used, so what a read makes gogpt hold does not grow with how far it inflates.
     `finished`: every coding's end has come, with nothing after it.
     """
 
@@ -119,14 +122,18 @@ class Decoder:
     def finished(self) -> bool:
         return all(inflater.finished for inflater in self._inflaters)
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        steps: Iterable[bytes] = (data,)
+        for inflater in self._inflaters:
+            steps = inflater.inflate(steps)
         try:
-            for inflater in self._inflaters:
-                data = inflater.feed(data, self._room)
+            for step in steps:
+                self._room -= len(step)
+                if self._room < 0:
+                    raise _TooLarge()
+                yield step
         except zlib.error:
             raise ValueError("a body that does not decode") from None
-        self._room -= len(data)
-        return data
 
 
 class _Inflater:
@@ -146,29 +153,32 @@ class _Inflater:
     def finished(self) -> bool:
         return self._inflater is not None and self._inflater.eof and not self._inflater.unused_data
 
-    def feed(self, data: bytes, room: int) -> bytes:
-        """`data` inflated; _TooLarge past `room` bytes of output."""
-        if self._inflater is None:
-            data = self._start + data
-            if len(data) < 2:
-                self._start = data
-                return b""
-            zlib_framed = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0  # RFC 1950's header
-            self._inflater = zlib.decompressobj(zlib.MAX_WBITS if zlib_framed else -zlib.MAX_WBITS)
-        parts: list[bytes] = []
-        while data:
-            if self._inflater.eof:  # another gzip member, or bytes after the end
-                if not self._gzip or self._members == _MAX_GZIP_MEMBERS:
+    def inflate(self, pieces: Iterable[bytes]) -> Iterator[bytes]:
+        """`pieces` inflated, at most _STEP bytes at a time."""
+        for data in pieces:
+            if self._inflater is None:
+                data = self._start + data
+                if len(data) < 2:
+                    self._start = data
+                    continue
+                zlib_framed = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0  # RFC 1950
+                self._inflater = zlib.decompressobj(zlib.MAX_WBITS if zlib_framed else -zlib.MAX_WBITS)
+            while True:
+                step = self._inflater.decompress(data, _STEP)
+                if step:
+                    yield step
+                if not self._inflater.eof:
+                    data = self._inflater.unconsumed_tail  # what did not fit in the step
+                    if not data and len(step) < _STEP:  # a full step may have left output behind
+                        break
+                    continue
+                data = self._inflater.unused_data
+                if not data:
+                    break
+                if not self._gzip or self._members == _MAX_GZIP_MEMBERS:  # bytes after the end
                     raise zlib.error("trailing bytes")
-                self._inflater = zlib.decompressobj(_GZIP_WBITS)
+                self._inflater = zlib.decompressobj(_GZIP_WBITS)  # another gzip member
                 self._members += 1
-            part = self._inflater.decompress(data, room + 1)
-            if len(part) > room:
-                raise _TooLarge()
-            parts.append(part)
-            room -= len(part)
-            data = self._inflater.unused_data if self._inflater.eof else b""
-        return b"".join(parts)
 
 
 class _TooLarge(ValueError):

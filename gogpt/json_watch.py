@@ -69,12 +69,16 @@ class JsonWatch:
     def _keep(self, data: bytes) -> None:
         if self._unreadable:
             return
-        if self._decoder is not None:
-            try:
-                data = self._decoder.feed(data)
-            except ValueError:
-                self._unreadable, self._head, self._parts = True, None, []
-                return
+        if self._decoder is None:
+            self._keep_decoded(data)
+            return
+        try:
+            for step in self._decoder.feed(data):  # each step kept before the next is inflated
+                self._keep_decoded(step)
+        except ValueError:
+            self._unreadable, self._head, self._parts = True, None, []
+
+    def _keep_decoded(self, data: bytes) -> None:
         self._parts.append(data)
         self._kept += len(data)
         if self._head is None:
