@@ -16,13 +16,9 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from .json_child import loads
-from .json_parser import INLINE_BYTES
 
 __all__ = ["MODEL_NEAR_START", "UsageReport", "event_report", "json_report"]
 
-# JSON answers up to this are parsed whole; in larger ones the usage is looked up. The bound is the
-# one request bodies are parsed on the loop under: 1 MiB of an embedding's numbers took 20 ms there.
-_PARSED_WHOLE_JSON = INLINE_BYTES
 _MEMBER_BYTES = 4096  # a usage object or a model's name is far shorter
 MODEL_NEAR_START = 64 << 10  # where a chat completion or a response names its model
 _COLON = re.compile(rb"\s*:\s*")
@@ -53,8 +49,8 @@ def event_report(event: bytes) -> UsageReport | None:
 
 
 def json_report(body: bytes, *, whole: bool) -> UsageReport:
-    """What a JSON answer reports of the usage: `body` is all of it (`whole`), or what was kept
-    of its two ends (json_watch.py)."""
+    """What a JSON answer reports of the usage: `body` is all of it (`whole`: parsed), or what was
+    kept of its two ends (json_watch.py: looked up)."""
     usage, model = _usage_in_json(body, whole=whole)
     return UsageReport(_tokens(usage), model if isinstance(model, str) else None)
 
@@ -71,14 +67,14 @@ def _event_data(event: bytes) -> bytes:
 def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
     """A JSON answer's top-level `usage` and `model`.
 
-    A large answer (an embedding of many inputs) is not parsed. Its usage is the last `"usage"`
+    What is kept of a large answer (an embedding of many inputs) is not parsed. Its usage is the last `"usage"`
     member that holds a usage object: it comes after the choices, data or output, inside a string
     a quote is escaped, and what may follow it (/v1/responses' `metadata`) holds strings only. Its
     model is the first `"model"` member near its start, where chat completions and responses name
     it (their output and tools, which come after, may name other models), else the last one, as
     embeddings name it after their data.
     """
-    if whole and len(body) <= _PARSED_WHOLE_JSON:
+    if whole:
         try:
             answer = loads(body)
         except (ValueError, RecursionError):
