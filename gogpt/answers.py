@@ -105,31 +105,39 @@ class Decoder:
 
     `feed` yields the output a step of at most _STEP bytes at a time, each inflated only once the
     one before is used, so what a read makes gogpt hold does not grow with how far it inflates.
+    With `max_ratio`, the output may run at most that many times the bytes fed beyond its first
+    `max_bytes_any`, so a read's work is bounded by its size, not by how far it inflates.
     `finished`: every coding's end has come, with nothing after it.
     """
 
-    __slots__ = ("_inflaters", "_room")
+    __slots__ = ("_credit", "_inflaters", "_max_ratio", "_room")
 
-    def __init__(self, codings: Iterable[str], max_bytes: int) -> None:
+    def __init__(
+        self, codings: Iterable[str], max_bytes: int, *, max_ratio: int = 0, max_bytes_any: int = 0
+    ) -> None:
         codings = list(codings)
         if len(codings) > _MAX_CODINGS or any(coding not in _DECODABLE for coding in codings):
             raise ValueError("an unknown content coding")
         # the coding listed last was applied last, so it is undone first
         self._inflaters = [_Inflater(coding == "gzip") for coding in reversed(codings)]
         self._room = max_bytes
+        self._max_ratio = max_ratio
+        self._credit = max_bytes_any if max_ratio else max_bytes
 
     @property
     def finished(self) -> bool:
         return all(inflater.finished for inflater in self._inflaters)
 
     def feed(self, data: bytes) -> Iterator[bytes]:
+        self._credit += self._max_ratio * len(data)
         steps: Iterable[bytes] = (data,)
         for inflater in self._inflaters:
             steps = inflater.inflate(steps)
         try:
             for step in steps:
                 self._room -= len(step)
-                if self._room < 0:
+                self._credit -= len(step)
+                if self._room < 0 or self._credit < 0:
                     raise _TooLarge()
                 yield step
         except zlib.error:

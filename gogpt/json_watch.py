@@ -3,9 +3,10 @@
 An answer up to INLINE_BYTES is kept whole, to be parsed: the bound request bodies are parsed on
 the loop under (1 MiB of an embedding's numbers took 20 ms there). Of a larger one only its
 first and last 64 KiB are kept, where usage_reports looks up its model and its usage. A compressed answer is
-decoded as it passes, at most _MAX_DECODED_BYTES of it (so a bomb's work is bounded too):
-neither its size nor its coding decides what gogpt holds, or how long the loop works on it
-once it has ended. Parsing only, no I/O: tested on plain bytes.
+decoded as it passes, at most _MAX_DECODED_BYTES of it, and past its first MiB at most
+_MAX_RATIO times what has come: neither its size nor its coding decides what gogpt holds, or how
+long the loop works on one read of it (a bomb is given up after a few MiB, and the usage is
+estimated). Parsing only, no I/O: tested on plain bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ __all__ = ["JsonWatch"]
 # Kept of a larger answer: its start, where its model is named, and its end, where its usage is.
 _TAIL_BYTES = 64 << 10
 _MAX_DECODED_BYTES = 64 << 20
+# JSON compresses 2 to 6 times; an answer stuck repeating one word, up to ~1,000 times, as a bomb
+# does, so the ratio is only checked past a size such an answer stays under.
+_MAX_RATIO = 64
+_DECODED_BYTES_ANY = 1 << 20
 _SEAM = b"\0"  # between the two ends: no JSON value decodes across it
 
 
@@ -34,7 +39,11 @@ class JsonWatch:
     def __init__(self, codings: Sequence[str] = ()) -> None:
         self._unreadable = False  # the answer did not decode: nothing is kept
         try:
-            self._decoder = Decoder(codings, _MAX_DECODED_BYTES) if codings else None
+            self._decoder = (
+                Decoder(codings, _MAX_DECODED_BYTES, max_ratio=_MAX_RATIO, max_bytes_any=_DECODED_BYTES_ANY)
+                if codings
+                else None
+            )
         except ValueError:  # a coding gogpt cannot undo (it asks upstreams for none such)
             self._decoder, self._unreadable = None, True
         self._dechunker: Dechunker | None = None  # made for a chunked answer through the splice

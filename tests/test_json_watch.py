@@ -117,6 +117,27 @@ def test_a_bomb_is_given_up_on_without_being_held():
     assert watch.report() is None
 
 
+def test_a_bomb_is_given_up_after_a_few_mib_of_inflating(monkeypatch: pytest.MonkeyPatch):
+    """Inflating is work the loop does in one read: a bomb sent in one read once took 0.15 s."""
+    inflated = 0
+    keep_decoded = JsonWatch._keep_decoded
+
+    def counted(watch: JsonWatch, data: bytes) -> None:
+        nonlocal inflated
+        inflated += len(data)
+        keep_decoded(watch, data)
+
+    monkeypatch.setattr(JsonWatch, "_keep_decoded", counted)
+    watch, _ = fed_in_reads(["gzip"], gzip.compress(b" " * (65 << 20)))
+    assert inflated <= 6 << 20  # 1 MiB, then 64 times the read's 64 KiB, and one more step
+    assert watch.report() is None
+
+
+def test_an_answer_stuck_repeating_a_word_is_read_however_well_it_compresses():
+    sent = gzip.compress(answer("the " * (200 << 10)))  # 800 KiB in 2 KiB: 400 to 1
+    assert watched(["gzip"], pieces(sent, 512)) == EXACT
+
+
 @pytest.mark.parametrize(
     ("codings", "sent"),
     [
