@@ -314,6 +314,21 @@ async def test_an_upstream_that_ignores_stream_options_is_estimated_from_the_del
     assert await usage(client) == [row(prompt=len(sent) // 4, completion=3, estimated=1)]
 
 
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "ordinary path"])
+async def test_a_gzip_bomb_answer_is_relayed_as_sent_and_its_usage_estimated(
+    aiohttp_client, settings: Settings, upstream: FakeUpstream, auth, splice: bool
+):
+    opening = b'{"object": "chat.completion", "model": "%s", "choices": [' % SNAPSHOT.encode()
+    answer = opening + b" " * (64 << 20) + b'], "usage": %s}' % json.dumps(USAGE).encode()
+    packed = gzip.compress(answer)  # 64 KiB
+    upstream.respond = answered_in_writes(packed, 64 << 10, gzipped=True)
+    client = await aiohttp_client(create_app(settings.with_overrides(splice=splice)), auto_decompress=False)
+    sent = json.dumps(CHAT).encode()
+    resp = await client.post("/v1/chat/completions", data=sent, headers={**auth, "Accept-Encoding": "gzip"})
+    assert await resp.read() == packed
+    assert await usage(client) == [row(prompt=len(sent) // 4, completion=0, estimated=1)]
+
+
 async def test_a_hang_up_after_3_events_closes_the_upstream_and_is_estimated(
     client: TestClient, upstream: FakeUpstream, openai_chat: OpenAIChat, auth
 ):
