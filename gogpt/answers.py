@@ -122,7 +122,7 @@ class Decoder:
         self._inflaters = [_Inflater(coding == "gzip") for coding in reversed(codings)]
         self._room = max_bytes
         self._max_ratio = max_ratio
-        self._credit = max_bytes_any if max_ratio else max_bytes
+        self._credit = max_bytes_any if max_ratio else max_bytes  # without a ratio, no bound but max_bytes
 
     @property
     def finished(self) -> bool:
