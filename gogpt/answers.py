@@ -105,15 +105,15 @@ class Decoder:
 
     `feed` yields the output a step of at most _STEP bytes at a time, each inflated only once the
     one before is used, so what a read makes gogpt hold does not grow with how far it inflates.
-    With `max_ratio`, the output may run at most that many times the bytes fed beyond its first
-    `max_bytes_any`, so a read's work is bounded by its size, not by how far it inflates.
+    With `max_ratio`, the output past its first `unchecked_bytes` may run at most that many times
+    the bytes fed, so a read's work is bounded by its size, not by how far it inflates.
     `finished`: every coding's end has come, with nothing after it.
     """
 
     __slots__ = ("_credit", "_inflaters", "_max_ratio", "_room")
 
     def __init__(
-        self, codings: Iterable[str], max_bytes: int, *, max_ratio: int = 0, max_bytes_any: int = 0
+        self, codings: Iterable[str], max_bytes: int, *, max_ratio: int = 0, unchecked_bytes: int = 0
     ) -> None:
         codings = list(codings)
         if len(codings) > _MAX_CODINGS or any(coding not in _DECODABLE for coding in codings):
@@ -122,7 +122,7 @@ class Decoder:
         self._inflaters = [_Inflater(coding == "gzip") for coding in reversed(codings)]
         self._room = max_bytes
         self._max_ratio = max_ratio
-        self._credit = max_bytes_any if max_ratio else max_bytes  # without a ratio, no bound but max_bytes
+        self._credit = unchecked_bytes  # the output the ratio still allows
 
     @property
     def finished(self) -> bool:
@@ -137,7 +137,7 @@ class Decoder:
             for step in steps:
                 self._room -= len(step)
                 self._credit -= len(step)
-                if self._room < 0 or self._credit < 0:
+                if self._room < 0 or (self._max_ratio and self._credit < 0):
                     raise _TooLarge()
                 yield step
         except zlib.error:

@@ -27,7 +27,7 @@ _MAX_DECODED_BYTES = 64 << 20
 # JSON compresses 2 to 6 times; an answer stuck repeating one word, up to ~1,000 times, as a bomb
 # does, so the ratio is only checked past a size such an answer stays under.
 _MAX_RATIO = 64
-_DECODED_BYTES_ANY = 1 << 20
+_RATIO_UNCHECKED_BYTES = 1 << 20
 _SEAM = b"\0"  # between the two ends: no JSON value decodes across it
 
 
@@ -38,14 +38,14 @@ class JsonWatch:
 
     def __init__(self, codings: Sequence[str] = ()) -> None:
         self._unreadable = False  # the answer did not decode: nothing is kept
-        try:
-            self._decoder = (
-                Decoder(codings, _MAX_DECODED_BYTES, max_ratio=_MAX_RATIO, max_bytes_any=_DECODED_BYTES_ANY)
-                if codings
-                else None
-            )
-        except ValueError:  # a coding gogpt cannot undo (it asks upstreams for none such)
-            self._decoder, self._unreadable = None, True
+        self._decoder: Decoder | None = None
+        if codings:
+            try:
+                self._decoder = Decoder(
+                    codings, _MAX_DECODED_BYTES, max_ratio=_MAX_RATIO, unchecked_bytes=_RATIO_UNCHECKED_BYTES
+                )
+            except ValueError:  # a coding gogpt cannot undo (it asks upstreams for none such)
+                self._unreadable = True
         self._dechunker: Dechunker | None = None  # made for a chunked answer through the splice
         self._head: bytes | None = None  # its first MODEL_NEAR_START bytes, once past INLINE_BYTES
         self._parts: list[bytes] = []  # the answer so far; past INLINE_BYTES, its latest bytes
