@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import aiohttp
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -57,6 +59,23 @@ async def wait_until_listening(port: int, process: asyncio.subprocess.Process, w
         await writer.wait_closed()
         return
     raise AssertionError(f"gogpt did not listen on {port} within {within} s")
+
+
+async def refusing(port: int) -> None:
+    """Return once the port refuses new connections (gogpt has begun to stop)."""
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.02)  # polling a socket's state: there is no event to await
+
+
+def new_connections() -> aiohttp.ClientSession:
+    """A client that opens a new connection per request, so the kernel spreads them over the workers."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
 
 
 class Gateway:

@@ -15,9 +15,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import SECRET_KEY, FakeUpstream, RedisServer
 from prometheus_client import REGISTRY
+from serving import new_connections
 from test_shared_state import SharedState, shared  # noqa: F401 - a fixture
 from test_usage import ADMIN, MODEL
-from test_usage_workers import Starter, new_connections, start  # noqa: F401 - a fixture
+from test_usage_workers import Starter, start  # noqa: F401 - a fixture
 
 from gogpt import Settings, create_app, mint_token
 from gogpt.policy import Policy

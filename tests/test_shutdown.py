@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import SECRET_KEY, FakeUpstream
-from serving import free_port, start_gogpt, wait_until_listening
+from serving import free_port, refusing, start_gogpt, wait_until_listening
 
 from gogpt import mint_token
 from gogpt.ledger import UsageLedger
@@ -38,18 +38,6 @@ def gated_stream(gate: asyncio.Event, started: asyncio.Event):
         return response
 
     return respond
-
-
-async def _refusing(port: int) -> None:
-    """Return once the port refuses new connections."""
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return
-        writer.close()
-        await writer.wait_closed()
-        await asyncio.sleep(0.02)  # polling a socket's state: there is no event to await
 
 
 Process = asyncio.subprocess.Process
@@ -107,7 +95,7 @@ async def test_a_running_stream_finishes_after_the_stop_signal_and_gogpt_exits_0
     ):
         assert await resp.content.readline() == b"data: first\n"
         process.send_signal(signum)
-        await asyncio.wait_for(_refusing(port), 10)  # no new connections once stopping
+        await asyncio.wait_for(refusing(port), 10)  # no new connections once stopping
         gate.set()
         rest = await asyncio.wait_for(resp.read(), 10)
     assert rest == b"\n" + b"".join(b"data: %d\n\n" % n for n in range(TAIL_EVENTS)) + b"data: [DONE]\n\n"

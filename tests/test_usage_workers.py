@@ -10,10 +10,9 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
 import pytest
 from conftest import SECRET_KEY, FakeUpstream, RedisServer
-from serving import Gateway
+from serving import Gateway, new_connections, refusing
 from test_usage import ADMIN, CHAT, OpenAIChat, chat_stream, row
 
 Starter = Callable[[], Awaitable[Gateway]]
@@ -41,11 +40,6 @@ async def start(
         await gateway.stop()
 
 
-def new_connections() -> aiohttp.ClientSession:
-    """A client that opens a connection per request, so the kernel spreads them over the workers."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
-
-
 async def test_usage_adds_up_over_two_workers_is_written_on_sigterm_and_survives_a_restart(
     start: Starter, upstream: FakeUpstream, auth
 ):
@@ -63,6 +57,7 @@ async def test_usage_adds_up_over_two_workers_is_written_on_sigterm_and_survives
         ) as streaming:
             assert await streaming.content.readline()  # the stream has started
             gateway.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(refusing(gateway.port), 10)  # the workers are stopping: the grace
             fake.gates[last_write].set()
             await streaming.read()
     assert await asyncio.wait_for(gateway.process.wait(), 30) == 0, "".join(gateway.log)

@@ -12,10 +12,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
 import pytest
 from conftest import ACCESS_TOKEN, CHAT_API_KEY, SECRET_KEY, FakeUpstream
-from serving import Gateway
+from serving import Gateway, new_connections
 from test_conv import LIST, POST, Backend, message
 from test_conv import backend as backend  # the scripted backend-api fixture, shared
 
@@ -45,11 +44,6 @@ async def start(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Starter
     yield start_gateway
     for gateway in started:
         await gateway.stop()
-
-
-def new_connections() -> aiohttp.ClientSession:
-    """A client that opens a new connection per request, so the kernel spreads them over the workers."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
 
 
 async def test_a_rate_limit_of_3_lets_exactly_3_of_12_requests_through_on_2_workers(start: Starter, auth):
