@@ -125,15 +125,23 @@ async def test_a_json_body_that_swells_when_parsed_is_413_and_never_reaches_the_
     assert upstream.requests == []
 
 
-async def test_a_parse_whose_client_left_never_answers_the_next_body():
+async def test_a_parse_whose_client_left_never_answers_the_next_body(monkeypatch: pytest.MonkeyPatch):
     """The child answers in order: a request cancelled mid-parse must not leave its answer behind."""
     parser = JsonParser(MIB)
     first, second = (
         json.dumps({"who": who, "pad": "x" * INLINE_BYTES}).encode() for who in ("first", "second")
     )
+    body_sent = asyncio.Event()
+    drain = asyncio.StreamWriter.drain
+
+    async def drain_and_tell(writer: asyncio.StreamWriter) -> None:
+        await drain(writer)
+        body_sent.set()
+
+    monkeypatch.setattr(asyncio.StreamWriter, "drain", drain_and_tell)
     try:
         leaving = asyncio.ensure_future(parser.fields_in_child([first], len(first), ["who"]))
-        await asyncio.sleep(0)  # it has taken the child and sent its body
+        await asyncio.wait_for(body_sent.wait(), 10)  # the child has the body and is parsing it
         leaving.cancel()
         async with asyncio.timeout(10):  # out of step, the child would wait for the rest of a body
             assert await parser.fields_in_child([second], len(second), ["who"]) == {"who": "second"}
