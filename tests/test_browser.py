@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import SECRET_KEY, FakeUpstream
 from playwright.async_api import Browser, Page, async_playwright, expect
+from test_keepalive import IdleCuttingProxy
 
 import gogpt.event
 from gogpt import Settings, create_app, mint_token
@@ -142,12 +143,17 @@ async def test_chat_page_reads_a_stream_with_keepalive_comments(
 
     upstream.respond = thinking
     gateway = await aiohttp_server(create_app(settings.with_overrides(sse_keepalive=0.3)))
-    page = await open_page("chat.html", mint_token(SECRET_KEY, "u", 1))
-    await page.fill("#gateway", str(gateway.make_url("")).rstrip("/"))
-    await page.click("#send")
-    await expect(page.locator("#output")).to_have_text("Hello")
-    await expect(page.locator("#status")).to_have_text("Done.")
-    await page.screenshot(path=tmp_path / "chat-keepalive.png", full_page=True)
+    # Between the page and gogpt, a balancer that cuts a connection idle for 1 s: the answer
+    # arrives only if the comments did, and the page read past them.
+    balancer = IdleCuttingProxy(gateway.port, idle=1.0)
+    async with await asyncio.start_server(balancer.handle, "127.0.0.1", 0) as server:
+        page = await open_page("chat.html", mint_token(SECRET_KEY, "u", 1))
+        await page.fill("#gateway", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        await page.click("#send")
+        await expect(page.locator("#output")).to_have_text("Hello")
+        await expect(page.locator("#status")).to_have_text("Done.")
+        await page.screenshot(path=tmp_path / "chat-keepalive.png", full_page=True)
+    assert balancer.cut == 0
 
 
 async def test_chat_page_stop_aborts_the_upstream_stream(
