@@ -560,12 +560,10 @@ async def test_usage_adds_up_per_identity_and_model(client: TestClient, openai_c
 async def test_the_token_metric_counts_by_the_model_the_upstream_named(
     client: TestClient, openai_chat: OpenAIChat, auth
 ):
+    before = [await exact_tokens(client, kind, SNAPSHOT) for kind in ("prompt", "completion")]
     await (await client.post("/chat", json=CHAT, headers=auth)).read()
-    resp = await client.get("/metrics", headers=ADMIN)
-    metrics = await resp.text()
-    labels = f'model="{SNAPSHOT}",source="exact"'
-    assert f'gogpt_tokens_total{{kind="prompt",{labels}}}' in metrics
-    assert f'gogpt_tokens_total{{kind="completion",{labels}}}' in metrics
+    after = [await exact_tokens(client, kind, SNAPSHOT) for kind in ("prompt", "completion")]
+    assert after == [before[0] + USAGE["prompt_tokens"], before[1] + USAGE["completion_tokens"]]
 
 
 # ---- the OpenAI SDK --------------------------------------------------------------------------------
