@@ -326,16 +326,6 @@ async def test_a_token_whose_id_is_admin_does_not_read_metrics(client: TestClien
     _assert_openai_error(await resp.json(), "authentication_error")
 
 
-async def test_a_token_whose_id_is_admin_is_not_exempt_from_the_rate_limit(
-    aiohttp_client: Callable[..., Awaitable[TestClient]], settings: Settings, upstream: FakeUpstream
-) -> None:
-    client = await aiohttp_client(create_app(settings.with_overrides(rate_limit=1)))
-    headers = {"Authorization": f"Bearer {_old_token('admin')}"}
-    statuses = [(await client.get("/v1/models", headers=headers)).status for _ in range(3)]
-    assert 200 not in statuses[1:]
-    assert upstream.requests == []  # refused outright: its id is reserved
-
-
 @pytest.mark.parametrize(
     "identity", ["admin", "-", UNPRINTABLE_IDS["newline"]], ids=["admin", "dash", "newline"]
 )
