@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from aiohttp import StreamReader
 from aiohttp.test_utils import TestClient
+from aiohttp_sse import EventSourceResponse
 
 import gogpt.event
 
@@ -48,16 +51,28 @@ async def test_event_answers_as_text_event_stream(client: TestClient, interval: 
 async def test_event_sends_the_first_event_at_once_and_the_second_after_the_interval(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gogpt.event, "EVENT_INTERVAL", 0.5)
-    clock = asyncio.get_running_loop().time
-    started = clock()
+    """The handler's wait is the test's: the first event reaches the client while it lasts, and
+    the second is sent only after it."""
+    interval_over = asyncio.Event()
+    steps: list[str] = []
+    send = EventSourceResponse.send
+
+    async def logged_send(self: EventSourceResponse, data: str, *args: Any, **kwargs: Any) -> None:
+        steps.append(data)
+        await send(self, data, *args, **kwargs)
+
+    async def interval(delay: float) -> None:
+        steps.append(f"wait {delay}")
+        await interval_over.wait()
+
+    monkeypatch.setattr(EventSourceResponse, "send", logged_send)
+    monkeypatch.setattr(gogpt.event, "asyncio", SimpleNamespace(sleep=interval))  # its only use
     resp = await client.get("/event", params=PARAMS)
-    first = await _next_data_line(resp.content)
-    first_at = clock() - started
+    first = await asyncio.wait_for(_next_data_line(resp.content), 10)
+    interval_over.set()
     second = await _next_data_line(resp.content)
-    second_at = clock() - started
     assert (first, second) == (b"data: 0APS", b"data: 1APS")
-    assert first_at < 0.5 <= second_at
+    assert steps == ["0APS", f"wait {gogpt.event.EVENT_INTERVAL}", "1APS", "close"]
 
 
 @pytest.mark.parametrize("missing", ["appId", "page", "pageSize"])

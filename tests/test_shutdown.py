@@ -126,15 +126,13 @@ async def test_streams_still_running_after_the_grace_period_are_closed(
 
 
 async def test_idle_keep_alive_connections_do_not_hold_up_the_exit(start: Starter):
-    process, port = await start(20)
+    process, port = await start(3600)  # a grace an idle connection could hold up: an hour
     async with aiohttp.ClientSession() as session:  # its pooled connection stays open, idle
         async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
             assert resp.status == 200
-        started = asyncio.get_running_loop().time()
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 10)
     assert process.returncode == 0
-    assert asyncio.get_running_loop().time() - started < 5  # far less than the 20 s of grace
 
 
 async def _refused_start(tmp_path: Path, env: dict[str, str], *args: str) -> list[str]:
