@@ -198,19 +198,20 @@ async def test_a_hundred_calls_all_succeed_with_one_key_exhausted_and_one_revoke
 
 
 async def test_calls_spread_over_keys_with_the_fewest_in_flight(make_gateway, upstream: FakeUpstream, auth):
-    release = asyncio.Event()
+    release, all_arrived = asyncio.Event(), asyncio.Event()
     arrived: list[str] = []
 
     async def held(request: web.Request) -> web.StreamResponse:
         arrived.append(key_of(request))
+        if len(arrived) == 6:
+            all_arrived.set()
         await release.wait()
         return web.json_response({})
 
     upstream.respond = held
     gateway = await make_gateway()
     calls = [asyncio.ensure_future(gateway.post("/chat", json={}, headers=auth)) for _ in range(6)]
-    while len(arrived) < 6:  # noqa: ASYNC110 - waiting for six requests held by the upstream
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(all_arrived.wait(), 10)  # six calls in flight at once
     release.set()
     await asyncio.gather(*calls)
     assert Counter(arrived) == {A: 2, B: 2, C: 2}
