@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -47,14 +48,20 @@ def shared(request: pytest.FixtureRequest, settings: Settings) -> SharedState:
     return SharedState("redis", settings.with_overrides(redis_url=redis_server.url))
 
 
+async def gateway_pair(
+    aiohttp_client, shared: SharedState, **overrides: Any
+) -> tuple[TestClient, TestClient]:
+    """Two gateways that must act as one: two apps on one file or one Redis, or one in-process app twice."""
+    settings = shared.settings.with_overrides(**overrides)
+    if shared.kind == "memory":
+        client = await aiohttp_client(create_app(settings))
+        return client, client
+    return await aiohttp_client(create_app(settings)), await aiohttp_client(create_app(settings))
+
+
 @pytest.fixture
 async def pair(aiohttp_client, shared: SharedState) -> tuple[TestClient, TestClient]:
-    """Two gateways that must act as one: two apps on one file or one Redis, or one in-process app twice."""
-    limited = shared.settings.with_overrides(**LIMITED)
-    if shared.kind == "memory":
-        client = await aiohttp_client(create_app(limited))
-        return client, client
-    return await aiohttp_client(create_app(limited)), await aiohttp_client(create_app(limited))
+    return await gateway_pair(aiohttp_client, shared, **LIMITED)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import SECRET_KEY, Clock, RedisServer
+from test_shared_state import SharedState, gateway_pair, shared  # noqa: F401 - a fixture
 
 from gogpt import Settings, create_app
 
@@ -17,20 +18,14 @@ WRONG = {**RIGHT, "key": "guess"}
 LIMIT = 10  # TOKEN_FAILURE_LIMIT's default: ten at once, then one every six seconds
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture
 async def pair(
-    request: pytest.FixtureRequest,
-    aiohttp_client: Callable[..., Awaitable[TestClient]],
-    settings: Settings,
-    redis_server: RedisServer,
+    aiohttp_client,
+    shared: SharedState,  # noqa: F811 - the fixture imported
     clock: Clock,
 ) -> tuple[TestClient, TestClient]:
-    """Two gateways that must act as one: two apps on one Redis, or one in-process app twice."""
-    if request.param == "memory":
-        client = await aiohttp_client(create_app(settings))
-        return client, client
-    shared = settings.with_overrides(redis_url=redis_server.url)
-    return await aiohttp_client(create_app(shared)), await aiohttp_client(create_app(shared))
+    """Two gateways on one store (see test_shared_state), the clock the test's."""
+    return await gateway_pair(aiohttp_client, shared)
 
 
 async def _statuses(client: TestClient, params: dict[str, str], times: int) -> list[int]:
