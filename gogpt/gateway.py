@@ -11,6 +11,7 @@ and a coroutine more for every request.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from .auth import authenticate
 from .bodies import settle_connection
 from .cors import preflight_answer
 from .errors import Handler, failure_answer
+from .logs import ACCESS_LOGGER
 from .ops import count_request, enforce_rate_limit
 from .revocation import REVOCATIONS
 
@@ -45,5 +47,9 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         if request.body_exists:
             await settle_connection(request, response)
         return response
+    except asyncio.CancelledError:  # the client left: aiohttp writes no access line for it
+        if ACCESS_LOGGER in request.app:
+            request.app[ACCESS_LOGGER].log_hang_up(request, time.perf_counter() - started)
+        raise
     finally:
         count_request(request, status, started)

@@ -15,7 +15,7 @@ from aiohttp.http import HttpProcessingError
 
 from .keys import CALLER
 
-__all__ = ["AccessLogger", "configure_logging", "printable"]
+__all__ = ["ACCESS_LOGGER", "AccessLogger", "configure_logging", "printable"]
 
 
 def printable(text: str) -> str:
@@ -168,10 +168,18 @@ class AccessLogger(AbstractAccessLogger):
     """One line per request. The query string is left out: `/token?key=...` would put a key in it."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
+        self.log_answer(request, response.status, response.body_length, duration)
+
+    def log_hang_up(self, request: web.BaseRequest, duration: float) -> None:
+        """aiohttp writes no line for a request whose client left before its answer ended (the
+        handler is cancelled): gogpt writes it, status 499 as nginx does, with the bytes sent."""
+        self.log_answer(request, 499, request.writer.output_size, duration)
+
+    def log_answer(self, request: web.BaseRequest, status: int, sent: int, duration: float) -> None:
         caller = request.get(CALLER)
         method, path = request.method, request.path  # the path is decoded: %0A is a newline here
         identity = "-" if caller is None else caller.identity
-        remote, status, sent = request.remote, response.status, response.body_length
+        remote = request.remote
         # JSON lines keep the fields as they are (json.dumps escapes them); the text line escapes
         # each field a client chose, so no path or token id can end the line and forge another.
         message = '%s "%s %s" %d %d %.3fs id=%s' % (  # noqa: UP031 - logging's own layout
@@ -203,6 +211,11 @@ class AccessLogger(AbstractAccessLogger):
         else:
             formatter: JsonFormatter = handler.formatter  # type: ignore[assignment]
             handler.write_line(formatter.access_line(logger.name, message, fields, time.time()))
+
+
+# The access logger `python -m gogpt` serves with, for the lines aiohttp does not write (hang-ups);
+# an app embedded elsewhere has none, and its server logs as it was told.
+ACCESS_LOGGER = web.AppKey("gogpt.access_logger", AccessLogger)
 
 
 def _sole_handler(logger: logging.Logger) -> LoopBatchedHandler | None:

@@ -18,7 +18,7 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 
 from .app import create_app
 from .config import Settings
-from .logs import AccessLogger, configure_logging
+from .logs import ACCESS_LOGGER, AccessLogger, configure_logging
 from .upstreams import describe_keys
 
 __all__ = ["serve"]
@@ -46,6 +46,8 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
     _install_uvloop()
     app = create_app(settings)
     app.on_startup.append(_tune_collector)  # last: after the app's own start-up
+    access_log = logging.getLogger("gogpt.access")
+    app[ACCESS_LOGGER] = AccessLogger(access_log, "")
     try:
         web.run_app(
             app,
@@ -56,7 +58,7 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
             shutdown_timeout=max(settings.shutdown_grace, 0.001),  # aiohttp reads 0 as "wait for ever"
             handler_cancellation=True,  # a client hang-up cancels its relay and closes the upstream at once
             access_log_class=AccessLogger,
-            access_log=logging.getLogger("gogpt.access"),
+            access_log=access_log,
             print=lambda _: log.info(
                 "serving on http://%s:%d with %s",
                 settings.host,

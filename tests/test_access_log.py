@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import jwt
 import pytest
+from aiohttp import web
 from conftest import SECRET_KEY, FakeUpstream
 from serving import free_port, start_gogpt, wait_until_listening
 from yarl import URL
@@ -110,3 +111,30 @@ async def test_a_json_access_log_keeps_the_raw_path_and_a_message_of_one_line(st
         assert "/v1/models" + line_break + FORGED in paths, encoded
     for entry in entries:
         assert entry["message"].isprintable(), entry["message"]
+
+
+async def test_a_client_that_leaves_mid_stream_gets_a_499_line(start: Start, upstream: FakeUpstream) -> None:
+    """aiohttp writes no line for a cancelled handler: the estimated usage of a hang-up must still
+    be traceable to a request in the log."""
+
+    async def one_event_then_thinking(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await asyncio.Event().wait()  # until the client leaves
+        return response
+
+    upstream.respond = one_event_then_thinking
+    gateway = await start("text")
+    token = jwt.encode({"jti": "alice", "exp": 2**40}, SECRET_KEY, algorithm="HS256")
+    async with (
+        aiohttp.ClientSession(gateway.url) as session,
+        session.post("/chat", json={"stream": True}, headers={"Authorization": f"Bearer {token}"}) as resp,
+    ):
+        assert await resp.content.readline() == b"data: first\n"
+    await asyncio.wait_for(upstream.disconnected.wait(), 10)  # gogpt saw the hang-up
+    log = await gateway.stop()
+    [line] = [line for line in log.splitlines() if '"POST /chat"' in line]
+    status, sent, _, identity = line.split('"POST /chat" ')[1].split()
+    assert (status, identity) == ("499", "id=alice")
+    assert int(sent) > len(b"data: first\n\n")  # the head and the event went out
