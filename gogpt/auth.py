@@ -56,7 +56,7 @@ def identity_problem(identity: str) -> str | None:
     if identity != identity.strip():  # "alice " would read as "alice" everywhere it is shown
         return "id must not start or end with a space."
     if unicodedata.normalize("NFKC", identity).casefold() in _RESERVED_IDENTITIES:
-        return "This id is reserved (logs use it for the admin credential or for no caller); choose another."
+        return "This id is reserved: logs show it for the admin credential or for no caller."
     return None
 
 

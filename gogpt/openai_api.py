@@ -42,7 +42,7 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
     if request.method not in _V1_METHODS:
         raise ApiError(
             405,
-            "The OpenAI API takes GET, POST and DELETE only.",
+            "The OpenAI API takes GET, HEAD, POST and DELETE only.",
             code="method_not_allowed",
             headers={"Allow": _V1_ALLOW},
         )

@@ -139,7 +139,7 @@ start() {
     sleep 0.1
   done
   echo "gogpt is running (pid $pid) at $base"
-  echo "mint a token:  curl -s -X POST $base/token -d id=me -d hour=24 -d key=SECRET_KEY_FROM_.env"
+  echo "mint a token:  curl -s -X POST $base/token -d id=me -d hour=24 -d key=\$(sed -n 's/^SECRET_KEY=//p' $home/.env)"
   echo "stop it:       $self stop"
 }
 

@@ -245,9 +245,7 @@ def shared_settings(request: pytest.FixtureRequest, settings: Settings) -> Setti
     return settings.with_overrides(redis_url=redis_server.url)
 
 
-async def test_a_revocation_on_one_instance_is_enforced_by_another(
-    aiohttp_client, shared_settings: Settings
-):
+async def test_a_revocation_on_one_instance_is_enforced_by_another(aiohttp_client, shared_settings: Settings):
     one = await aiohttp_client(create_app(shared_settings))
     two = await aiohttp_client(create_app(shared_settings))
     by_id, by_token, other = await minted(one, "alice"), await minted(one, "bob"), await minted(one, "bob")

@@ -92,7 +92,16 @@ def test_start_writes_the_pid_file_and_prints_the_url(started: Started) -> None:
     pid = int((home / "gogpt.pid").read_text())
     assert alive(pid)
     assert f"gogpt is running (pid {pid}) at http://127.0.0.1:{port}" in result.stdout
-    assert "/token" in result.stdout  # how to mint a token
+
+
+def test_the_printed_token_command_works_as_pasted(started: Started) -> None:
+    *_, result = started
+    assert result.returncode == 0, output(result)
+    [command] = [
+        line.split(":", 1)[1] for line in result.stdout.splitlines() if line.startswith("mint a token:")
+    ]
+    minted = subprocess.run(["bash", "-c", command], cwd="/", capture_output=True, text=True, timeout=30)
+    assert json.loads(minted.stdout)["id"] == "me", minted.stdout + minted.stderr
 
 
 def test_the_started_server_answers_with_the_key_from_env(started: Started) -> None:
