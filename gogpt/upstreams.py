@@ -56,7 +56,8 @@ class Key:
     fingerprint: str
     in_flight: int = 0
     rests_until: float = 0.0  # monotonic time; resting keys get no calls
-    set_aside: bool = False  # answered 401: not used again until restart
+    refused: bool = False  # answered 401 (logged once)
+    set_aside: bool = False  # refused in a pool: not used again until restart
 
 
 class KeyPool:
@@ -88,13 +89,15 @@ class KeyPool:
     def observe(self, key: Key, status: int, headers: Mapping[str, str]) -> None:
         """Count the answer and rest or set aside its key as it says."""
         _key_calls(key.fingerprint, status).inc()
-        if len(self.keys) < 2:
-            return
-        if status == 429:
+        if status == 401 and not key.refused:
+            key.refused = True
+            if len(self.keys) > 1:
+                key.set_aside = True
+                log.error("upstream key %s was refused (401): set aside until restart", key.fingerprint)
+            else:  # the only key: calls go on to it, as they always have
+                log.error("the upstream key %s was refused (401): check CHAT_API_KEY", key.fingerprint)
+        elif status == 429 and len(self.keys) > 1:
             key.rests_until = time.monotonic() + _rest_seconds(headers.get("Retry-After"))
-        elif status == 401 and not key.set_aside:
-            key.set_aside = True
-            log.error("upstream key %s was refused (401): set aside until restart", key.fingerprint)
 
     async def call(
         self, send: Send, headers: Mapping[str, str], data: bytes | AsyncIterable[bytes] | None

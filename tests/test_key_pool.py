@@ -183,6 +183,23 @@ async def test_one_key_behaves_as_before_no_retry_and_no_rest(make_gateway, upst
     assert len(upstream.requests) == 3
 
 
+async def test_a_sole_refused_key_keeps_taking_calls_and_is_logged_once_for_the_operator(
+    make_gateway, upstream: FakeUpstream, auth, caplog
+):
+    """A 401 relayed from the upstream reads, to the client, like its own token refused: the
+    operator must learn from the log that the key is at fault."""
+    caplog.set_level(logging.INFO)
+    upstream.respond = per_key({A: status(401)})
+    gateway = await make_gateway(keys=A)
+    statuses = [(await gateway.post("/chat", json={}, headers=auth)).status for _ in range(3)]
+    assert statuses == [401, 401, 401]
+    assert len(upstream.requests) == 3
+    refusals = [record for record in caplog.records if "refused (401)" in record.getMessage()]
+    assert [(record.levelname, record.getMessage()) for record in refusals] == [
+        ("ERROR", f"the upstream key {A[:3]}…{A[-4:]} was refused (401): check CHAT_API_KEY")
+    ]
+
+
 async def test_a_hundred_calls_all_succeed_with_one_key_exhausted_and_one_revoked(
     make_gateway, upstream: FakeUpstream, auth
 ):
