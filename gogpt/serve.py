@@ -46,6 +46,27 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
     _install_uvloop()
     app = create_app(settings)
     app.on_startup.append(_tune_collector)  # last: after the app's own start-up
+    serving = False
+
+    def say_serving(_: str) -> None:
+        nonlocal serving
+        serving = True
+        log.info(
+            "serving on http://%s:%d with %s",
+            settings.host,
+            settings.port,
+            describe_keys(settings.chat_api_keys),
+        )
+
+    async def say_stopping(_app: web.Application) -> None:
+        """So that the log tells a clean stop from a crash: this line, then "stopped"."""
+        if serving:  # not when start-up failed (the port was taken, say): that has its own line
+            log.info(
+                "stopping: no new connections; running requests have %g s to finish (SHUTDOWN_GRACE)",
+                settings.shutdown_grace,
+            )
+
+    app.on_shutdown.insert(0, say_stopping)
     access_log = logging.getLogger("gogpt.access")
     app[ACCESS_LOGGER] = AccessLogger(access_log, "")
     try:
@@ -59,13 +80,10 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
             handler_cancellation=True,  # a client hang-up cancels its relay and closes the upstream at once
             access_log_class=AccessLogger,
             access_log=access_log,
-            print=lambda _: log.info(
-                "serving on http://%s:%d with %s",
-                settings.host,
-                settings.port,
-                describe_keys(settings.chat_api_keys),
-            ),
+            print=say_serving,
         )
+        if serving:
+            log.info("stopped")
     except OSError as exc:  # the address is taken or does not resolve: one line, not a traceback
         log.error("HOST, PORT: cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
         raise SystemExit(1) from None

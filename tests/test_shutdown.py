@@ -99,8 +99,18 @@ async def test_a_running_stream_finishes_after_the_stop_signal_and_gogpt_exits_0
         gate.set()
         rest = await asyncio.wait_for(resp.read(), 10)
     assert rest == b"\n" + b"".join(b"data: %d\n\n" % n for n in range(TAIL_EVENTS)) + b"data: [DONE]\n\n"
-    await asyncio.wait_for(process.wait(), 20)
+    _, stderr = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 0
+    # each worker that served says it is stopping, then that it stopped: a log reader tells this
+    # from a crash (a second worker may still have been starting when the signal came)
+    said = [
+        line.split("gogpt.serve: ")[1] for line in stderr.decode().splitlines() if "gogpt.serve: s" in line
+    ]
+    serving = sum(line.startswith("serving on") for line in said)
+    stopping = "stopping: no new connections; running requests have 20 s to finish (SHUTDOWN_GRACE)"
+    assert serving >= 1
+    assert (said.count(stopping), said.count("stopped")) == (serving, serving)
+    assert said.index(stopping) < said.index("stopped")
 
 
 @pytest.mark.parametrize("grace", [0.5, 0], ids=["SHUTDOWN_GRACE=0.5", "SHUTDOWN_GRACE=0"])
