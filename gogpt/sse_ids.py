@@ -19,13 +19,20 @@ class MessageIds:
     def __init__(self) -> None:
         self.message_id: str | None = None
         self.conversation_id: str | None = None
-        self._partial = b""
+        self._partial: list[bytes] = []  # the unfinished last line, in the pieces it came in
+        self._partial_bytes = 0
 
     def feed(self, chunk: bytes) -> None:
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
-        if len(self._partial) > _MAX_EVENT_BYTES:
-            self._partial = b""
+        end = chunk.rfind(b"\n")
+        if end < 0:  # the line goes on: kept as it comes, joined once when it ends
+            self._partial.append(chunk)
+            self._partial_bytes += len(chunk)
+            if self._partial_bytes > _MAX_EVENT_BYTES:
+                self._partial, self._partial_bytes = [], 0
+            return
+        lines = (b"".join((*self._partial, chunk[:end])) if self._partial else chunk[:end]).split(b"\n")
+        rest = chunk[end + 1 :]
+        self._partial, self._partial_bytes = ([rest] if rest else []), len(rest)
         for line in lines:
             if line.startswith(b"data: {"):
                 self._read(line[6:])
@@ -33,7 +40,7 @@ class MessageIds:
     def _read(self, data: bytes) -> None:
         try:
             event = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
             return
         message = event.get("message")
         if isinstance(message, dict) and isinstance(message.get("id"), str):

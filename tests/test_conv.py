@@ -10,9 +10,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ACCESS_TOKEN, FakeUpstream
+from test_bodies import exchange
 
 from gogpt import Settings, create_app
 from gogpt.conv import hide_all_conversations
+from gogpt.sse_ids import MessageIds
 
 LIST = {"Chat-Type": "conversations"}
 POST = {"Chat-Type": "conversation"}
@@ -27,6 +29,7 @@ class Backend:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     reply_id: str = "assistant-msg-2"
     hidden: bool = False
+    before_reply: bytes = b""  # sent as it is before the reply's event
 
     def __post_init__(self) -> None:
         self.gate.set()
@@ -81,6 +84,8 @@ class Backend:
                 "conversation_id": conversation_id,
             }
         ).encode()
+        if self.before_reply:
+            await response.write(self.before_reply)
         await response.write(b"data: " + event[:20])  # an event split across chunks
         await response.write(event[20:] + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
@@ -227,6 +232,36 @@ async def test_post_builds_the_upstream_body_as_json_and_relays_every_event(
     assert sent_message["content"] == {"content_type": "text", "parts": [text]}
     assert sent_message["author"] == {"role": "user"}
     assert upstream.last.headers["Authorization"] == ACCESS_TOKEN
+
+
+async def test_an_event_nested_thousands_deep_is_relayed_and_the_ids_after_it_are_still_read(
+    client: TestClient, backend: Backend, auth
+):
+    backend.before_reply = b'data: {"a":' + b"[" * 50_000 + b"\n\n"  # json.loads: RecursionError
+    read = {**auth, "Chat-Type": "conversation/conv-1"}
+    assert (await (await client.get("/conv", headers=read)).json())["current_node"] == "node-1"  # cached
+    resp = await client.post(
+        "/conv", json=message(conversation_id="conv-1", parent_message_id="node-1"), headers={**auth, **POST}
+    )
+    assert resp.status == 200
+    assert backend.before_reply in await resp.read()
+    assert (await (await client.get("/conv", headers=read)).json())["current_node"] == "assistant-msg-2"
+
+
+async def test_a_failure_after_the_answer_began_cuts_the_client_off_rather_than_answer_twice(
+    client: TestClient, backend: Backend, auth, monkeypatch: pytest.MonkeyPatch
+):
+    def broken(self: MessageIds, data: bytes) -> None:
+        raise RuntimeError("a bug in reading the ids")
+
+    monkeypatch.setattr(MessageIds, "_read", broken)
+    body = json.dumps(message(conversation_id="conv-1", parent_message_id="node-1")).encode()
+    head = f"POST /conv HTTP/1.1\r\nHost: x\r\nAuthorization: {auth['Authorization']}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in POST.items())
+    answer = await exchange(client, f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.count(b"HTTP/1.1") == 1  # no second head inside the first answer
+    assert not answer.endswith(b"0\r\n\r\n")  # cut: no terminal chunk, so no client takes it as whole
 
 
 @pytest.mark.parametrize("ids", [{}, {"conversation_id": "conv-1"}, {"parent_message_id": "node-1"}])
@@ -387,3 +422,13 @@ async def test_clear_says_why_it_could_not(settings: Settings):
 
     said = await hide_all_conversations(settings.with_overrides(unofficial_proxy=f"127.0.0.1:{free_port()}"))
     assert "could not be reached" in said
+
+
+def test_the_ids_are_read_however_the_stream_is_cut_into_chunks():
+    stream = b'data: {"message": {"id": "m-1"}, "conversation_id": "c-1"}\n\ndata: [DONE]\n\n'
+    cuts = [[stream[:at], stream[at:]] for at in range(len(stream) + 1)]
+    for chunks in [*cuts, [stream[at : at + 1] for at in range(len(stream))]]:
+        ids = MessageIds()
+        for chunk in chunks:
+            ids.feed(chunk)
+        assert (ids.message_id, ids.conversation_id) == ("m-1", "c-1"), chunks
