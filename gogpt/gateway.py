@@ -43,6 +43,10 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
                 response = await handler(request)
         except Exception as exc:  # a hang-up (CancelledError) is not one: nothing to answer
             response = failure_answer(request, exc)
+            if request.writer.output_size and request.transport is not None:
+                # An answer was under way: this one would land inside it. The client is cut off
+                # instead, so it sees a broken answer; aiohttp fails to write this one and logs it.
+                request.transport.close()
         status = response.status
         if request.body_exists:
             await settle_connection(request, response)
