@@ -20,6 +20,9 @@ from .json_child import loads
 __all__ = ["MODEL_NEAR_START", "UsageReport", "event_report", "json_report"]
 
 _MEMBER_BYTES = 4096  # a usage object or a model's name is far shorter
+# Members of one name looked at, at most: an answer names its usage and model once or twice (in a
+# string a quote is escaped), and an upstream writing thousands of them must not hold the loop.
+_MAX_MEMBERS = 16
 MODEL_NEAR_START = 64 << 10  # where a chat completion or a response names its model
 _COLON = re.compile(rb"\s*:\s*")
 _DECODER = json.JSONDecoder()
@@ -89,11 +92,13 @@ def _usage_in_json(body: bytes, *, whole: bool) -> tuple[Any, Any]:
 
 
 def _member_values(body: bytes, name: bytes, *, backwards: bool, end: int | None = None) -> Iterator[Any]:
-    """The values of the members called `name` (quoted) in body[:end], from its end or its start.
-    Each is decoded from at most _MEMBER_BYTES, not from all the text after it."""
+    """The values of the first _MAX_MEMBERS members called `name` (quoted) in body[:end], from its
+    end or its start. Each is decoded from at most _MEMBER_BYTES, not from all the text after it."""
     end = len(body) if end is None else min(end, len(body))
     key = body.rfind(name, 0, end) if backwards else body.find(name, 0, end)
-    while key >= 0:
+    for _ in range(_MAX_MEMBERS):
+        if key < 0:
+            return
         colon = _COLON.match(body, key + len(name))
         if colon is not None:
             value = body[colon.end() : colon.end() + _MEMBER_BYTES].decode("utf-8", "replace")

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gogpt import usage_reports
 from gogpt.json_parser import INLINE_BYTES
 from gogpt.json_watch import JsonWatch
 from gogpt.usage_reports import UsageReport
@@ -137,6 +138,22 @@ def test_a_bomb_is_given_up_after_a_few_mib_of_inflating(monkeypatch: pytest.Mon
     watch, _ = fed_in_reads(["gzip"], gzip_bomb())
     assert inflated <= 6 << 20  # 1 MiB, then 64 times the read's 64 KiB, and one more step
     assert watch.report() is None
+
+
+def test_an_answer_of_thousands_of_model_members_is_given_up_after_a_few(monkeypatch: pytest.MonkeyPatch):
+    """Each member looked at decodes up to 4 KiB on the loop: 20,000 of them once held it 0.75 s."""
+    decoded = []
+    decoder = usage_reports._DECODER
+
+    class Counting:
+        def raw_decode(self, text: str, at: int = 0) -> tuple[object, int]:
+            decoded.append(len(text))
+            return decoder.raw_decode(text, at)
+
+    monkeypatch.setattr(usage_reports, "_DECODER", Counting())
+    hostile = b'{"model":' * (400_000 // 9)
+    assert watched([], pieces(hostile, 64 << 10)) == UsageReport(None, None)
+    assert len(decoded) <= 3 * 16  # usage from the end, model near the start, model from the end
 
 
 def test_an_answer_stuck_repeating_a_word_is_read_however_well_it_compresses():
