@@ -29,7 +29,10 @@ __all__ = ["USAGE_KEY", "EventWatch"]
 USAGE_KEY = b'_tokens"'
 _EVENT_ENDS = (b"\n\n", b"\n\r\n", b"\r\r")  # the blank line that ends an event, as SSE allows it
 _FRAMED_EVENT_END = b"\n\n\r\n"  # an event's end that is also its chunk's end
-_MAX_HELD_BYTES = 8 << 20  # an unfinished event longer than this is let through unread
+# An unfinished event longer than this is let through unread. OpenAI's events are far smaller:
+# the largest, a long answer's `response.completed`, holds its text once (100k tokens, ~0.5 MB).
+# What is held is copied as it is joined, so each stream could cost several times this.
+_MAX_HELD_BYTES = 2 << 20
 _FIRST_BYTES = 1024  # kept of a stream's start, to look at its first event
 
 
@@ -235,7 +238,7 @@ class EventWatch:
             self._held_bytes += len(data)
             if self._held_bytes <= _MAX_HELD_BYTES:
                 return b""
-            last = True  # not an event stream after all: let it through
+            data, last = b"", True  # not an event stream after all: let it (now held) through
         buffer = b"".join(held) + data if held else data
         cut = len(buffer) if last else _after_last_event(buffer)
         if len(buffer) - cut > _MAX_HELD_BYTES:

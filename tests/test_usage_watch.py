@@ -126,6 +126,20 @@ def test_an_unfinished_event_is_held_back_until_its_end_comes_then_sent_whole():
     assert w.feed(b'ces":[]}\n\n') == b'data: {"choices":[]}\n\n'
 
 
+def test_a_stream_that_never_ends_an_event_is_let_through_past_2_mib():
+    """An upstream's endless line must not swell gogpt (40 such streams held over 600 MiB at 8 MiB),
+    and what was held goes once."""
+    w, _ = watch()
+    piece, sent, out = b"data: " + b"x" * (64 << 10), b"", b""
+    for _ in range(48):
+        sent += piece
+        out += w.feed(piece)
+        assert len(sent) - len(out) <= (2 << 20) + len(piece)
+    assert out + w.end() == sent
+    wire = framed(sent, [len(piece)] * 47)
+    assert spliced(wire, list(range(len(piece), len(wire), len(piece))))[0] == sent  # the splice's way
+
+
 def test_a_stream_that_ends_inside_an_event_still_sends_every_byte():
     out, _, _ = relayed([delta("a"), b"data: cut sho", b"rt"])
     assert out == delta("a") + b"data: cut short"
