@@ -15,6 +15,7 @@ from types import FrameType
 
 from aiohttp import web
 from prometheus_client import multiprocess as prometheus_multiprocess
+from yarl import URL
 
 from .app import create_app
 from .config import Settings
@@ -29,6 +30,7 @@ log = logging.getLogger("gogpt.serve")
 LISTEN_BACKLOG = 4096
 _CHECK_WORKERS_EVERY = 1.0  # seconds between looks at the workers, whatever their sentinels say
 _YOUNG_OBJECTS_PER_COLLECTION = 10_000  # CPython's default is 700 (see _tune_collector)
+_STRONG_SECRET_CHARS = 32
 _MIN_WORKER_LIFE = 2.0  # seconds: a worker dying sooner (port taken, bad setting) will not get better
 
 
@@ -57,6 +59,7 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
             settings.port,
             describe_keys(settings.chat_api_keys),
         )
+        _warn_about_weak_settings(settings)  # once serving: a start that fails says one thing only
 
     async def say_stopping(_app: web.Application) -> None:
         """So that the log tells a clean stop from a crash: this line, then "stopped"."""
@@ -119,6 +122,20 @@ def serve(settings: Settings) -> None:
         code = _supervise(settings)
     if code:
         raise SystemExit(code)
+
+
+def _warn_about_weak_settings(settings: Settings) -> None:
+    """Settings gogpt runs with but an operator most likely did not mean."""
+    if len(settings.secret_key) < _STRONG_SECRET_CHARS:
+        log.warning(
+            "SECRET_KEY has %d characters: it signs every token and is the admin credential; "
+            "use %d or more random ones (scripts/run.sh writes 64)",
+            len(settings.secret_key),
+            _STRONG_SECRET_CHARS,
+        )
+    if not settings.chat_api_keys and URL(settings.api_proxy).host == "api.openai.com":
+        # without a key, calls go out with no Authorization: right for a local model server only
+        log.warning("CHAT_API_KEY is empty: OpenAI will refuse every call relayed to it")
 
 
 def _supervise(settings: Settings) -> int:

@@ -176,3 +176,26 @@ async def test_env_file_option_reads_the_named_file(tmp_path: Path, stop: ExitWa
     process = await _serve({}, tmp_path, port, "--env-file", "gateway.env")
     code, _ = await stop(process)
     assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "warned"),
+    [
+        ({"SECRET_KEY": "short"}, ["SECRET_KEY has 5 characters", "CHAT_API_KEY is empty"]),
+        ({"SECRET_KEY": SECRET_KEY, "CHAT_API_KEY": CHAT_API_KEY}, []),
+        ({"SECRET_KEY": SECRET_KEY, "API_PROXY": "127.0.0.1:11434"}, []),  # a local model server
+    ],
+    ids=["short key, no upstream key", "as meant", "no key for a local model server"],
+)
+async def test_settings_an_operator_did_not_mean_are_warned_of_once_serving(
+    tmp_path: Path, stop: ExitWaiter, env: dict[str, str], warned: list[str]
+) -> None:
+    port = free_port()
+    process = await _serve({**env, "HOST": "127.0.0.1", "PORT": str(port)}, tmp_path, port)
+    status, stderr = await stop(process)
+    assert status == 0
+    warnings = [
+        line.split("gogpt.serve: ")[1] for line in stderr.splitlines() if " WARNING gogpt.serve: " in line
+    ]
+    assert [warning[: len(prefix)] for warning, prefix in zip(warnings, warned, strict=True)] == warned
+    assert "short" not in stderr  # named by its length, never quoted
