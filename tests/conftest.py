@@ -21,6 +21,7 @@ from multidict import CIMultiDictProxy
 from gogpt import Settings, create_app, mint_token
 
 SECRET_KEY = "test-secret-key-0123456789abcdef-0123456789"
+ADMIN = {"Authorization": f"Bearer {SECRET_KEY}"}  # the admin credential
 CHAT_API_KEY = "sk-upstream-test-key-000000000000"
 ACCESS_TOKEN = "chatgpt-access-token-000000000000"
 

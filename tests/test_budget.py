@@ -13,11 +13,11 @@ import jwt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import SECRET_KEY, FakeUpstream, RedisServer
+from conftest import ADMIN, SECRET_KEY, FakeUpstream, RedisServer
 from prometheus_client import REGISTRY
 from serving import new_connections
 from test_shared_state import SharedState, shared  # noqa: F401 - a fixture
-from test_usage import ADMIN, MODEL
+from test_usage import MODEL
 from test_usage_workers import Starter, start  # noqa: F401 - a fixture
 
 from gogpt import Settings, create_app, mint_token

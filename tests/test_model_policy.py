@@ -9,12 +9,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import ACCESS_TOKEN, SECRET_KEY, FakeUpstream
+from conftest import ACCESS_TOKEN, ADMIN, SECRET_KEY, FakeUpstream
 
 from gogpt import mint_token
 from gogpt.policy import Policy
 
-ADMIN = {"Authorization": f"Bearer {SECRET_KEY}"}
 MODELS = {
     "object": "list",
     "data": [

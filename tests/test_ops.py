@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from aiohttp.test_utils import TestClient
-from conftest import SECRET_KEY, FakeUpstream
+from conftest import ADMIN, FakeUpstream
 from prometheus_client.parser import text_string_to_metric_families
-
-ADMIN = {"Authorization": f"Bearer {SECRET_KEY}"}
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import jwt
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import SECRET_KEY, FakeUpstream, RedisServer
+from conftest import ADMIN, SECRET_KEY, FakeUpstream, RedisServer
 from serving import Gateway
 from test_ops import samples
 from test_workers_share_state import Starter, _serving_worker
@@ -20,7 +20,6 @@ from test_workers_share_state import start as start  # the `--workers N` gogpt f
 from gogpt import Settings, create_app, mint_token
 from gogpt.auth import MAX_HOURS
 
-ADMIN = {"Authorization": f"Bearer {SECRET_KEY}"}
 REVOKED = {
     "error": {
         "message": "The token has been revoked.",

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import SECRET_KEY, Clock, FakeUpstream, RedisServer
-from test_conv import POST, Backend, conversations, list_conv, message
+from conftest import SECRET_KEY, Clock, RedisServer
+from test_conv import POST, Backend, list_conv, message
+from test_conv import backend as backend  # the scripted backend-api fixture, shared
 
 from gogpt import Settings, create_app, mint_token
 from gogpt.policy import Policy
@@ -62,13 +63,6 @@ async def gateway_pair(
 @pytest.fixture
 async def pair(aiohttp_client, shared: SharedState) -> tuple[TestClient, TestClient]:
     return await gateway_pair(aiohttp_client, shared, **LIMITED)
-
-
-@pytest.fixture
-def backend(upstream: FakeUpstream) -> Backend:
-    fake = Backend(conversations=conversations(7))
-    upstream.respond = fake.respond
-    return fake
 
 
 async def _statuses(clients: tuple[TestClient, ...], headers: dict[str, str]) -> list[int]:

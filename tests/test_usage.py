@@ -18,12 +18,11 @@ import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import SECRET_KEY, FakeUpstream
+from conftest import ADMIN, SECRET_KEY, FakeUpstream
 
 from gogpt import Settings, create_app, mint_token
 from gogpt.json_parser import INLINE_BYTES
 
-ADMIN = {"Authorization": f"Bearer {SECRET_KEY}"}
 MODEL = "gpt-4o-mini"
 SNAPSHOT = "gpt-4o-mini-2024-07-18"  # the model the upstream says answered
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}

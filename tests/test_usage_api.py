@@ -10,9 +10,9 @@ import sqlite3
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import SECRET_KEY, FakeUpstream, RedisServer
+from conftest import ADMIN, SECRET_KEY, FakeUpstream, RedisServer
 from prometheus_client import REGISTRY
-from test_usage import ADMIN, CHAT, OpenAIChat, row, today, usage
+from test_usage import CHAT, OpenAIChat, row, today, usage
 
 from gogpt import Settings, create_app
 from gogpt.keys import STORE

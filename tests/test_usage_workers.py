@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from conftest import SECRET_KEY, FakeUpstream, RedisServer
+from conftest import ADMIN, SECRET_KEY, FakeUpstream, RedisServer
 from serving import Gateway, new_connections, refusing
-from test_usage import ADMIN, CHAT, OpenAIChat, chat_stream, row
+from test_usage import CHAT, OpenAIChat, chat_stream, row
 
 Starter = Callable[[], Awaitable[Gateway]]
 
