@@ -30,7 +30,7 @@ log = logging.getLogger("gogpt.serve")
 LISTEN_BACKLOG = 4096
 _CHECK_WORKERS_EVERY = 1.0  # seconds between looks at the workers, whatever their sentinels say
 _YOUNG_OBJECTS_PER_COLLECTION = 10_000  # CPython's default is 700 (see _tune_collector)
-_STRONG_SECRET_CHARS = 32
+_STRONG_SECRET_CHARS = 32  # fewer in SECRET_KEY is warned of: it signs tokens and is the admin credential
 _MIN_WORKER_LIFE = 2.0  # seconds: a worker dying sooner (port taken, bad setting) will not get better
 
 

@@ -87,7 +87,7 @@ class KeyPool:
         )
 
     def observe(self, key: Key, status: int, headers: Mapping[str, str]) -> None:
-        """Count the answer and rest or set aside its key as it says."""
+        """Count the answer and rest or set aside its key as it says; a refusal is logged once."""
         _key_calls(key.fingerprint, status).inc()
         if status == 401 and not key.refused:
             key.refused = True
