@@ -219,7 +219,11 @@ class SqliteStore:
             fault = f"is locked by another process (waited {self._busy_timeout:g} s)"
         elif isinstance(exc, sqlite3.Error):
             code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-            fault = _FAULTS.get(code, f"failed ({getattr(exc, 'sqlite_errorname', type(exc).__name__)})")
+            name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+            # SQLITE_ERROR alone says nothing; its words ("no such table: ...") name the schema, not data
+            fault = _FAULTS.get(
+                code, f"failed ({name}: {exc})" if code == sqlite3.SQLITE_ERROR else f"failed ({name})"
+            )
         else:
             fault = str(exc)
         if not busy:  # both connections go: the next try opens the file afresh, as it is then

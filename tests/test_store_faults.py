@@ -60,6 +60,21 @@ async def test_a_corrupt_file_answers_503_where_the_store_is_needed_and_serves_t
     ]
 
 
+async def test_a_file_whose_tables_are_not_what_its_version_says_names_what_is_missing(
+    aiohttp_client, limited: Settings, auth, caplog
+):
+    """A file written by a development build, say: the line says what SQLite found wrong."""
+    await (await aiohttp_client(create_app(limited))).close()  # made, at the current version
+    with sqlite3.connect(limited.gogpt_db) as db:
+        db.execute("DROP TABLE rate_limits")
+    client = await aiohttp_client(create_app(limited))
+    assert (await client.post("/chat", json={}, headers=auth)).status == 503
+    assert store_lines(caplog, "GOGPT_DB") == [
+        f"GOGPT_DB {limited.gogpt_db} failed (SQLITE_ERROR: no such table: rate_limits): "
+        "calls that need the store answer 503 until it is fixed"
+    ]
+
+
 async def test_a_corrupt_file_replaced_is_used_without_a_restart(
     aiohttp_client, limited: Settings, corrupt: Path, auth, caplog
 ):
