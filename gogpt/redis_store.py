@@ -21,6 +21,7 @@ from .store import (
     StoreUnavailable,
     UsageQuery,
     UsageRow,
+    new_revocations_version,
     rate_steps,
     sorted_rows,
     wall_clock_us,
@@ -64,7 +65,7 @@ if not kept or tonumber(kept) < tonumber(ARGV[1]) then
 end
 """
 # Revocations: two hashes by subject (JSON [id, tid]), its time and its expiry, each kept at the
-# later value; the expired ones are dropped here (revocations are few), and the version bumped.
+# later value; the expired ones are dropped here (revocations are few), and a new version set.
 _REVOKE = """
 for i = 1, 2 do
   local kept = redis.call('hget', KEYS[i], ARGV[1])
@@ -77,7 +78,7 @@ for i = 1, #expiries, 2 do
     redis.call('hdel', KEYS[2], expiries[i])
   end
 end
-redis.call('incr', KEYS[3])
+redis.call('set', KEYS[3], ARGV[5])
 return {redis.call('hget', KEYS[1], ARGV[1]), redis.call('hget', KEYS[2], ARGV[1])}
 """
 # Budgets: a hash with `used`, and a hash of the holds in flight, "amount expires_ms" by hold id
@@ -232,7 +233,13 @@ class RedisStore:
 
     async def revoke(self, revocation: Revocation) -> Revocation:
         subject = json.dumps([revocation.id, revocation.tid])
-        args: list[str | float] = [subject, revocation.revoked_at, revocation.expires, time.time()]
+        args: list[str | float] = [
+            subject,
+            revocation.revoked_at,
+            revocation.expires,
+            time.time(),
+            new_revocations_version(),
+        ]
         revoked_at, expires = await self._call(self._revoke(keys=self._revocation_keys, args=args))
         return Revocation(revocation.id, revocation.tid, float(revoked_at), float(expires))
 

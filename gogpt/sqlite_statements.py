@@ -166,9 +166,9 @@ def minted_until(db: sqlite3.Connection, identity: str) -> float | None:
 RevocationColumns = tuple[str, str, float, float]
 
 
-def revoke(db: sqlite3.Connection, revocation: RevocationColumns) -> RevocationColumns:
-    """Record a revocation over the one kept for its subject (the later of each time) and bump the
-    version, in one transaction; the revocation as recorded."""
+def revoke(db: sqlite3.Connection, revocation: RevocationColumns, version: int) -> RevocationColumns:
+    """Record a revocation over the one kept for its subject (the later of each time) and set the
+    version to `version`, in one transaction; the revocation as recorded."""
     db.execute("BEGIN IMMEDIATE")
     try:
         [recorded] = db.execute(
@@ -177,7 +177,7 @@ def revoke(db: sqlite3.Connection, revocation: RevocationColumns) -> RevocationC
             " expires = max(expires, excluded.expires) RETURNING id, tid, revoked_at, expires",
             revocation,
         ).fetchall()
-        db.execute("UPDATE revocations_version SET version = version + 1")
+        db.execute("UPDATE revocations_version SET version = ?", (version,))
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:

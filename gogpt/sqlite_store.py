@@ -28,7 +28,16 @@ from . import sqlite_schema as schema
 from . import sqlite_statements as sql
 from .config import ConfigError
 from .sqlite_schema import FileFault
-from .store import Admission, BudgetState, Revocation, StoreUnavailable, UsageQuery, UsageRow, rate_steps
+from .store import (
+    Admission,
+    BudgetState,
+    Revocation,
+    StoreUnavailable,
+    UsageQuery,
+    UsageRow,
+    new_revocations_version,
+    rate_steps,
+)
 
 __all__ = ["BUSY_TIMEOUT", "SWEEP_EVERY", "SqliteStore", "create_database_file"]
 
@@ -137,7 +146,7 @@ class SqliteStore:
 
     async def revoke(self, revocation: Revocation) -> Revocation:
         columns = (revocation.id, revocation.tid, revocation.revoked_at, revocation.expires)
-        return Revocation(*await self._run(sql.revoke, columns))
+        return Revocation(*await self._run(sql.revoke, columns, new_revocations_version()))
 
     async def revocations(self) -> list[Revocation]:
         return [Revocation(*columns) for columns in await self._run(sql.revocations)]

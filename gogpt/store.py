@@ -7,6 +7,7 @@ in a SQLite file shared by a machine's workers (gogpt.sqlite_store), and in Redi
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ __all__ = [
     "StoreUnavailable",
     "UsageQuery",
     "UsageRow",
+    "new_revocations_version",
     "rate_steps",
     "sorted_rows",
     "wall_clock_us",
@@ -89,6 +91,12 @@ def rate_steps(limit: int, period: float) -> tuple[int, int]:
     intervals, so `limit` hits may come at once)."""
     interval = -(-round(period * 1_000_000) // limit)
     return interval, (limit - 1) * interval
+
+
+def new_revocations_version() -> int:
+    """A version for the revocations just recorded: at random, so no store repeats one (see
+    Store.revocations_version); 62 bits, an integer Redis and SQLite both keep as it is."""
+    return secrets.randbits(62)
 
 
 def wall_clock_us() -> int:
@@ -180,7 +188,9 @@ class Store(Protocol):
 
     async def revocations_version(self) -> int:
         """A number that changes whenever a revocation is recorded: a copy read at the same number
-        is still current."""
+        is still current. Shared stores draw it at random (new_revocations_version): counted up, a
+        Redis that lost its data would count to a number a worker holds, and it would miss the
+        revocations recorded since."""
 
     async def reserve_budget(
         self, key: str, hold: str, amount: int, budget: int, hold_ttl: float, expires: float

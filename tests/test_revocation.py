@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import jwt
 import pytest
+import redis.asyncio as redis
 from aiohttp.test_utils import TestClient
 from conftest import ADMIN, SECRET_KEY, FakeUpstream, RedisServer
 from serving import Gateway
@@ -255,6 +256,24 @@ async def test_a_revocation_on_one_instance_is_enforced_by_another(aiohttp_clien
     await until_status(two, by_token, 401)
     assert await status(two, other) == 200
     assert await status(two, await minted(one, "alice")) == 200  # minted after the revocation
+
+
+async def test_a_revocation_after_redis_lost_its_data_is_enforced_by_every_instance(
+    aiohttp_client, settings: Settings, redis_server: RedisServer
+):
+    """A Redis restarted without persistence counts from zero again: a counted version would come
+    back to the one an instance holds, and that instance would never read the new revocation."""
+    shared = settings.with_overrides(redis_url=redis_server.url)
+    one, two = await aiohttp_client(create_app(shared)), await aiohttp_client(create_app(shared))
+    bob, carol = await minted(one, "bob"), await minted(one, "carol")
+    await revoke(one, {"id": "bob"})
+    await until_status(two, bob, 401)
+    async with redis.Redis.from_url(redis_server.url) as lost:
+        await lost.flushall()  # what a restart without persistence leaves
+    await revoke(one, {"token": token_of(carol)})
+    await until_status(two, carol, 401)
+    assert await status(two, bob) == 200  # bob's revocation went with the data, on every instance
+    await until_status(one, bob, 200)
 
 
 async def test_a_revocation_is_kept_across_a_restart(aiohttp_client, shared_settings: Settings):
