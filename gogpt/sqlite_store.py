@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import time
@@ -50,6 +51,7 @@ _BLOCK_BELOW = 100e-6  # shorter pauses are slept on the loop, longer ones await
 _RETRY_AFTER_FAULT = 1.0  # seconds during which calls fail fast after a fault, before trying again
 _CHECKPOINT_EVERY = 1000  # calls; the WAL grows by about a page per write until a checkpoint
 SWEEP_EVERY = 60.0  # seconds between deletions of expired rows
+_FILE_CHECK_EVERY = 1.0  # seconds between looks at whether GOGPT_DB is still the file open
 _WAL_SIZE_LIMIT = 4 << 20  # bytes the WAL file is truncated to after a checkpoint
 
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
@@ -92,18 +94,22 @@ class SqliteStore:
         self._retry_at = 0.0
         self._calls = 0
         self._sweeper: asyncio.Task[None] | None = None
+        self._file_checker: asyncio.Task[None] | None = None
+        self._opened: tuple[int, int] | None = None  # (device, inode) of the file the connections use
 
     async def open(self) -> None:
         """Create or upgrade the schema and open both connections; a fault is logged, not raised."""
         with contextlib.suppress(StoreUnavailable):
             await self._in_thread(sql.sweep)
         self._sweeper = asyncio.create_task(self._sweep_every(self._sweep_interval))
+        self._file_checker = asyncio.create_task(self._check_file_every(_FILE_CHECK_EVERY))
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._file_checker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         db, self._db = self._db, None
         await asyncio.get_running_loop().run_in_executor(self._thread, self._close_in_thread, db)
         self._thread.shutdown()
@@ -214,6 +220,7 @@ class SqliteStore:
         try:
             if self._waiting_db is None:
                 self._waiting_db = _open(self._path, self._busy_timeout)
+                self._opened = _file_id(self._path)
             result = operation(self._waiting_db, *args)
             return result, _connect_loop_db(self._path) if open_loop_db else None
         except (sqlite3.Error, FileFault) as exc:
@@ -255,6 +262,22 @@ class SqliteStore:
             with contextlib.suppress(StoreUnavailable):
                 await self._in_thread(sql.sweep)
 
+    async def _check_file_every(self, interval: float) -> None:
+        """A file removed or replaced while open goes on taking this process's writes, where no other
+        process (nor this one, once restarted) sees them: workers would part ways, each silently. So
+        the path is looked at again every `interval`, and a file not the one open is a fault."""
+        while True:
+            await asyncio.sleep(interval)
+            if self._opened is None or self._db is None:  # not open: the next call opens the path
+                continue
+            try:
+                still_there = _file_id(self._path) == self._opened
+            except OSError:
+                still_there = False
+            if not still_there:
+                self._opened = None
+                self._went_wrong(FileFault("was removed or replaced while open (what it held is gone)"))
+
     def _checkpoint_in_thread(self) -> None:
         """Copy the WAL back into the file, so it restarts instead of growing (PASSIVE never waits)."""
         if self._waiting_db is not None:
@@ -284,6 +307,11 @@ class SqliteStore:
 def _is_busy(exc: Exception) -> bool:
     """Another connection holds a lock: worth waiting for, unlike every other fault."""
     return isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _BUSY_CODES
+
+
+def _file_id(path: str) -> tuple[int, int]:
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
 
 
 def _connect(path: str, busy_timeout: float) -> sqlite3.Connection:

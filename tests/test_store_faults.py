@@ -4,9 +4,14 @@ that need the store, everything else keeps serving, and the store comes back by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import os
 import resource
+import shutil
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -73,6 +78,54 @@ async def test_a_file_whose_tables_are_not_what_its_version_says_names_what_is_m
         f"GOGPT_DB {limited.gogpt_db} failed (SQLITE_ERROR: no such table: rate_limits): "
         "calls that need the store answer 503 until it is fixed"
     ]
+
+
+async def until(condition: Callable[[], Awaitable[bool]]) -> None:
+    """Until `condition` holds (within 10 s): the store looks at its file once a second, which no
+    event tells."""
+    async with asyncio.timeout(10):
+        while not await condition():  # noqa: ASYNC110 - a file's state has no event to await
+            await asyncio.sleep(0.05)
+
+
+async def test_a_file_removed_while_open_is_said_once_and_a_new_one_is_used(
+    aiohttp_client, limited: Settings, auth, caplog
+):
+    """Workers writing on into a removed file would each keep state no other can see."""
+    client = await aiohttp_client(create_app(limited))
+    assert (await client.post("/chat", json={}, headers=auth)).status == 200
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(limited.gogpt_db + suffix)
+
+    async def answered_after_the_fault() -> bool:
+        said = store_lines(caplog, "was removed")
+        return bool(said) and (await client.post("/chat", json={}, headers=auth)).status == 200
+
+    await until(answered_after_the_fault)
+    assert store_lines(caplog, "GOGPT_DB") == [
+        f"GOGPT_DB {limited.gogpt_db} was removed or replaced while open (what it held is gone): "
+        "calls that need the store answer 503 until it is fixed",
+        f"GOGPT_DB {limited.gogpt_db} is usable again",
+    ]
+
+
+async def test_a_directory_removed_under_the_file_answers_503_until_it_is_back(
+    aiohttp_client, limited: Settings, tmp_path: Path, auth
+):
+    state = tmp_path / "state"
+    state.mkdir()
+    settings = limited.with_overrides(gogpt_db=str(state / "gogpt.db"))
+    client = await aiohttp_client(create_app(settings))
+    assert (await client.post("/chat", json={}, headers=auth)).status == 200
+    shutil.rmtree(state)
+
+    async def answered(status: int) -> bool:
+        return (await client.post("/chat", json={}, headers=auth)).status == status
+
+    await until(functools.partial(answered, 503))
+    state.mkdir()
+    await until(functools.partial(answered, 200))
 
 
 async def test_a_corrupt_file_replaced_is_used_without_a_restart(
