@@ -4,7 +4,8 @@ A call with a budgeted token holds its worst case before anything goes upstream 
 `max_completion_tokens`, `max_tokens` or `max_output_tokens`, else BUDGET_RESERVE, plus the
 prompt estimate, body bytes / 4) in one atomic step of the shared store, which refuses when
 used + held + this would pass the budget. So calls on any worker or instance, however many at
-once, pass the budget by at most what one call spends beyond its own hold. When the call ends
+once, pass the budget by at most what the calls in flight together spend beyond their holds
+(an estimate is no bound: a prompt may be denser than 4 bytes a token). When the call ends
 the hold becomes the Meter's count of it (usage.py), or nothing when no usage was made (the
 call failed before the upstream accepted it).
 
