@@ -52,6 +52,19 @@ _RETRY_AFTER_FAULT = 1.0  # seconds during which calls fail fast after a fault, 
 _CHECKPOINT_EVERY = 1000  # calls; the WAL grows by about a page per write until a checkpoint
 SWEEP_EVERY = 60.0  # seconds between deletions of expired rows
 _FILE_CHECK_EVERY = 1.0  # seconds between looks at whether GOGPT_DB is still the file open
+# What only reads: in WAL mode a lock another process holds stops writes, not these, so one of
+# them going through says nothing about the lock.
+_READS = frozenset(
+    {
+        sql.get_text,
+        sql.is_held,
+        sql.minted_until,
+        sql.revocations,
+        sql.revocations_version,
+        sql.usage,
+        sql.budget_state,
+    }
+)
 _WAL_SIZE_LIMIT = 4 << 20  # bytes the WAL file is truncated to after a checkpoint
 
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
@@ -91,6 +104,7 @@ class SqliteStore:
         self._waiting_db: sqlite3.Connection | None = None  # the thread's: only used there
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gogpt-store")
         self._fault: str | None = None  # why the store is unusable, while it is
+        self._locked = False  # that fault is another process's lock
         self._retry_at = 0.0
         self._calls = 0
         self._sweeper: asyncio.Task[None] | None = None
@@ -192,7 +206,7 @@ class SqliteStore:
             self._calls = 0
             self._thread.submit(self._checkpoint_in_thread)
         if self._fault is not None:
-            self._recovered()
+            self._recovered(operation)
         return result
 
     async def _in_thread(self, operation: Callable[..., T], *args: Any) -> T:
@@ -211,7 +225,7 @@ class SqliteStore:
             else:  # another call opened one meanwhile
                 db.close()
         if self._fault is not None:
-            self._recovered()
+            self._recovered(operation)
         return result
 
     def _run_in_thread(
@@ -250,11 +264,13 @@ class SqliteStore:
             log.error(
                 "GOGPT_DB %s %s: calls that need the store answer 503 until it is fixed", self._path, fault
             )
-            self._fault = fault
+            self._fault, self._locked = fault, busy
 
-    def _recovered(self) -> None:
+    def _recovered(self, operation: Callable[..., Any]) -> None:
+        if self._locked and operation in _READS:
+            return
         log.warning("GOGPT_DB %s is usable again", self._path)
-        self._fault = None
+        self._fault, self._locked = None, False
 
     async def _sweep_every(self, interval: float) -> None:
         while True:

@@ -155,9 +155,13 @@ async def test_a_file_locked_by_another_process_answers_503_then_recovers_when_i
     finally:
         other.close()
     assert (await client.post("/chat", json={}, headers=auth)).status == 200
-    [locked] = store_lines(caplog, "GOGPT_DB")[:1]
-    assert "is locked by another process" in locked
-    assert store_lines(caplog, "usable again") != []
+    # said once, though reads (the revocations, four times a second) succeed meanwhile: in WAL
+    # mode the lock holds back writes only, so a read is no sign the store is usable again
+    assert store_lines(caplog, "GOGPT_DB") == [
+        f"GOGPT_DB {limited.gogpt_db} is locked by another process (waited 2 s): "
+        "calls that need the store answer 503 until it is fixed",
+        f"GOGPT_DB {limited.gogpt_db} is usable again",
+    ]
 
 
 def _files_of_at_most_64_kib() -> None:
