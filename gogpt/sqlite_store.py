@@ -89,6 +89,10 @@ def create_database_file(path: str) -> None:
         sqlite3.connect(path, timeout=0).close()
     except sqlite3.Error as exc:
         raise ConfigError(f"GOGPT_DB: cannot create or open {path} ({exc})") from None
+    # Its WAL mode and schema too, before any worker: two workers opening a new file at once may
+    # find it locked while the other switches it to WAL (SQLite does not wait for that lock).
+    with contextlib.suppress(sqlite3.Error, FileFault):  # a lock or a fault: the store says it
+        _open(path, BUSY_TIMEOUT).close()
 
 
 class SqliteStore:

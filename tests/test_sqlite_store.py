@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gogpt.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
-from gogpt.sqlite_store import SqliteStore
+from gogpt.sqlite_store import SqliteStore, create_database_file
 from gogpt.store import StoreUnavailable
 
 TABLES = ("cache", "leases", "rate_limits")
@@ -75,3 +75,13 @@ async def test_a_file_of_per_minute_counts_is_upgraded_to_rate_limits_that_do_no
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("SELECT name FROM sqlite_master WHERE name = 'hits'").fetchall() == []
+
+
+def test_the_file_made_at_start_up_is_ready_before_any_worker_opens_it(tmp_path: Path):
+    """Workers opening a new file at the same instant could find it locked while one switched it
+    to WAL (5 in 120 tries): the supervisor readies it first."""
+    path = tmp_path / "gogpt.db"
+    create_database_file(str(path))
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
