@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from . import sqlite_schema as schema
 from . import sqlite_statements as sql
+from .background import every
 from .config import ConfigError
 from .sqlite_schema import FileFault
 from .store import (
@@ -119,8 +120,10 @@ class SqliteStore:
         """Create or upgrade the schema and open both connections; a fault is logged, not raised."""
         with contextlib.suppress(StoreUnavailable):
             await self._in_thread(sql.sweep)
-        self._sweeper = asyncio.create_task(self._sweep_every(self._sweep_interval))
-        self._file_checker = asyncio.create_task(self._check_file_every(_FILE_CHECK_EVERY))
+        self._sweeper = asyncio.create_task(every(self._sweep_interval, self._sweep, log, "sweeping failed"))
+        self._file_checker = asyncio.create_task(
+            every(_FILE_CHECK_EVERY, self._check_file, log, "looking at the file failed")
+        )
 
     async def close(self) -> None:
         for task in (self._sweeper, self._file_checker):
@@ -276,27 +279,23 @@ class SqliteStore:
         log.warning("GOGPT_DB %s is usable again", self._path)
         self._fault, self._locked = None, False
 
-    async def _sweep_every(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            with contextlib.suppress(StoreUnavailable):
-                await self._in_thread(sql.sweep)
+    async def _sweep(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self._in_thread(sql.sweep)
 
-    async def _check_file_every(self, interval: float) -> None:
+    async def _check_file(self) -> None:
         """A file removed or replaced while open goes on taking this process's writes, where no other
         process (nor this one, once restarted) sees them: workers would part ways, each silently. So
-        the path is looked at again every `interval`, and a file not the one open is a fault."""
-        while True:
-            await asyncio.sleep(interval)
-            if self._opened is None or self._db is None:  # not open: the next call opens the path
-                continue
-            try:
-                still_there = _file_id(self._path) == self._opened
-            except OSError:
-                still_there = False
-            if not still_there:
-                self._opened = None
-                self._went_wrong(FileFault("was removed or replaced while open (what it held is gone)"))
+        the path is looked at again every _FILE_CHECK_EVERY, and a file not the one open is a fault."""
+        if self._opened is None or self._db is None:  # not open: the next call opens the path
+            return
+        try:
+            still_there = _file_id(self._path) == self._opened
+        except OSError:
+            still_there = False
+        if not still_there:
+            self._opened = None
+            self._went_wrong(FileFault("was removed or replaced while open (what it held is gone)"))
 
     def _checkpoint_in_thread(self) -> None:
         """Copy the WAL back into the file, so it restarts instead of growing (PASSIVE never waits)."""
