@@ -32,6 +32,7 @@ _CHECK_WORKERS_EVERY = 1.0  # seconds between looks at the workers, whatever the
 _YOUNG_OBJECTS_PER_COLLECTION = 10_000  # CPython's default is 700 (see _tune_collector)
 _STRONG_SECRET_CHARS = 32  # fewer in SECRET_KEY is warned of: it signs tokens and is the admin credential
 _MIN_WORKER_LIFE = 2.0  # seconds: a worker dying sooner (port taken, bad setting) will not get better
+_FEW_OPEN_FILES = 4096  # an open-file limit below this is warned of (see _raise_open_file_limit)
 
 
 def _install_uvloop() -> None:
@@ -42,10 +43,33 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _raise_open_file_limit() -> int | None:
+    """Lift the soft open-file limit to the hard one, as Go's runtime does (since 1.19); return it.
+
+    Each stream holds two descriptors, the client's connection and the upstream's. Under the soft
+    limit most shells give (1,024), a worker could hold about 500 streams, and the event loop
+    dropped the connections past it unanswered, with nothing logged. None on Windows, which has
+    no such limit.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # macOS refuses an unlimited soft limit: keep the one given
+            pass
+    return soft
+
+
 def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then give running streams `shutdown_grace` seconds to finish."""
     configure_logging(settings.log_format)
     _install_uvloop()
+    open_files = _raise_open_file_limit()
     app = create_app(settings)
     app.on_startup.append(_tune_collector)  # last: after the app's own start-up
     serving = False
@@ -59,7 +83,8 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
             settings.port,
             describe_keys(settings.chat_api_keys),
         )
-        _warn_about_weak_settings(settings)  # once serving: a start that fails says one thing only
+        # once serving: a start that fails says one thing only
+        _warn_about_weak_settings(settings, open_files)
 
     async def say_stopping(_app: web.Application) -> None:
         """So that the log tells a clean stop from a crash: this line, then "stopped"."""
@@ -124,7 +149,7 @@ def serve(settings: Settings) -> None:
         raise SystemExit(code)
 
 
-def _warn_about_weak_settings(settings: Settings) -> None:
+def _warn_about_weak_settings(settings: Settings, open_files: int | None) -> None:
     """Settings gogpt runs with but an operator most likely did not mean."""
     if len(settings.secret_key) < _STRONG_SECRET_CHARS:
         log.warning(
@@ -136,6 +161,14 @@ def _warn_about_weak_settings(settings: Settings) -> None:
     if not settings.chat_api_keys and URL(settings.api_proxy).host == "api.openai.com":
         # without a key, calls go out with no Authorization: right for a local model server only
         log.warning("CHAT_API_KEY is empty: OpenAI will refuse every call relayed to it")
+    if open_files is not None and open_files < _FEW_OPEN_FILES:
+        log.warning(
+            "the open-file limit is %d: a worker holds at most about %d streams at once (each takes"
+            " two: the client's connection and the upstream's); raise it (ulimit -n, or LimitNOFILE="
+            " in a systemd unit)",
+            open_files,
+            open_files // 2,
+        )
 
 
 def _supervise(settings: Settings) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -48,8 +49,10 @@ async def stop() -> AsyncIterator[ExitWaiter]:
             await process.wait()
 
 
-async def _serve(env: dict[str, str], cwd: Path, port: int, *args: str) -> Process:
-    process = await start_gogpt(env, cwd, *args)
+async def _serve(
+    env: dict[str, str], cwd: Path, port: int, *args: str, preexec_fn: Callable[[], object] | None = None
+) -> Process:
+    process = await start_gogpt(env, cwd, *args, preexec_fn=preexec_fn)
     try:
         await wait_until_listening(port, process)
     except BaseException:
@@ -197,5 +200,52 @@ async def test_settings_an_operator_did_not_mean_are_warned_of_once_serving(
     warnings = [
         line.split("gogpt.serve: ")[1] for line in stderr.splitlines() if " WARNING gogpt.serve: " in line
     ]
+    if _hard_open_file_limit() < 4096:  # this machine's own limit is warned of too
+        warned = [*warned, "the open-file limit is"]
     assert [warning[: len(prefix)] for warning, prefix in zip(warnings, warned, strict=True)] == warned
     assert "short" not in stderr  # named by its length, never quoted
+
+
+def _hard_open_file_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def _open_files(soft: int, hard: int | None = None) -> Callable[[], None]:
+    """A preexec_fn giving gogpt these open-file limits (hard: this process's hard limit)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard or _hard_open_file_limit()))
+
+
+async def test_connections_past_a_low_soft_open_file_limit_are_served(
+    tmp_path: Path, stop: ExitWaiter
+) -> None:
+    """gogpt lifts its soft limit to the hard one, as Go's runtime does: under a soft limit of 128
+    it used to drop the 110th connection unanswered, and log nothing."""
+    assert _hard_open_file_limit() >= 1024, "this test needs a hard open-file limit of 1,024 or more"
+    port = free_port()
+    env = {"SECRET_KEY": SECRET_KEY, "HOST": "127.0.0.1", "PORT": str(port)}
+    process = await _serve(env, tmp_path, port, preexec_fn=_open_files(128))
+    connections: list[asyncio.StreamWriter] = []
+    try:
+        statuses = []
+        for _ in range(300):  # each held open, as streams are
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            connections.append(writer)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: gogpt\r\n\r\n")
+            statuses.append((await reader.readline())[:12])
+        assert statuses == [b"HTTP/1.1 200"] * 300
+    finally:
+        for writer in connections:
+            writer.close()
+        status, stderr = await stop(process)
+    assert status == 0
+    assert "open-file limit" not in stderr or _hard_open_file_limit() < 4096
+
+
+async def test_a_low_open_file_limit_is_warned_of_once_serving(tmp_path: Path, stop: ExitWaiter) -> None:
+    port = free_port()
+    env = {"SECRET_KEY": SECRET_KEY, "HOST": "127.0.0.1", "PORT": str(port)}
+    process = await _serve(env, tmp_path, port, preexec_fn=_open_files(256, 256))
+    status, stderr = await stop(process)
+    assert status == 0
+    warning = "WARNING gogpt.serve: the open-file limit is 256: a worker holds at most about 128 streams"
+    assert warning in stderr
