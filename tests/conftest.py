@@ -25,6 +25,9 @@ ADMIN = {"Authorization": f"Bearer {SECRET_KEY}"}  # the admin credential
 CHAT_API_KEY = "sk-upstream-test-key-000000000000"
 ACCESS_TOKEN = "chatgpt-access-token-000000000000"
 
+# Fixtures kept beside the helpers they go with, shared by every test module.
+pytest_plugins = ("backend_api", "browser_pages", "gateways", "shared_state")
+
 Responder = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

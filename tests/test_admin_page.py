@@ -6,9 +6,6 @@ The whole page, after minting and charting, is saved to tests/artifacts/admin-pa
 person to look at.
 """
 
-# The browser fixtures come from test_browser; the tests take them as parameters of the same names.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import datetime
@@ -17,10 +14,10 @@ from pathlib import Path
 
 import aiohttp
 import jwt
+from browser_pages import OpenPage
 from conftest import SECRET_KEY, FakeUpstream
+from fake_chat import CHAT, OpenAIChat, today
 from playwright.async_api import Page, expect
-from test_browser import OpenPage, browser, gateway_url, open_page, pages_url  # noqa: F401  (fixtures)
-from test_usage import CHAT, OpenAIChat, today
 
 from gogpt import mint_token
 

@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import ACCESS_TOKEN, SECRET_KEY, FakeUpstream
 from serving import free_port, start_gogpt, wait_until_listening
+from wire import exchange
 
 from bench.bombs import peak_rss_mb
 from gogpt import Settings, create_app, mint_token
@@ -28,17 +29,6 @@ def gzip_bomb(size: int, prefix: bytes = b'{"messages":[', suffix: bytes = b"]}"
     """A JSON object of about `size` bytes, nearly all of it empty objects, gzipped to a few KiB."""
     count = (size - len(prefix) - len(suffix) - 2) // 3
     return gzip.compress(prefix + b"{}," * count + b"{}" + suffix, compresslevel=9)
-
-
-async def exchange(client: TestClient, raw: bytes) -> bytes:
-    """Write `raw` on a fresh connection and read until gogpt closes it."""
-    reader, writer = await asyncio.open_connection(client.host, client.port)
-    try:
-        writer.write(raw)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
 
 
 def status_of(answer: bytes) -> int:

@@ -14,11 +14,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ADMIN, SECRET_KEY, FakeUpstream, RedisServer
+from fake_chat import MODEL
+from gateways import Starter
 from prometheus_client import REGISTRY
 from serving import new_connections
-from test_shared_state import SharedState, shared  # noqa: F401 - a fixture
-from test_usage import MODEL
-from test_usage_workers import Starter, start  # noqa: F401 - a fixture
+from shared_state import SharedState
 
 from gogpt import Settings, create_app, mint_token
 from gogpt.policy import Policy
@@ -85,7 +85,7 @@ def refusals() -> float:
 
 async def test_calls_are_settled_to_their_usage_and_the_one_that_could_pass_the_budget_is_refused(
     aiohttp_client,
-    shared: SharedState,  # noqa: F811 - the fixture imported
+    shared: SharedState,
     upstream: FakeUpstream,
     fake: ChatWithUsage,
 ):
@@ -209,7 +209,7 @@ async def test_a_budgeted_token_is_refused_calls_whose_tokens_cannot_be_counted(
 @pytest.mark.parametrize("shared", ["sqlite", "redis"], indirect=True)
 async def test_a_hold_left_by_a_dead_worker_lapses(
     aiohttp_client,
-    shared: SharedState,  # noqa: F811 - the fixture imported
+    shared: SharedState,
     fake: ChatWithUsage,
 ):
     headers = budgeted(1000)
@@ -248,7 +248,8 @@ BUDGET = 1000
 
 
 async def test_30_concurrent_calls_over_two_workers_never_spend_more_than_the_budget(
-    start: Starter,  # noqa: F811 - the fixture imported
+    start: Starter,
+    shared_store: dict[str, str],
     upstream: FakeUpstream,
     fake: ChatWithUsage,
     request: pytest.FixtureRequest,
@@ -272,7 +273,7 @@ async def test_30_concurrent_calls_over_two_workers_never_spend_more_than_the_bu
         return await ChatWithUsage.__call__(fake, request)
 
     upstream.respond = arrival
-    gateway = await start()
+    gateway = await start(**shared_store)
     async with new_connections() as session:
 
         async def call() -> int:
@@ -290,7 +291,7 @@ async def test_30_concurrent_calls_over_two_workers_never_spend_more_than_the_bu
     gateway.process.send_signal(signal.SIGTERM)  # the shutdown writes the last settlements
     assert await asyncio.wait_for(gateway.process.wait(), 30) == 0, "".join(gateway.log)
 
-    gateway = await start()
+    gateway = await start(**shared_store)
     async with new_connections() as session:
         async with session.get(f"{gateway.url}/me", headers=headers) as resp:
             spent = (await resp.json())["used"]
@@ -300,7 +301,7 @@ async def test_30_concurrent_calls_over_two_workers_never_spend_more_than_the_bu
     assert spent == sum(row["prompt_tokens"] + row["completion_tokens"] for row in rows)  # as the ledger
     print(
         f"\nbudget {BUDGET}, {CONCURRENT} concurrent calls holding {hold(body)} each over 2 workers"
-        f" ({request.node.callspec.params['start']}):"
+        f" ({request.node.callspec.params['shared_store']}):"
         f" admitted {admitted}, refused {refused}, spent {spent}"
     )
     assert await gateway.stop() == 0

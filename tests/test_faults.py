@@ -19,9 +19,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from backend_api import POST, Backend, message
 from conftest import SECRET_KEY, FakeUpstream
 from serving import free_port, start_gogpt, wait_until_listening
-from test_conv import POST, Backend, message
 
 from gogpt import Settings, create_app
 from gogpt.keys import STORE

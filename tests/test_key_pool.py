@@ -12,10 +12,10 @@ from collections.abc import Callable
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from conftest import SECRET_KEY, FakeUpstream
+from serving import free_port, start_gogpt, wait_until_listening
 
 from gogpt import Settings, create_app
-from tests.conftest import SECRET_KEY, FakeUpstream
-from tests.serving import free_port, start_gogpt, wait_until_listening
 
 A, B, C = (f"sk-pool-key-{name}-0123456789abcdef{name * 4}" for name in "abc")
 

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from aiohttp.test_utils import TestClient
 from conftest import ADMIN, FakeUpstream
-from prometheus_client.parser import text_string_to_metric_families
-
-
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
+from wire import samples
 
 
 async def test_healthz_answers_ok_without_credentials(client: TestClient):

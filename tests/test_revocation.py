@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio as redis
 from aiohttp.test_utils import TestClient
 from conftest import ADMIN, SECRET_KEY, FakeUpstream, RedisServer
+from gateways import Starter, serving_worker
 from serving import Gateway
-from test_ops import samples
-from test_workers_share_state import Starter, _serving_worker
-from test_workers_share_state import start as start  # the `--workers N` gogpt fixture, shared
+from shared_state import SharedState
+from wire import samples
 
 from gogpt import Settings, create_app, mint_token
 from gogpt.auth import MAX_HOURS
@@ -236,18 +236,10 @@ async def test_a_body_that_is_not_json_is_400(client: TestClient):
 # ---- shared by workers and instances, kept across restarts -------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def shared_settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
-    """Settings of gateways that share their state: in one SQLite file, or in one real Redis."""
-    if request.param == "sqlite":
-        return settings  # the fixture's file in tmp_path
-    redis_server: RedisServer = request.getfixturevalue("redis_server")
-    return settings.with_overrides(redis_url=redis_server.url)
-
-
-async def test_a_revocation_on_one_instance_is_enforced_by_another(aiohttp_client, shared_settings: Settings):
-    one = await aiohttp_client(create_app(shared_settings))
-    two = await aiohttp_client(create_app(shared_settings))
+@pytest.mark.parametrize("shared", ["sqlite", "redis"], indirect=True)
+async def test_a_revocation_on_one_instance_is_enforced_by_another(aiohttp_client, shared: SharedState):
+    one = await aiohttp_client(create_app(shared.settings))
+    two = await aiohttp_client(create_app(shared.settings))
     by_id, by_token, other = await minted(one, "alice"), await minted(one, "bob"), await minted(one, "bob")
     assert {await status(two, headers) for headers in (by_id, by_token, other)} == {200}
     await revoke(one, {"id": "alice"})
@@ -276,15 +268,16 @@ async def test_a_revocation_after_redis_lost_its_data_is_enforced_by_every_insta
     await until_status(one, bob, 200)
 
 
-async def test_a_revocation_is_kept_across_a_restart(aiohttp_client, shared_settings: Settings):
-    first = await aiohttp_client(create_app(shared_settings))
+@pytest.mark.parametrize("shared", ["sqlite", "redis"], indirect=True)
+async def test_a_revocation_is_kept_across_a_restart(aiohttp_client, shared: SharedState):
+    first = await aiohttp_client(create_app(shared.settings))
     by_id, by_token = await minted(first, "alice"), await minted(first, "bob")
     await revoke(first, {"id": "alice"})
     await revoke(first, {"token": token_of(by_token)})
     listed = await (await first.get("/token/revoked", headers=ADMIN)).json()
     await first.close()
 
-    restarted = await aiohttp_client(create_app(shared_settings))
+    restarted = await aiohttp_client(create_app(shared.settings))
     assert await status(restarted, by_id) == 401  # from the first request: read before serving
     assert await status(restarted, by_token) == 401
     assert await (await restarted.get("/token/revoked", headers=ADMIN)).json() == listed
@@ -342,7 +335,7 @@ async def _ask_many(gateway: Gateway, token: str, count: int) -> list[tuple[int,
             status_line = await reader.readline()
             # the connection stays open after the answer (keep-alive): its worker can be found
             answers.append(
-                (int(status_line.split()[1]), _serving_worker(gateway, writer.get_extra_info("sockname")[1]))
+                (int(status_line.split()[1]), serving_worker(gateway, writer.get_extra_info("sockname")[1]))
             )
         finally:
             writer.close()

@@ -14,11 +14,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from conftest import SECRET_KEY, FakeUpstream
+from serving import free_port, start_gogpt, wait_until_listening
 
 from gogpt import Settings, chunked_coding, create_app, mint_token
 from gogpt.chunked_coding import ChunkedFraming, MalformedChunk
-from tests.conftest import SECRET_KEY, FakeUpstream
-from tests.serving import free_port, start_gogpt, wait_until_listening
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 

@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from conftest import FakeUpstream
 
 from gogpt import Settings, create_app
-from tests.conftest import FakeUpstream
 
 EVENT = b"data: " + b"x" * 4000 + b"\n\n"
 

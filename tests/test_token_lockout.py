@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import SECRET_KEY, Clock, RedisServer
-from test_shared_state import SharedState, gateway_pair, shared  # noqa: F401 - a fixture
+from shared_state import SharedState, gateway_pair
 
 from gogpt import Settings, create_app
 
@@ -21,7 +21,7 @@ LIMIT = 10  # TOKEN_FAILURE_LIMIT's default: ten at once, then one every six sec
 @pytest.fixture
 async def pair(
     aiohttp_client,
-    shared: SharedState,  # noqa: F811 - the fixture imported
+    shared: SharedState,
     clock: Clock,
 ) -> tuple[TestClient, TestClient]:
     """Two gateways on one store (see test_shared_state), the clock the test's."""

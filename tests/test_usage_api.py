@@ -11,8 +11,8 @@ import sqlite3
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import ADMIN, SECRET_KEY, FakeUpstream, RedisServer
+from fake_chat import CHAT, OpenAIChat, row, today, usage
 from prometheus_client import REGISTRY
-from test_usage import CHAT, OpenAIChat, row, today, usage
 
 from gogpt import Settings, create_app
 from gogpt.keys import STORE

@@ -4,46 +4,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import pytest
-from conftest import ACCESS_TOKEN, CHAT_API_KEY, SECRET_KEY, FakeUpstream
-from serving import Gateway, new_connections
-from test_conv import LIST, POST, Backend, message
-from test_conv import backend as backend  # the scripted backend-api fixture, shared
+from backend_api import LIST, POST, Backend, message
+from conftest import FakeUpstream
+from gateways import Starter, serving_worker
+from serving import new_connections
 
 from gogpt.serve import _MIN_WORKER_LIFE
-
-Starter = Callable[..., Awaitable[Gateway]]
-
-
-@pytest.fixture
-async def start(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Starter]:
-    """`await start(workers=2, **variables)`: gogpt in tmp_path (so its GOGPT_DB is tmp_path/gogpt.db)."""
-    started: list[Gateway] = []
-
-    async def start_gateway(workers: int = 2, **variables: str) -> Gateway:
-        env = {
-            "SECRET_KEY": SECRET_KEY,
-            "API_PROXY": upstream.url,
-            "CHAT_API_KEY": CHAT_API_KEY,
-            "UNOFFICIAL_PROXY": upstream.url + "/backend-api",
-            "ACCESS_TOKEN": ACCESS_TOKEN,
-            **variables,
-        }
-        gateway = await Gateway.start(env, tmp_path, workers=workers)
-        started.append(gateway)
-        return gateway
-
-    yield start_gateway
-    for gateway in started:
-        await gateway.stop()
 
 
 async def test_a_rate_limit_of_3_lets_exactly_3_of_12_requests_through_on_2_workers(start: Starter, auth):
@@ -86,22 +58,6 @@ async def test_the_first_list_after_start_up_is_empty_once_for_all_workers(
     assert totals == [0] + [7] * 7
 
 
-def _serving_worker(gateway: Gateway, client_port: int) -> int:
-    """The worker holding the server side of the connection from `client_port`."""
-    wanted = (f"0100007F:{gateway.port:04X}", f"0100007F:{client_port:04X}")  # 127.0.0.1, as /proc writes it
-    sockets = {
-        f"socket:[{fields[9]}]"
-        for fields in (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
-        if (fields[1], fields[2]) == wanted
-    }
-    for pid in gateway.worker_pids():
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                if os.readlink(fd) in sockets:
-                    return pid
-    raise AssertionError(f"no worker holds the connection from port {client_port}")
-
-
 def _seconds_alive(pid: int) -> float:
     start_ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
     uptime = float(Path("/proc/uptime").read_text().split()[0])
@@ -117,7 +73,7 @@ async def test_a_lease_left_by_a_killed_worker_holds_until_its_ttl_then_frees(
     streaming = await session.post(f"{gateway.url}/conv", json=message(), headers={**auth, **POST})
     await backend.started.wait()
     assert streaming.connection is not None and streaming.connection.transport is not None
-    holder = _serving_worker(gateway, streaming.connection.transport.get_extra_info("sockname")[1])
+    holder = serving_worker(gateway, streaming.connection.transport.get_extra_info("sockname")[1])
     # The supervisor gives up on a worker that dies right after starting; this one must look settled.
     await asyncio.sleep(max(0.0, _MIN_WORKER_LIFE + 0.1 - _seconds_alive(holder)))
     os.kill(holder, signal.SIGKILL)
