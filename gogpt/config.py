@@ -48,6 +48,7 @@ class Settings:
     multi: bool = False
     splice: bool = True
     client_timeout: float = 60.0
+    idle_timeout: float = 75.0
     upstream_retries: int = 2
     sse_keepalive: float = 15.0
     budget_reserve: int = 4096
@@ -160,6 +161,7 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env") -> Settings:
         log_format=env.str("LOG_FORMAT", "text", validate=OneOf(("text", "json"))),
         splice=env.str("SPLICE", "on", validate=OneOf(("on", "off"))) != "off",
         client_timeout=env.float("CLIENT_TIMEOUT", 60.0, validate=Range(min=0, min_inclusive=False)),
+        idle_timeout=env.float("IDLE_TIMEOUT", 75.0, validate=Range(min=0, min_inclusive=False)),
         upstream_retries=env.int("UPSTREAM_RETRIES", 2, validate=Range(min=0, max=10)),
         sse_keepalive=env.float("SSE_KEEPALIVE", 15.0, validate=Range(min=0)),
         budget_reserve=env.int("BUDGET_RESERVE", 4096, validate=Range(min=1, max=10**12)),

@@ -103,6 +103,7 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
             host=settings.host,
             port=settings.port,
             backlog=LISTEN_BACKLOG,
+            keepalive_timeout=settings.idle_timeout,  # from the connection's start (aiohttp 3.14.4 on)
             reuse_port=reuse_port or None,
             shutdown_timeout=max(settings.shutdown_grace, 0.001),  # aiohttp reads 0 as "wait for ever"
             handler_cancellation=True,  # a client hang-up cancels its relay and closes the upstream at once

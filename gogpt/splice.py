@@ -2,8 +2,9 @@
 
 Everything in gogpt that touches an aiohttp internal is in this module, each use marked
 `internal:` with what it relies on; `check_internals()` looks for all of them at start-up
-(checked on aiohttp 3.14.0 and 3.14.5). When they are not as expected, or `SPLICE=off`, gogpt
-relays the ordinary way (`iter_any`), byte for byte all the same.
+(checked on aiohttp 3.14.4 and 3.14.5, the lowest and newest pyproject.toml allows). When
+they are not as expected, or `SPLICE=off`, gogpt relays the ordinary way (`iter_any`), byte
+for byte all the same.
 
 Two things live on the protocol of every upstream connection (`UpstreamProtocol`):
 - *No unasked-for bytes.* A byte that arrives after an answer has ended, or a second answer to

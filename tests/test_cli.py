@@ -249,3 +249,30 @@ async def test_a_low_open_file_limit_is_warned_of_once_serving(tmp_path: Path, s
     assert status == 0
     warning = "WARNING gogpt.serve: the open-file limit is 256: a worker holds at most about 128 streams"
     assert warning in stderr
+
+
+@pytest.mark.parametrize(
+    ("sent", "answered"),
+    [
+        (b"", False),
+        (b"POST /chat HTTP/1.1\r\nHost: gogpt\r\nContent-Le", False),  # a slow head, or none to come
+        (b"GET /healthz HTTP/1.1\r\nHost: gogpt\r\n\r\n", True),
+    ],
+    ids=["nothing", "half a head", "one request, then nothing"],
+)
+async def test_a_connection_with_no_request_on_it_is_closed_after_idle_timeout(
+    tmp_path: Path, stop: ExitWaiter, sent: bytes, answered: bool
+) -> None:
+    """Before aiohttp 3.14.4 a connection that never sent a whole request was kept for ever."""
+    port = free_port()
+    env = {"SECRET_KEY": SECRET_KEY, "HOST": "127.0.0.1", "PORT": str(port), "IDLE_TIMEOUT": "0.5"}
+    process = await _serve(env, tmp_path, port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(sent)
+        received = await asyncio.wait_for(reader.read(), 10)  # until gogpt closes the connection
+        writer.close()
+    finally:
+        status, _ = await stop(process)
+    assert received.startswith(b"HTTP/1.1 200 OK") == answered
+    assert status == 0
