@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .errors import ApiError, json_object
 from .json_parser import INLINE_BYTES, JSON_PARSER
-from .keys import SETTINGS
+from .keys import CALLER, SETTINGS
 
 __all__ = [
     "TOKEN_BODY_BYTES",
@@ -43,6 +43,11 @@ _TOKEN_BODY_SECONDS = 30.0  # for the whole /token body (never more than UPSTREA
 # decodes more on the spot: so after each piece the loop gets its turn, or a large compressed
 # body would be inflated and read in one go (about 0.1 s for 32 MiB) while nothing else runs.
 _STEP_BYTES = 1 << 16
+# A large body holds one of the parser's few turns while it is read, so it must keep coming:
+# within _TURN_GRACE_SECONDS, and one more second for each _TURN_MIN_RATE bytes that came, as
+# Apache's mod_reqtimeout asks (MinRate). A slower upload is answered 408, and frees its turn.
+_TURN_GRACE_SECONDS = 10.0
+_TURN_MIN_RATE = 64 << 10
 # /v1 bodies up to this size are read whole and sent with a Content-Length; larger ones stream.
 _READ_WHOLE_BYTES = 1 << 20
 # aiohttp's server decodes request bodies in these encodings (its parser's list), so what gogpt
@@ -66,6 +71,7 @@ class _Body:
         self.chunks: list[bytes] = []
         self.size = 0
         self.complete = False
+        self._pace: tuple[float, int] | None = None  # (the time due, at the size then), once paced
         if whole is None:
             whole = _came_whole(request)
         if whole is not None:
@@ -84,8 +90,17 @@ class _Body:
 
     async def next_chunk(self, at_most: int = _STEP_BYTES) -> bytes:
         """Up to `at_most` bytes of what has arrived (or of the next to arrive), decoded."""
-        async with asyncio.timeout(self._idle):
+        wait = self._idle
+        if self._pace is not None:
+            due, size = self._pace
+            left = due + (self.size - size) / _TURN_MIN_RATE - asyncio.get_running_loop().time()
+            wait = left if wait is None else min(wait, left)
+        async with asyncio.timeout(wait):  # what has arrived is read even when no wait is left
             return await self._content.read(at_most)
+
+    def keep_pace(self) -> None:
+        """From now on the rest must come at _TURN_MIN_RATE, after _TURN_GRACE_SECONDS."""
+        self._pace = (asyncio.get_running_loop().time() + _TURN_GRACE_SECONDS, self.size)
 
     def _add(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
@@ -197,8 +212,9 @@ async def request_body(request: web.Request) -> bytes | AsyncIterable[bytes] | N
 async def read_json_object(request: web.Request, names: Collection[str] = ()) -> tuple[bytes, dict[str, Any]]:
     """The body, checked to be a JSON object, and its fields `names` (see `object_fields`).
 
-    A body over INLINE_BYTES waits for one of the parser's few large-body turns before it is
-    read on, and is parsed off the loop, so neither memory nor the loop is at its mercy.
+    A body over INLINE_BYTES waits for one of the parser's few large-body turns (one per caller)
+    before it is read on, at a minimum rate, and is parsed off the loop, so neither memory, nor
+    the loop, nor the other callers are at its mercy.
     """
     app = request.app
     settings = app[SETTINGS]
@@ -213,7 +229,8 @@ async def read_json_object(request: web.Request, names: Collection[str] = ()) ->
         await body.read_past(inline)
         if body.complete and body.size <= inline:
             return body.joined(), parser.fields_here(body.joined(), names)
-        async with parser.large_body:
+        async with parser.large_body(request[CALLER].identity):
+            body.keep_pace()
             await body.read_all(settings.max_body_bytes)
             fields = await parser.fields_in_child(body.chunks, body.size, names)
             return body.joined(), fields  # joined only once it passed: a bomb never is
@@ -230,7 +247,8 @@ async def read_whole_body(request: web.Request) -> bytes:
         await body.read_past(inline)
         if body.complete and body.size <= inline:
             return body.joined()
-        async with request.app[JSON_PARSER].large_body:
+        async with request.app[JSON_PARSER].large_body(request[CALLER].identity):
+            body.keep_pace()
             return await body.whole(settings.max_body_bytes)
 
 

@@ -6,16 +6,18 @@ is parsed, and the loop waits all that time. So bodies up to `INLINE_BYTES` are 
 loop (a few milliseconds at worst), larger ones one at a time in a child process
 (json_child.py) whose address space is capped: a body that would swell past the cap ends in a
 MemoryError there (413), and gogpt's own loop and memory never see it. At most `LARGE_BODIES`
-large bodies are held at once; more wait their turn unread.
+large bodies are held at once, and one per caller; more wait their turn unread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Collection
+from collections import Counter
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +85,26 @@ class JsonParser:
         self._memory = max(_MIN_MEMORY, _MEMORY_PER_BODY_BYTE * max_body_bytes)
         self._child: _Child | None = None
         self._one_at_a_time = asyncio.Lock()
-        self.large_body = asyncio.Semaphore(LARGE_BODIES)  # held while a large body is read and parsed
+        self._turns = asyncio.Semaphore(LARGE_BODIES)
+        self._caller_turns: dict[str, asyncio.Lock] = {}
+        self._callers_waiting: Counter[str] = Counter()
+
+    @contextlib.asynccontextmanager
+    async def large_body(self, caller: str) -> AsyncIterator[None]:
+        """A turn to read and parse a large body: LARGE_BODIES at once, and one per caller.
+
+        A caller's second large body waits for its first, so one caller's slow uploads hold one
+        turn at most, and the other callers' bodies go on in the rest.
+        """
+        turn = self._caller_turns.setdefault(caller, asyncio.Lock())
+        self._callers_waiting[caller] += 1
+        try:
+            async with turn, self._turns:
+                yield
+        finally:
+            self._callers_waiting[caller] -= 1
+            if not self._callers_waiting[caller]:
+                del self._callers_waiting[caller], self._caller_turns[caller]
 
     def fields_here(self, body: bytes, names: Collection[str] = ()) -> dict[str, Any]:
         """`object_fields` of a body of at most INLINE_BYTES, or the `ApiError` (400) refusing it."""

@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import json
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import aiohttp
@@ -18,8 +19,8 @@ from serving import free_port, start_gogpt, wait_until_listening
 from wire import exchange
 
 from bench.bombs import peak_rss_mb
-from gogpt import Settings, create_app, mint_token
-from gogpt.json_parser import INLINE_BYTES, JsonParser
+from gogpt import Settings, bodies, create_app, mint_token
+from gogpt.json_parser import INLINE_BYTES, JSON_PARSER, JsonParser
 
 CONV = {"Chat-Type": "conversation"}
 MIB = 1 << 20
@@ -282,3 +283,63 @@ async def test_a_chunked_requests_trailer_never_reaches_the_upstream_with_the_ne
     answer = await exchange(client, chunked + second)
     assert status_of(answer) == 200
     assert all("OpenAI-Organization" not in request.headers for request in upstream.requests)
+
+
+# ---- large bodies take turns: one per caller, and only while they keep coming ------------------
+
+
+def _large_upload_head(token: str, size: int) -> bytes:
+    return (
+        b"POST /chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (token.encode(), size)
+    )
+
+
+async def test_one_callers_stalled_large_uploads_hold_one_turn_and_another_callers_body_goes_on(
+    aiohttp_client, settings: Settings, auth, monkeypatch: pytest.MonkeyPatch
+):
+    """Two large uploads of one caller that stop coming held both turns: every other caller's
+    large body waited until they timed out."""
+    client = await aiohttp_client(create_app(settings.with_overrides(upstream_timeout=30)))
+    parser = client.app[JSON_PARSER]
+    asked, both_asked = 0, asyncio.Event()
+    large_body = parser.large_body
+
+    def counted(caller: str) -> AbstractAsyncContextManager[None]:
+        nonlocal asked
+        asked += 1
+        if asked == 2:
+            both_asked.set()
+        return large_body(caller)
+
+    monkeypatch.setattr(parser, "large_body", counted)
+    slowpoke = mint_token(SECRET_KEY, "slowpoke", 1)
+    stalled = []
+    for _ in range(2):  # past INLINE_BYTES, then nothing more
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(
+            _large_upload_head(slowpoke, 4 * INLINE_BYTES) + b'{"pad": "' + b"x" * (2 * INLINE_BYTES)
+        )
+        stalled.append((asyncio.ensure_future(reader.read()), writer))
+    try:
+        await asyncio.wait_for(both_asked.wait(), 10)
+        body = {"pad": "x" * 2 * INLINE_BYTES}
+        resp = await asyncio.wait_for(client.post("/chat", json=body, headers=auth), 10)
+        assert resp.status == 200
+        assert not any(answer.done() for answer, _ in stalled)  # both still waiting for their bodies
+    finally:
+        for answer, writer in stalled:
+            writer.close()
+            answer.cancel()
+
+
+async def test_a_large_upload_that_falls_below_the_minimum_rate_is_408(
+    aiohttp_client, settings: Settings, token: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Each wait for the client is bounded by UPSTREAM_TIMEOUT, but a body trickling in at one byte
+    a minute would hold a turn for weeks: past a grace, a large body must come at 64 KiB/s."""
+    monkeypatch.setattr(bodies, "_TURN_GRACE_SECONDS", 0.2)
+    client = await aiohttp_client(create_app(settings.with_overrides(upstream_timeout=30)))
+    head = _large_upload_head(token, 4 * INLINE_BYTES)
+    answer = await exchange(client, head + b'{"pad": "' + b"x" * (2 * INLINE_BYTES))
+    assert status_of(answer) == 408
