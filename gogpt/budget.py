@@ -80,6 +80,9 @@ async def admit(
             " Ask for fewer (max_tokens) or wait for the next period.",
             code="budget_exceeded",
             error_type="insufficient_quota",
+            # OpenAI's SDKs retry every 429; with nothing held in flight, none can pass before the
+            # period ends, so they are told not to (they obey x-should-retry)
+            headers=None if state.held else {"x-should-retry": "false"},
         )
     return functools.partial(request.app[BUDGETS].settle, key, hold, expires)
 

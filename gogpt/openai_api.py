@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from urllib.parse import quote, unquote
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -25,6 +26,7 @@ __all__ = ["chat_handler", "v1_handler"]
 # the body). Any other is refused: TRACE would have an echoing upstream quote gogpt's key back.
 _V1_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE"})
 _V1_ALLOW = "GET, HEAD, POST, DELETE, OPTIONS"  # OPTIONS: the CORS preflight, answered by gogpt
+_PATH_SAFE = "!$&'()*+,;=:@"  # what RFC 3986 allows in a path segment beside what quote() keeps
 
 
 async def chat_handler(request: web.Request) -> web.StreamResponse:
@@ -46,7 +48,7 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
             code="method_not_allowed",
             headers={"Allow": _V1_ALLOW},
         )
-    url = _v1_url(settings.api_proxy, request.match_info["path"])
+    url = _v1_url(settings.api_proxy, _raw_tail(request))
     if url is None:
         raise ApiError(400, "Invalid API path.", code="invalid_path")
     if request.query_string:
@@ -85,14 +87,28 @@ async def _metered_call(
         return await relay(request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter)
 
 
+def _raw_tail(request: web.Request) -> str:
+    """The /v1 path as the client encoded it. match_info is decoded, so an id holding an encoded
+    slash (`meta-llama%2FLlama-3`) would reach the upstream as two segments."""
+    decoded = request.match_info["path"]
+    if "%" not in request.raw_path:  # nothing was decoded (most calls)
+        return decoded
+    before = request.path.count("/") - decoded.count("/")  # the slashes of the prefix, up to /v1/
+    return request.rel_url.raw_path.split("/", before)[before]
+
+
 @functools.lru_cache(maxsize=1024)  # clients call a handful of paths: each is checked and built once
-def _v1_url(api_proxy: str, path: str) -> URL | None:
-    """The upstream URL of a /v1 path, or None for a path that could climb out of /v1."""
-    segments = path.split("/")
-    # a backslash is a separator to some servers: "..\\x" would climb out of /v1 there
-    if "\\" in path or any(segment in ("", ".", "..") for segment in segments):
-        return None
-    return URL(api_proxy).joinpath("v1", *segments)
+def _v1_url(api_proxy: str, raw_path: str) -> URL | None:
+    """The upstream URL of a /v1 path (as encoded by the client), or None for a path that could
+    climb out of /v1, however a server splits or decodes it."""
+    segments = [unquote(segment) for segment in raw_path.split("/")]
+    for segment in segments:
+        # a backslash is a separator to some servers: "..\\x" would climb out of /v1 there; so is
+        # an encoded slash to servers that decode before they route
+        if "\\" in segment or segment == "" or any(piece in (".", "..") for piece in segment.split("/")):
+            return None
+    quoted = (quote(segment, safe=_PATH_SAFE) for segment in segments)  # a slash in a segment stays %2F
+    return URL(api_proxy).joinpath("v1", *quoted, encoded=True)
 
 
 def _keys(request: web.Request) -> KeyPool | None:

@@ -40,6 +40,7 @@ class Recorded:
     query_string: str
     headers: CIMultiDictProxy[str]
     body: bytes
+    raw_path: str  # the path as it came, percent-encoded
 
 
 async def _ok(request: web.Request) -> web.StreamResponse:
@@ -62,7 +63,9 @@ class FakeUpstream:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.requests.append(
-            Recorded(request.method, request.path, request.query_string, request.headers, body)
+            Recorded(
+                request.method, request.path, request.query_string, request.headers, body, request.raw_path
+            )
         )
         try:
             return await self.respond(request)

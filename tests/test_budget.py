@@ -10,6 +10,7 @@ import json
 import signal
 
 import jwt
+import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -81,6 +82,24 @@ async def me(client: TestClient, headers: dict[str, str]) -> dict:
 
 def refusals() -> float:
     return REGISTRY.get_sample_value("gogpt_budget_refusals_total") or 0.0
+
+
+async def test_the_openai_sdk_does_not_retry_a_call_no_retry_can_pass(
+    aiohttp_server, settings: Settings, fake: ChatWithUsage
+):
+    """The SDK retries every 429 twice by default: each retry of a spent budget was refused again,
+    and counted toward the token's rpm. With nothing held by calls in flight, none can pass
+    before the period ends, and gogpt says so (x-should-retry: false, which the SDK obeys)."""
+    server = await aiohttp_server(create_app(settings))
+    token = budgeted(10)["Authorization"].removeprefix("Bearer ")
+    sdk = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=token)  # max_retries=2
+    before = refusals()
+    try:
+        with pytest.raises(openai.RateLimitError, match="budget is 10 tokens"):
+            await sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    finally:
+        await sdk.close()
+    assert refusals() == before + 1
 
 
 async def test_calls_are_settled_to_their_usage_and_the_one_that_could_pass_the_budget_is_refused(

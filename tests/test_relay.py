@@ -293,12 +293,26 @@ async def test_chat_body_over_the_limit_is_413(
     assert upstream.requests == []
 
 
-@pytest.mark.parametrize("path", ["/v1/a/../b", "/v1/a//b", "/v1/./models", "/v1/%2e%2e/admin"])
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/a/../b", "/v1/a//b", "/v1/./models", "/v1/%2e%2e/admin", "/v1/a%2F..%2F..%2Fb", "/v1/a%5C..%5Cb"],
+)
 async def test_v1_refuses_path_tricks(client: TestClient, upstream: FakeUpstream, auth, path: str):
     raw = URL(str(client.make_url("")).rstrip("/") + path, encoded=True)  # sent exactly as written
     resp = await client.session.get(raw, headers=auth)
     assert resp.status in (400, 404)
     assert upstream.requests == []
+
+
+async def test_v1_passes_an_encoded_slash_in_an_id_on_as_it_came(
+    client: TestClient, upstream: FakeUpstream, auth
+):
+    """Model ids of OpenAI-compatible servers hold slashes (`meta-llama/Llama-3`): the OpenAI SDK
+    encodes them, and the upstream must get one segment, not two."""
+    raw = URL(str(client.make_url("")).rstrip("/") + "/v1/models/meta-llama%2FLlama-3", encoded=True)
+    resp = await client.session.get(raw, headers=auth)
+    assert resp.status == 200
+    assert upstream.last.raw_path == "/v1/models/meta-llama%2FLlama-3"
 
 
 async def test_gzip_answers_come_back_still_encoded(client: TestClient, upstream: FakeUpstream, auth):
