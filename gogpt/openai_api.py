@@ -48,6 +48,10 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
             code="method_not_allowed",
             headers={"Allow": _V1_ALLOW},
         )
+    if request.headers.get("Upgrade", "").lower() == "websocket":  # the Realtime API, say
+        raise ApiError(
+            501, "gogpt does not relay the OpenAI API's WebSocket mode.", code="websocket_unsupported"
+        )
     url = _v1_url(settings.api_proxy, _raw_tail(request))
     if url is None:
         raise ApiError(400, "Invalid API path.", code="invalid_path")

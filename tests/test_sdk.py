@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
@@ -64,6 +65,20 @@ async def sdk(aiohttp_server, settings, upstream: FakeUpstream, token: str) -> o
     client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=token, max_retries=0)
     yield client
     await client.close()
+
+
+async def test_a_websocket_handshake_is_refused_with_501_not_relayed_as_a_plain_get(
+    aiohttp_client, settings, upstream: FakeUpstream, token: str
+):
+    """client.realtime.connect() opens ws://BASE/realtime: gogpt used to send the upstream a GET
+    without its Upgrade header, and the SDK failed on whatever came back."""
+    client = await aiohttp_client(create_app(settings))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(
+            "/v1/realtime?model=gpt-realtime", headers={"Authorization": f"Bearer {token}"}
+        )
+    assert refused.value.status == 501
+    assert upstream.requests == []
 
 
 def ask(text: str) -> list[dict]:
