@@ -105,7 +105,10 @@ def run_worker(settings: Settings, *, reuse_port: bool = False) -> None:
             backlog=LISTEN_BACKLOG,
             keepalive_timeout=settings.idle_timeout,  # from the connection's start (aiohttp 3.14.4 on)
             reuse_port=reuse_port or None,
-            shutdown_timeout=max(settings.shutdown_grace, 0.001),  # aiohttp reads 0 as "wait for ever"
+            # aiohttp waits this long for running handlers, then cancels their request bodies (which
+            # a relay no longer reads) and waits as long again before it cancels them: half the
+            # grace each, so a stream is cut at SHUTDOWN_GRACE, not twice it. 0 means for ever.
+            shutdown_timeout=max(settings.shutdown_grace / 2, 0.001),
             handler_cancellation=True,  # a client hang-up cancels its relay and closes the upstream at once
             access_log_class=AccessLogger,
             access_log=access_log,

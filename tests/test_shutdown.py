@@ -24,14 +24,14 @@ from gogpt.store import StoreUnavailable, UsageRow
 TAIL_EVENTS = 10
 
 
-def gated_stream(gate: asyncio.Event, started: asyncio.Event):
+def gated_stream(gate: asyncio.Event, started: asyncio.Event, tail: int = TAIL_EVENTS):
     async def respond(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b"data: first\n\n")
         started.set()
         await gate.wait()
-        for n in range(TAIL_EVENTS):  # a model still writing: the stream outlasts a short grace
+        for n in range(tail):  # a model still writing, an event every 0.1 s: it outlasts a short grace
             await asyncio.sleep(0.1)
             await response.write(b"data: %d\n\n" % n)
         await response.write(b"data: [DONE]\n\n")
@@ -133,6 +133,29 @@ async def test_streams_still_running_after_the_grace_period_are_closed(
     assert process.returncode == 0
     await asyncio.wait_for(upstream.disconnected.wait(), 5)  # and the upstream was closed too
     gate.set()
+
+
+async def test_a_stream_still_writing_is_cut_at_the_grace_not_twice_it(
+    start: Starter, upstream: FakeUpstream
+):
+    """aiohttp waits its shutdown_timeout for a handler, then as long again once it has cancelled
+    the request's body: given the whole grace, it let a stream run for twice SHUTDOWN_GRACE, past
+    a service manager's kill (systemd's TimeoutStopSec), which lost the stream's usage."""
+    gate, started = asyncio.Event(), asyncio.Event()
+    upstream.respond = gated_stream(gate, started, tail=15)  # 1.5 s of events: past 1 s, short of 2 s
+    process, port = await start(1)
+    headers = {"Authorization": mint_token(SECRET_KEY, "u", 1)}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{port}/chat", json={}, headers=headers) as resp,
+    ):
+        await resp.content.readline()
+        process.send_signal(signal.SIGTERM)
+        gate.set()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(resp.read(), 10)  # cut before the upstream's [DONE]
+    await asyncio.wait_for(process.wait(), 10)
+    assert process.returncode == 0
 
 
 async def test_idle_keep_alive_connections_do_not_hold_up_the_exit(start: Starter):
