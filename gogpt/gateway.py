@@ -52,8 +52,19 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             await settle_connection(request, response)
         return response
     except asyncio.CancelledError:  # the client left: aiohttp writes no access line for it
-        if ACCESS_LOGGER in request.app:
-            request.app[ACCESS_LOGGER].log_hang_up(request, time.perf_counter() - started)
+        _log_hang_up(request, started)
         raise
+    except ConnectionResetError:  # it left while its answer was being written (status stays 499)
+        _log_hang_up(request, started)
+        if request.transport is not None:
+            request.transport.close()
+        # aiohttp wants an answer, or it logs a traceback and no access line: this one is never
+        # sent (the connection is closed) nor logged again (logs.py)
+        return web.Response(status=499)
     finally:
         count_request(request, status, started)
+
+
+def _log_hang_up(request: web.Request, started: float) -> None:
+    if ACCESS_LOGGER in request.app:
+        request.app[ACCESS_LOGGER].log_hang_up(request, time.perf_counter() - started)

@@ -164,15 +164,21 @@ def configure_logging(log_format: str = "text") -> None:
     root.setLevel(logging.INFO)
 
 
+_HUNG_UP = web.RequestKey("gogpt.hung_up", bool)  # its line, 499, is written already
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request. The query string is left out: `/token?key=...` would put a key in it."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
-        self.log_answer(request, response.status, response.body_length, duration)
+        if _HUNG_UP not in request:
+            self.log_answer(request, response.status, response.body_length, duration)
 
     def log_hang_up(self, request: web.BaseRequest, duration: float) -> None:
         """aiohttp writes no line for a request whose client left before its answer ended (the
-        handler is cancelled): gogpt writes it, status 499 as nginx does, with the bytes sent."""
+        handler is cancelled, or its write failed): gogpt writes it, status 499 as nginx does,
+        with the bytes sent."""
+        request[_HUNG_UP] = True
         self.log_answer(request, 499, request.writer.output_size, duration)
 
     def log_answer(self, request: web.BaseRequest, status: int, sent: int, duration: float) -> None:

@@ -186,11 +186,12 @@ async def _relay_answer(
                 on_chunk(chunk)
     except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
         upstream.close()
-        if not isinstance(exc, ConnectionResetError):  # the client is still there: cut it off
-            UPSTREAM_ERRORS.labels("upstream_broke_off").inc()
-            log.warning("upstream %s %s broke off mid-answer: %s", method, _safe_url(url), type(exc).__name__)
-            if request.transport is not None:
-                request.transport.close()
+        if isinstance(exc, ConnectionResetError):  # the client left mid-write: a hang-up (gateway.py)
+            raise
+        UPSTREAM_ERRORS.labels("upstream_broke_off").inc()
+        log.warning("upstream %s %s broke off mid-answer: %s", method, _safe_url(url), type(exc).__name__)
+        if request.transport is not None:  # the client is still there: cut it off
+            request.transport.close()
     except BaseException:
         upstream.close()  # cancelled (the client left) or failed: stop paying for tokens now
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import signal
 import time
@@ -16,8 +17,13 @@ import jwt
 import pytest
 from aiohttp import web
 from conftest import SECRET_KEY, FakeUpstream
+from prometheus_client import REGISTRY
 from serving import free_port, start_gogpt, wait_until_listening
 from yarl import URL
+
+from gogpt import Settings, create_app
+from gogpt.auth import public
+from gogpt.logs import ACCESS_LOGGER, AccessLogger
 
 # A whole access line, as a client would like to slip it in: a reader could not tell it apart.
 FORGED = '1999-01-01 00:00:00,000 INFO gogpt.access: 10.9.9.9 "GET /metrics" 200 9 0.001s id=admin'
@@ -138,3 +144,60 @@ async def test_a_client_that_leaves_mid_stream_gets_a_499_line(start: Start, ups
     status, sent, _, identity = line.split('"POST /chat" ')[1].split()
     assert (status, identity) == ("499", "id=alice")
     assert int(sent) > len(b"data: first\n\n")  # the head and the event went out
+
+
+class _Lines(logging.Handler):
+    """The access lines written, and an event for each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.written = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        self.written.set()
+
+
+async def test_a_client_that_leaves_while_its_answer_is_written_gets_one_499_line(
+    aiohttp_client, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the hang-up showed as a failed write rather than a cancelled handler, the relay took it
+    for the end of the answer: the line said 200 and 0 bytes, or, if the last write failed, aiohttp
+    logged a traceback and no line at all, while /metrics counted a 499."""
+
+    @public
+    async def leaves_mid_answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"x" * 100)
+        assert request.transport is not None
+        request.transport.close()  # the client is gone, its handler not yet cancelled
+        await response.write(b"the rest")
+        return response
+
+    app = create_app(settings)
+    app.router.add_get("/leaves", leaves_mid_answer)
+    access = logging.getLogger("gogpt.access.test")
+    caplog.set_level(logging.INFO, logger=access.name)
+    lines = _Lines()
+    access.addHandler(lines)
+    app[ACCESS_LOGGER] = AccessLogger(access, "")
+    client = await aiohttp_client(app, server_kwargs={"access_log_class": AccessLogger, "access_log": access})
+    try:
+        with pytest.raises(aiohttp.ClientError):
+            await (await client.get("/leaves")).read()
+        await asyncio.wait_for(lines.written.wait(), 10)
+    finally:
+        access.removeHandler(lines)
+    [line] = lines.lines
+    status, sent = line.split('"GET /leaves" ')[1].split()[:2]
+    assert status == "499"
+    assert int(sent) > 100  # the head and the first write went out
+    assert not [record for record in caplog.records if record.name == "aiohttp.server"]  # no traceback
+    assert (
+        REGISTRY.get_sample_value(
+            "gogpt_requests_total", {"route": "/leaves", "method": "GET", "status": "499"}
+        )
+        == 1
+    )
