@@ -191,7 +191,9 @@ class Meter:
             prompt=prompt,
             completion=completion,
             estimated=usage is None,
-            reported_model=_model_name(self._reported_model) if self._reported_model else self._model,
+            # the metric's label is the upstream's word only: the model a client named (a call cut
+            # before its usage came) would let any caller fill gogpt_tokens_total's model values
+            reported_model=_model_name(self._reported_model) if self._reported_model else "unreported",
         )
         return prompt + completion
 

@@ -248,6 +248,8 @@ async def test_a_hang_up_after_3_events_closes_the_upstream_and_is_estimated(
     client: TestClient, upstream: FakeUpstream, openai_chat: OpenAIChat, auth
 ):
     openai_chat.gates = {4: asyncio.Event()}  # role and three deltas, then the model thinks for ever
+    unreported = await exact_tokens(client, "completion", "unreported", "estimated")
+    named = await exact_tokens(client, "completion", MODEL, "estimated")
     sent = json.dumps({**CHAT, "stream": True}).encode()
     resp = await client.post("/chat", data=sent, headers=auth)
     received = b""
@@ -256,6 +258,10 @@ async def test_a_hang_up_after_3_events_closes_the_upstream_and_is_estimated(
     resp.close()
     await asyncio.wait_for(upstream.disconnected.wait(), 5)
     assert await usage(client) == [row(prompt=len(sent) // 4, completion=3, estimated=1)]
+    # the upstream named no model before the hang-up: the one the client named is no label, or
+    # any caller could fill gogpt_tokens_total's 100 model values with names of its own
+    assert await exact_tokens(client, "completion", "unreported", "estimated") == unreported + 3
+    assert await exact_tokens(client, "completion", MODEL, "estimated") == named
 
 
 async def test_a_hang_up_before_the_upstream_answers_is_estimated_from_the_prompt(
@@ -360,11 +366,13 @@ async def test_a_responses_json_answer_is_counted_from_input_and_output_tokens(
     assert await usage(client) == [row(model="gpt-4o", prompt=11, completion=2)]
 
 
-async def exact_tokens(client: TestClient, kind: str, model: str) -> float:
-    """gogpt_tokens_total's exact count of `kind` for `model`: the registry is the process's, so
-    tests compare it before and after."""
+async def exact_tokens(client: TestClient, kind: str, model: str, source: str = "exact") -> float:
+    """gogpt_tokens_total's count of `kind` for `model` (exact, or as `source` says): the registry
+    is the process's, so tests compare it before and after."""
     metrics = await (await client.get("/metrics", headers=ADMIN)).text()
-    found = re.search(rf'gogpt_tokens_total{{kind="{kind}",model="{model}",source="exact"}} (\S+)', metrics)
+    found = re.search(
+        rf'gogpt_tokens_total{{kind="{kind}",model="{model}",source="{source}"}} (\S+)', metrics
+    )
     return float(found[1]) if found else 0.0
 
 
