@@ -31,7 +31,9 @@ LISTEN_BACKLOG = 4096
 _CHECK_WORKERS_EVERY = 1.0  # seconds between looks at the workers, whatever their sentinels say
 _YOUNG_OBJECTS_PER_COLLECTION = 10_000  # CPython's default is 700 (see _tune_collector)
 _STRONG_SECRET_CHARS = 32  # fewer in SECRET_KEY is warned of: it signs tokens and is the admin credential
-_MIN_WORKER_LIFE = 2.0  # seconds: a worker dying sooner (port taken, bad setting) will not get better
+# seconds: a worker that exits by itself sooner (a port taken, a bad setting) will not do better
+# next time; one killed by a signal (the OOM killer, an operator) is started again whenever it dies
+_MIN_WORKER_LIFE = 2.0
 _FEW_OPEN_FILES = 4096  # an open-file limit below this is warned of (see _raise_open_file_limit)
 
 
@@ -210,8 +212,9 @@ def _supervise(settings: Settings) -> int:
             if worker.is_alive() or stopping:
                 continue
             prometheus_multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
-            if time.monotonic() - started[number] < _MIN_WORKER_LIFE:
-                log.error("worker %d exited with %s right after starting; stopping", number, worker.exitcode)
+            exitcode = worker.exitcode or 0  # negative: the signal that killed it
+            if exitcode > 0 and time.monotonic() - started[number] < _MIN_WORKER_LIFE:
+                log.error("worker %d exited with %s right after starting; stopping", number, exitcode)
                 stop(signal.SIGTERM, None)
                 return 1
             log.warning("worker %d exited with %s; starting a new one", number, worker.exitcode)

@@ -130,9 +130,11 @@ class Gateway:
         assert sum(text in line for line in self.log) >= count, "".join(self.log)
 
     def worker_pids(self) -> list[int]:
-        """The worker processes of a `--workers N` gogpt (its children)."""
+        """The worker processes of a `--workers N` gogpt: its children but multiprocessing's
+        resource tracker."""
         pid = self.process.pid
-        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return [child for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
 
     async def stop(self) -> int:
         """SIGTERM, then its exit status (killed if it does not stop within 30 s)."""
