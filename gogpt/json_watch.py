@@ -36,6 +36,8 @@ class JsonWatch:
 
     __slots__ = ("_dechunker", "_decoder", "_head", "_kept", "_parts", "_unreadable")
 
+    dropped = 0  # it takes nothing out
+
     def __init__(self, codings: Sequence[str] = ()) -> None:
         self._unreadable = False  # the answer did not decode: nothing is kept
         self._decoder: Decoder | None = None

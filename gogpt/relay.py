@@ -204,8 +204,9 @@ async def _relay_answer(
         if idle is not None:
             idle.cancel()
         STREAMS_ACTIVE.dec()
-        # counted by aiohttp and the splice, nothing per chunk here
-        RELAYED_BYTES.inc(upstream.content.total_bytes + (splice.body_bytes if splice else 0))
+        # counted by aiohttp, the splice and the watch, nothing per chunk here
+        read = upstream.content.total_bytes + (splice.body_bytes if splice else 0)
+        RELAYED_BYTES.inc(read - (body_watch.dropped if body_watch is not None else 0))
     return response
 
 

@@ -70,7 +70,8 @@ class EventWatch:
     `read_event(event)` is called with each whole event that holds a usage key and says whether
     it is the usage-only chunk. `events` counts the events relayed (as chunks, on the fast way
     through the splice); `first` and `last` are the first bytes of the stream and the last sent,
-    where an estimate finds OpenAI's role, finish and [DONE] events.
+    where an estimate finds OpenAI's role, finish and [DONE] events; `dropped` counts the body
+    bytes taken out.
     """
 
     __slots__ = (
@@ -84,6 +85,7 @@ class EventWatch:
         "_read_event",
         "_strip",
         "_unaligned",
+        "dropped",
         "events",
         "first",
         "last",
@@ -100,6 +102,7 @@ class EventWatch:
         self._open_left = 0  # the bytes of that chunk still to come, its CRLF included
         self._chunks = self._unaligned = 0  # the framing's counts at the last read
         self.events = 0
+        self.dropped = 0
         self.first = b""
         self.last = b""
 
@@ -219,7 +222,9 @@ class EventWatch:
             return None
         data = framed[eol + 1 : chunk_end - 2]
         if data.find(b"\n\n") == len(data) - 2:  # one event, as upstreams send them
-            left = b"" if self._read_event(data) and self._strip else data
+            left = data
+            if self._read_event(data) and self._strip:
+                left, self.dropped = b"", self.dropped + len(data)
         else:
             left = self._read_usage(data)
         if left is data:
@@ -267,4 +272,6 @@ class EventWatch:
         if start == 0:
             return ready
         kept.append(ready[start:])
-        return b"".join(kept)
+        left = b"".join(kept)
+        self.dropped += len(ready) - len(left)
+        return left

@@ -26,6 +26,8 @@ class Framing(Protocol):
 class BodyWatch(Protocol):
     """Sees a body as it is relayed and says what to send; it may hold back or drop whole events."""
 
+    dropped: int  # body bytes taken out of what is sent
+
     def feed(self, data: bytes) -> bytes:
         """Body bytes as they arrive (no chunk framing); returns the bytes to send now."""
 

@@ -29,6 +29,7 @@ from fake_chat import (
     row,
     usage,
 )
+from prometheus_client import REGISTRY
 
 from gogpt import Settings, create_app, mint_token
 from gogpt.json_parser import INLINE_BYTES
@@ -113,9 +114,11 @@ async def test_a_large_gzipped_answer_in_many_writes_is_decoded_as_it_passes_and
 async def test_a_stream_is_counted_exactly_and_the_usage_chunk_gogpt_asked_for_never_reaches_the_client(
     client: TestClient, upstream: FakeUpstream, openai_chat: OpenAIChat, auth
 ):
+    relayed = REGISTRY.get_sample_value("gogpt_relayed_bytes_total") or 0
     sent = json.dumps({**CHAT, "stream": True}).encode()
     resp = await client.post("/v1/chat/completions", data=sent, headers=auth)
     received = await resp.read()
+    assert REGISTRY.get_sample_value("gogpt_relayed_bytes_total") == relayed + len(received)  # not the chunk
     assert upstream.last.body == b'{"stream_options":{"include_usage":true},' + sent[1:]
     assert received == b"".join(
         event for event in chat_stream(with_usage=True) if b'"choices":[]' not in event
