@@ -20,7 +20,7 @@ from .auth import authenticate
 from .bodies import settle_connection
 from .cors import preflight_answer
 from .errors import Handler, failure_answer
-from .logs import ACCESS_LOGGER
+from .logs import ACCESS_LOGGER, HungUp
 from .ops import count_request, enforce_rate_limit
 from .revocation import REVOCATIONS
 
@@ -58,9 +58,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         _log_hang_up(request, started)
         if request.transport is not None:
             request.transport.close()
-        # aiohttp wants an answer, or it logs a traceback and no access line: this one is never
-        # sent (the connection is closed) nor logged again (logs.py)
-        return web.Response(status=499)
+        return HungUp()  # aiohttp wants an answer, or it logs a traceback and no access line
     finally:
         count_request(request, status, started)
 

@@ -15,7 +15,7 @@ from aiohttp.http import HttpProcessingError
 
 from .keys import CALLER
 
-__all__ = ["ACCESS_LOGGER", "AccessLogger", "configure_logging", "printable"]
+__all__ = ["ACCESS_LOGGER", "AccessLogger", "HungUp", "configure_logging", "printable"]
 
 
 def printable(text: str) -> str:
@@ -164,21 +164,25 @@ def configure_logging(log_format: str = "text") -> None:
     root.setLevel(logging.INFO)
 
 
-_HUNG_UP = web.RequestKey("gogpt.hung_up", bool)  # its line, 499, is written already
+class HungUp(web.Response):
+    """What the gateway hands aiohttp for a request whose client left mid-write: never sent (the
+    connection is closed), and not logged, as its line (499) is written already."""
+
+    def __init__(self) -> None:
+        super().__init__(status=499)
 
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request. The query string is left out: `/token?key=...` would put a key in it."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
-        if _HUNG_UP not in request:
+        if type(response) is not HungUp:
             self.log_answer(request, response.status, response.body_length, duration)
 
     def log_hang_up(self, request: web.BaseRequest, duration: float) -> None:
         """aiohttp writes no line for a request whose client left before its answer ended (the
         handler is cancelled, or its write failed): gogpt writes it, status 499 as nginx does,
         with the bytes sent."""
-        request[_HUNG_UP] = True
         self.log_answer(request, 499, request.writer.output_size, duration)
 
     def log_answer(self, request: web.BaseRequest, status: int, sent: int, duration: float) -> None:

@@ -48,17 +48,18 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
             code="method_not_allowed",
             headers={"Allow": _V1_ALLOW},
         )
-    if request.headers.get("Upgrade", "").lower() == "websocket":  # the Realtime API, say
+    upgrade = request.headers.get("Upgrade")
+    if upgrade is not None and upgrade.lower() == "websocket":  # the Realtime API, say
         raise ApiError(
             501, "gogpt does not relay the OpenAI API's WebSocket mode.", code="websocket_unsupported"
         )
-    url = _v1_url(settings.api_proxy, _raw_tail(request))
+    path = request.match_info["path"]  # decoded: what gogpt's own checks read
+    url = _v1_url(settings.api_proxy, path if "%" not in request.raw_path else _raw_tail(request, path))
     if url is None:
         raise ApiError(400, "Invalid API path.", code="invalid_path")
     if request.query_string:
         url = URL(f"{url}?{request.rel_url.raw_query_string}", encoded=True)
     headers = _openai_headers(request, settings)
-    path = request.match_info["path"]
     policy = request[CALLER].policy
     if request.method == "POST" and path in METERED_PATHS and request.body_exists:  # usage is counted
         return await _metered_call(request, path, url, headers)
@@ -91,12 +92,10 @@ async def _metered_call(
         return await relay(request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter)
 
 
-def _raw_tail(request: web.Request) -> str:
-    """The /v1 path as the client encoded it. match_info is decoded, so an id holding an encoded
-    slash (`meta-llama%2FLlama-3`) would reach the upstream as two segments."""
-    decoded = request.match_info["path"]
-    if "%" not in request.raw_path:  # nothing was decoded (most calls)
-        return decoded
+def _raw_tail(request: web.Request, decoded: str) -> str:
+    """The /v1 path as the client encoded it, for a request target holding a %. `decoded` (the
+    route's match) would send an id holding an encoded slash (`meta-llama%2FLlama-3`) upstream as
+    two segments."""
     before = request.path.count("/") - decoded.count("/")  # the slashes of the prefix, up to /v1/
     return request.rel_url.raw_path.split("/", before)[before]
 
