@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from conftest import CHAT_API_KEY, SECRET_KEY, FakeUpstream
 from serving import free_port, start_gogpt, wait_until_listening
 
@@ -275,4 +276,34 @@ async def test_a_connection_with_no_request_on_it_is_closed_after_idle_timeout(
     finally:
         status, _ = await stop(process)
     assert received.startswith(b"HTTP/1.1 200 OK") == answered
+    assert status == 0
+
+
+async def test_a_stream_longer_than_idle_timeout_is_not_cut(
+    tmp_path: Path, stop: ExitWaiter, upstream: FakeUpstream
+) -> None:
+    """IDLE_TIMEOUT is for a connection with no request on it; a request being answered is not idle."""
+
+    async def slow_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(8):  # 1.6 s of events, past the idle timeout three times over
+            await response.write(b"data: %d\n\n" % n)
+            await asyncio.sleep(0.2)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    upstream.respond = slow_stream
+    port = free_port()
+    env = {"SECRET_KEY": SECRET_KEY, "API_PROXY": upstream.url, "HOST": "127.0.0.1", "PORT": str(port)}
+    process = await _serve({**env, "IDLE_TIMEOUT": "0.5"}, tmp_path, port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Bearer {SECRET_KEY}"}
+            async with session.post(
+                f"http://127.0.0.1:{port}/chat", json={"stream": True}, headers=headers
+            ) as resp:
+                assert (await resp.read()).endswith(b"data: 7\n\ndata: [DONE]\n\n")
+    finally:
+        status, _ = await stop(process)
     assert status == 0
