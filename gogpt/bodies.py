@@ -11,7 +11,7 @@ connection closed, so slow uploads cannot hold connections for ever.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import contextmanager
 from email.parser import BytesParser
 from email.policy import HTTP as HTTP_POLICY
@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from .errors import ApiError, json_object
+from .json_child import FieldNames
 from .json_parser import INLINE_BYTES, JSON_PARSER
 from .keys import CALLER, SETTINGS
 
@@ -209,7 +210,7 @@ async def request_body(request: web.Request) -> bytes | AsyncIterable[bytes] | N
     return body.stream(settings.max_body_bytes)
 
 
-async def read_json_object(request: web.Request, names: Collection[str] = ()) -> tuple[bytes, dict[str, Any]]:
+async def read_json_object(request: web.Request, names: FieldNames) -> tuple[bytes, dict[str, Any]]:
     """The body, checked to be a JSON object, and its fields `names` (see `object_fields`).
 
     A body over INLINE_BYTES waits for one of the parser's few large-body turns (one per caller)

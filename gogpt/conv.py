@@ -21,6 +21,7 @@ from .answers import DECODABLE, ERROR_ANSWER_BYTES, read_decoded
 from .bodies import read_json_object
 from .config import Settings
 from .errors import ApiError, UpstreamAnswer
+from .json_child import field_names
 from .keys import CALLER, SETTINGS, STORE
 from .model_policy import require_allowed_model
 from .redact import REDACTOR
@@ -36,6 +37,7 @@ __all__ = ["CONV_STATE", "ConvState", "conv_handler", "hide_all_conversations"]
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _MODEL = "text-davinci-002-render-sha"
 _DEFAULT_LIMIT = 5
+_MESSAGE_FIELDS = field_names("content", "parent_message_id", "conversation_id")
 _MULTI_MIN_CONVERSATIONS = 5  # multi mode answers an empty list until the account has this many
 _EMPTY_LIST = {"items": [], "total": 0, "limit": 1, "offset": 0, "has_missing_conversations": False}
 _LIST_TTL = 300.0  # seconds a conversation list is answered from the cache
@@ -164,7 +166,7 @@ async def _post_message(settings: Settings, request: web.Request) -> web.StreamR
     policy = request[CALLER].policy
     if policy.models is not None:  # the reply comes from gogpt's one backend-api model
         require_allowed_model(policy, _MODEL)
-    _, body = await read_json_object(request, ("content", "parent_message_id", "conversation_id"))
+    _, body = await read_json_object(request, _MESSAGE_FIELDS)
     content = body.get("content")
     if not isinstance(content, str) or not content:
         raise ApiError(400, "content must be a non-empty string.", code="invalid_content")

@@ -5,7 +5,7 @@ Run as `python -I -S json_child.py EXTRA_MEMORY` it imports nothing but the stan
 caps its own address space at what it uses plus EXTRA_MEMORY, and answers on stdout each
 request read from stdin:
 
-    request:  b"<len(names)> <len(body)>\\n" + names (a JSON array of field names) + body
+    request:  b"<len(names)> <len(body)>\\n" + names (a JSON object: FieldNames) + body
     answer:   b"<len(answer)>\\n" + answer (JSON: {"fields": {...}} or {"refusal": "..."})
 
 It ends when stdin closes.
@@ -17,15 +17,18 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Collection
+from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO
 
-__all__ = ["INVALID", "NOT_AN_OBJECT", "TOO_COSTLY", "loads", "object_fields"]
+__all__ = ["INVALID", "NOT_AN_OBJECT", "TOO_COSTLY", "FieldNames", "field_names", "loads", "object_fields"]
 
 INVALID = "invalid"
 NOT_AN_OBJECT = "not an object"
 TOO_COSTLY = "too costly"
 _DECODER = json.JSONDecoder()
+# Fields read of a JSON object body: each top-level name, with the members read of it when it
+# holds an object (`field_names` makes one).
+FieldNames = Mapping[str, Sequence[str]]
 
 
 def loads(text: bytes) -> Any:
@@ -44,11 +47,20 @@ def loads(text: bytes) -> Any:
     return json.loads(text)
 
 
-def object_fields(body: bytes, names: Collection[str]) -> dict[str, Any] | str:
-    """The fields `names` of a JSON object body, or why it is not one (INVALID, NOT_AN_OBJECT,
-    TOO_COSTLY). A field holding an array or object comes back empty (of its kind): callers read
-    scalars, and what crosses back from the child stays small. A name `a.b` is the field `b` of
-    the object in field `a`."""
+def field_names(*names: str) -> FieldNames:
+    """`names` as `object_fields` takes them: a name `a.b` is the member `b` of the object in field `a`."""
+    fields: dict[str, tuple[str, ...]] = {}
+    for name in names:
+        field, _, member = name.partition(".")
+        fields[field] = fields.get(field, ()) + ((member,) if member else ())
+    return fields
+
+
+def object_fields(body: bytes, names: FieldNames) -> dict[str, Any] | str:
+    """The fields `names` (see `field_names`) of a JSON object body, or why it is not one (INVALID,
+    NOT_AN_OBJECT, TOO_COSTLY). Callers read scalars, and what crosses back from the child stays
+    small: a field holding an array comes back empty, one holding an object with only the
+    members named of it (each a scalar or emptied), or empty."""
     try:
         parsed = loads(body)
     except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
@@ -58,14 +70,14 @@ def object_fields(body: bytes, names: Collection[str]) -> dict[str, Any] | str:
     if not isinstance(parsed, dict):
         return NOT_AN_OBJECT
     found = {}
-    for name in names:
-        if name in parsed:
-            found[name] = _emptied(parsed[name])
-        elif "." in name:
-            field, _, member = name.partition(".")
-            holder = parsed.get(field)
-            if isinstance(holder, dict) and member in holder:
-                found[name] = _emptied(holder[member])
+    for name in parsed.keys() & names.keys():  # the few present, looked up in C
+        value = parsed[name]
+        kind = type(value)
+        if kind is dict:
+            value = {member: _emptied(value[member]) for member in names[name] if member in value}
+        elif kind is list:
+            value = []
+        found[name] = value
     return found
 
 

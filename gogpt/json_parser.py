@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,28 +106,30 @@ class JsonParser:
             if not self._callers_waiting[caller]:
                 del self._callers_waiting[caller], self._caller_turns[caller]
 
-    def fields_here(self, body: bytes, names: Collection[str] = ()) -> dict[str, Any]:
+    def fields_here(self, body: bytes, names: json_child.FieldNames) -> dict[str, Any]:
         """`object_fields` of a body of at most INLINE_BYTES, or the `ApiError` (400) refusing it."""
         return _accepted(json_child.object_fields(body, names))
 
     async def fields_in_child(
-        self, chunks: list[bytes], size: int, names: Collection[str] = ()
+        self, chunks: list[bytes], size: int, names: json_child.FieldNames
     ) -> dict[str, Any]:
         """`object_fields` of the body made of `chunks` (`size` bytes), found in the child process,
         or the `ApiError` (400, 413, 503) refusing it."""
         await self._one_at_a_time.acquire()  # released by the exchange, once its answer is read
-        exchange = asyncio.ensure_future(self._exchange(chunks, size, list(names)))
+        exchange = asyncio.ensure_future(self._exchange(chunks, size, names))
         # a client that leaves mid-exchange does not stop it: its answer must leave the pipe
         # before the next body goes in (and only one exchange runs at a time, so only one body
         # outlives its request)
         return _accepted(await asyncio.shield(exchange))
 
-    async def _exchange(self, chunks: list[bytes], size: int, names: list[str]) -> dict[str, Any] | str:
+    async def _exchange(
+        self, chunks: list[bytes], size: int, names: json_child.FieldNames
+    ) -> dict[str, Any] | str:
         try:
             child = self._child
             if child is None or child.process.returncode is not None:
                 child = self._child = await _start_child(self._memory)
-            encoded_names = json.dumps(names).encode()
+            encoded_names = json.dumps(dict(names)).encode()
             child.requests.write(b"%d %d\n" % (len(encoded_names), size) + encoded_names)
             # a step of the loop each: while the child keeps up, drain() does not wait, and a
             # whole body would go into the pipe in one step (40 ms for 32 MiB)

@@ -20,6 +20,7 @@ from .answers import DECODABLE, ERROR_ANSWER_BYTES, read_decoded
 from .bodies import read_json_object, read_whole_body, request_body
 from .errors import ApiError, UpstreamAnswer
 from .form_fields import form_field_values
+from .json_child import field_names
 from .logs import printable
 from .policy import Policy
 from .redact import REDACTOR
@@ -32,6 +33,7 @@ __all__ = ["allowed_models_answer", "allowed_request_body", "require_allowed_mod
 # /v1 POST paths (by first segment) that upload data and call no model, so name none.
 _MODEL_FREE_POSTS = frozenset({"files", "uploads"})
 _SHOWN_MODEL_CHARS = 100
+_MODEL_FIELD = field_names("model")
 # OpenAI's list is ~20 KiB; OpenAI-compatible servers with thousands of models stay well under this.
 _MODEL_LIST_BYTES = 4 << 20
 # The upstream's headers that described its list, not the filtered one sent instead.
@@ -72,7 +74,7 @@ async def allowed_request_body(
     if not request.body_exists:
         raise _not_allowed(None)
     if request.content_type == "application/json":
-        body, fields = await read_json_object(request, ("model",))
+        body, fields = await read_json_object(request, _MODEL_FIELD)
         require_allowed_model(policy, fields.get("model"))
         return body
     if request.content_type == "multipart/form-data":

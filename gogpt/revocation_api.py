@@ -13,12 +13,14 @@ from aiohttp import web
 from .auth import MAX_HOURS, identity_problem, require_admin, verify_credential
 from .bodies import read_json_object
 from .errors import ApiError
+from .json_child import field_names
 from .keys import SETTINGS, STORE
 from .revocation import REVOCATIONS
 from .store import Revocation
 
 __all__ = ["revoke_handler", "revoked_handler"]
 
+_REVOCATION_FIELDS = field_names("id", "token")
 _ISSUED_PRECISION = 0.001  # tokens' iat is kept to the millisecond
 
 
@@ -26,7 +28,7 @@ async def revoke_handler(request: web.Request) -> web.Response:
     """POST /token/revoke, `{"id": ...}` (every token of the id issued until now) or `{"token": ...}`
     (that token only): the revocation as recorded."""
     require_admin(request)
-    _, fields = await read_json_object(request, ("id", "token"))
+    _, fields = await read_json_object(request, _REVOCATION_FIELDS)
     revocations = request.app[REVOCATIONS]
     await revocations.refresh()  # expiries this worker minted while the store was down are noted first
     asked = await _asked_revocation(request, fields)

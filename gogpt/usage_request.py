@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .json_child import field_names
 from .json_parser import INLINE_BYTES
 
 __all__ = ["REQUEST_FIELDS", "asks_for_usage", "with_usage_asked"]
 
 # The fields of a request body that metering and budgets read (bodies.read_json_object finds them).
-REQUEST_FIELDS = (
+REQUEST_FIELDS = field_names(
     "model",
     "stream",
-    "stream_options",
     "stream_options.include_usage",
     "max_tokens",
     "max_completion_tokens",
@@ -32,7 +32,8 @@ _DECODER = json.JSONDecoder()
 
 def asks_for_usage(fields: dict[str, Any]) -> bool:
     """Whether a body, read for REQUEST_FIELDS (bodies.read_json_object), asks for its usage."""
-    return fields.get("stream_options.include_usage") is True
+    options = fields.get("stream_options")
+    return type(options) is dict and options.get("include_usage") is True
 
 
 def with_usage_asked(body: bytes, fields: dict[str, Any]) -> bytes:

@@ -21,6 +21,7 @@ from wire import exchange
 from bench.bombs import peak_rss_mb
 from gogpt import Settings, bodies, create_app, mint_token
 from gogpt.json_parser import INLINE_BYTES, JSON_PARSER, JsonParser
+from gogpt.usage_request import REQUEST_FIELDS
 
 CONV = {"Chat-Type": "conversation"}
 MIB = 1 << 20
@@ -131,13 +132,25 @@ async def test_a_parse_whose_client_left_never_answers_the_next_body(monkeypatch
 
     monkeypatch.setattr(asyncio.StreamWriter, "drain", drain_and_tell)
     try:
-        leaving = asyncio.ensure_future(parser.fields_in_child([first], len(first), ["who"]))
+        leaving = asyncio.ensure_future(parser.fields_in_child([first], len(first), {"who": ()}))
         await asyncio.wait_for(body_sent.wait(), 10)  # the child has the body and is parsing it
         leaving.cancel()
         async with asyncio.timeout(10):  # out of step, the child would wait for the rest of a body
-            assert await parser.fields_in_child([second], len(second), ["who"]) == {"who": "second"}
+            assert await parser.fields_in_child([second], len(second), {"who": ()}) == {"who": "second"}
     finally:
         await parser.close()
+
+
+async def test_the_child_reads_a_large_body_s_fields_as_the_loop_reads_a_small_one():
+    parser = JsonParser(MIB)
+    body = {"model": ["x"], "stream": True, "stream_options": {"include_usage": True, "more": [1]}}
+    large = json.dumps({**body, "pad": "x" * INLINE_BYTES}).encode()
+    try:
+        found = await parser.fields_in_child([large], len(large), REQUEST_FIELDS)
+    finally:
+        await parser.close()
+    assert found == parser.fields_here(json.dumps(body).encode(), REQUEST_FIELDS)
+    assert found == {"model": [], "stream": True, "stream_options": {"include_usage": True}}
 
 
 @pytest.fixture

@@ -300,6 +300,12 @@ def test_the_request_is_asked_for_usage_with_every_other_byte_as_sent():
     assert json.loads(sent)["stream_options"] == {"include_usage": True}
 
 
+def test_a_member_named_like_the_option_does_not_ask():
+    body = b'{"stream": true, "stream_options.include_usage": true}'
+    sent = with_usage_asked(body, fields_of(body))
+    assert json.loads(sent)["stream_options"] == {"include_usage": True}
+
+
 def test_a_request_that_asked_is_sent_as_it_is():
     body = b'{"stream": true, "stream_options": {"include_usage": true}}'
     assert with_usage_asked(body, fields_of(body)) is body
