@@ -25,7 +25,7 @@ from .keys import STORE
 from .metrics import TOKENS, USAGE_DROPPED
 from .store import Store, StoreUnavailable, UsageRow
 
-__all__ = ["LEDGER", "UsageLedger", "usage_ledger"]
+__all__ = ["LEDGER", "UsageLedger", "model_name", "usage_ledger"]
 
 log = logging.getLogger("gogpt.usage")
 
@@ -33,6 +33,7 @@ FLUSH_INTERVAL = 1.0  # seconds between two writes of a worker's usage
 _MAX_WAITING_ROWS = 10_000  # distinct (id, day, model) kept while the store is down
 _MAX_MODEL_LABELS = 100  # gogpt_tokens_total's model values; the rest are counted as "other"
 _CALLS_ENDING_WAIT = 5.0  # seconds the shutdown waits for cancelled calls to settle their usage
+_MAX_MODEL_CHARS = 256
 
 _Key = tuple[str, str, str]  # (id, day, model)
 
@@ -49,7 +50,8 @@ class UsageLedger:
         self._store_down = False
         self._dropping = False
         self._model_labels: set[str] = set()
-        self._tokens: dict[tuple[str, str], list[int]] = {}  # (model, source) → prompt, completion
+        # (reported model, source) → prompt, completion
+        self._tokens: dict[tuple[str | None, str], list[int]] = {}
 
     def call_started(self) -> None:
         self._open_calls += 1
@@ -64,13 +66,14 @@ class UsageLedger:
         identity: str,
         day: str,
         model: str,
-        *,
         prompt: int,
         completion: int,
         estimated: bool,
-        reported_model: str,
+        reported_model: str | None,
     ) -> None:
-        """Add one call's usage; `reported_model` (as the upstream named it) labels the token metric."""
+        """Add one call's usage. `reported_model`, the model as the upstream named it (None: it named
+        none), labels the token metric: the model a client named (a call cut before its usage came)
+        would let any caller fill gogpt_tokens_total's model values."""
         if prompt or completion:
             tokens = self._tokens.get((reported_model, "estimated" if estimated else "exact"))
             if tokens is None:
@@ -151,12 +154,23 @@ class UsageLedger:
             )
             self._dropping = True
 
-    def _model_label(self, model: str) -> str:
+    def _model_label(self, reported_model: str | None) -> str:
+        """Checked here, once a second, not in every call."""
+        if not reported_model:
+            return "unreported"
+        model = model_name(reported_model)
         if model not in self._model_labels:
             if len(self._model_labels) >= _MAX_MODEL_LABELS:
                 return "other"
             self._model_labels.add(model)
         return model
+
+
+def model_name(model: object) -> str:
+    """`model` as usage is kept under it: a printable name of a sensible length, else "unknown"."""
+    if isinstance(model, str) and 0 < len(model) <= _MAX_MODEL_CHARS and model.isprintable():
+        return model
+    return "unknown"
 
 
 @functools.lru_cache(maxsize=2 * _MAX_MODEL_LABELS + 2)

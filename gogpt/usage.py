@@ -23,8 +23,8 @@ from .answers import content_codings
 from .errors import ApiError
 from .json_watch import JsonWatch
 from .keys import CALLER
-from .ledger import LEDGER, UsageLedger
-from .usage_reports import UsageReport, event_report
+from .ledger import LEDGER, UsageLedger, model_name
+from .usage_reports import event_report
 from .usage_request import REQUEST_FIELDS, asks_for_usage, with_usage_asked
 from .usage_watch import EventWatch
 
@@ -32,7 +32,6 @@ __all__ = ["METERED_PATHS", "REQUEST_FIELDS", "Meter", "meter_conv_call", "meter
 
 # The OpenAI API paths (under /v1) whose answers report usage.
 METERED_PATHS = frozenset({"chat/completions", "completions", "responses", "embeddings"})
-_MAX_MODEL_CHARS = 256
 
 
 def meter_openai_call(
@@ -51,27 +50,22 @@ def meter_openai_call(
     usage-only chunk it brings is taken out of the answer again. A stream is asked for without
     compression (`headers` are changed), so its events can be read as they pass.
     """
-    streamed = fields.get("stream") is True
-    strip = path == "chat/completions" and streamed and not asks_for_usage(fields)
-    meter = Meter(
-        request.app[LEDGER],
-        request[CALLER].identity,
-        _model_name(fields.get("model")),
-        prompt_estimate=len(body) // 4,
-        chat=path == "chat/completions",
-        strip=strip,
-        spent=spent,
-    )
-    if strip:
-        body = with_usage_asked(body, fields)
-    if streamed:
+    meter = Meter(request.app[LEDGER], request[CALLER].identity, model_name(fields.get("model")), spent)
+    meter._prompt_estimate = len(body) // 4
+    meter._chat = path == "chat/completions"
+    if fields.get("stream") is True:
         headers["Accept-Encoding"] = "identity"
+        if meter._chat and not asks_for_usage(fields):
+            meter._strip = True
+            body = with_usage_asked(body, fields)
     return body, meter
 
 
 def meter_conv_call(request: web.Request, model: str) -> Meter:
     """The meter of a /conv reply: the backend-api reports no tokens, so the call alone is counted."""
-    return Meter(request.app[LEDGER], request[CALLER].identity, model, requests_only=True)
+    meter = Meter(request.app[LEDGER], request[CALLER].identity, model)
+    meter._requests_only = True
+    return meter
 
 
 class Meter:
@@ -79,47 +73,25 @@ class Meter:
     on exit it writes the usage to the ledger, exact if the answer reported it, else estimated, and
     tells `spent` (a budget's settlement) how many tokens that was, 0 when the call made no usage."""
 
-    __slots__ = (
-        "_answered",
-        "_chat",
-        "_day",
-        "_identity",
-        "_ledger",
-        "_model",
-        "_prompt_estimate",
-        "_reported_model",
-        "_requests_only",
-        "_spent",
-        "_strip",
-        "_usage",
-        "_watch",
-    )
+    # What a call's kind sets (meter_openai_call, meter_conv_call), and what the call finds out:
+    # defaults here, so that a meter is made with only what every call has.
+    _prompt_estimate = 0  # tokens: the request body's bytes / 4
+    _chat = False  # a chat completion: its stream starts with a role, ends with a finish
+    _strip = False  # the stream's usage chunk was asked for by gogpt: it is taken out
+    _requests_only = False  # the call is counted, its tokens are not (/conv)
+    _answered = False
+    _watch: EventWatch | JsonWatch | None = None
+    _usage: tuple[int, int] | None = None  # (prompt, completion), as the answer reported them
+    _reported_model: str | None = None
 
     def __init__(
-        self,
-        ledger: UsageLedger,
-        identity: str,
-        model: str,
-        *,
-        prompt_estimate: int = 0,
-        chat: bool = False,
-        strip: bool = False,
-        requests_only: bool = False,
-        spent: Callable[[int], None] | None = None,
+        self, ledger: UsageLedger, identity: str, model: str, spent: Callable[[int], None] | None = None
     ) -> None:
         self._ledger = ledger
         self._identity = identity
         self._model = model
         self._day = utc_day()
-        self._prompt_estimate = prompt_estimate
-        self._chat = chat
-        self._strip = strip
-        self._requests_only = requests_only
         self._spent = spent
-        self._answered = False
-        self._watch: EventWatch | JsonWatch | None = None
-        self._usage: tuple[int, int] | None = None
-        self._reported_model: str | None = None
 
     def __enter__(self) -> Meter:
         self._ledger.call_started()
@@ -149,7 +121,7 @@ class Meter:
                 return None
             # A length sent with the answer would no longer be true without the usage chunk.
             strip = self._strip and "Content-Length" not in headers
-            self._watch = EventWatch(self._read_event, strip=strip)
+            self._watch = EventWatch(self._read_event, strip)
         elif upstream.content_type == "application/json":
             self._watch = JsonWatch(codings)
         return self._watch
@@ -159,21 +131,15 @@ class Meter:
         report = event_report(event)
         if report is None:
             return False
-        self._take(report)
-        return report.usage_only
+        self._usage, model, usage_only = report
+        if model is not None:
+            self._reported_model = model
+        return usage_only
 
     def _settle(self) -> int:
         """Record the call's usage; the tokens it used."""
         if self._requests_only:
-            self._ledger.record(
-                self._identity,
-                self._day,
-                self._model,
-                prompt=0,
-                completion=0,
-                estimated=False,
-                reported_model=self._model,
-            )
+            self._ledger.record(self._identity, self._day, self._model, 0, 0, False, self._model)
             return 0
         watch = self._watch
         if isinstance(watch, JsonWatch):
@@ -184,28 +150,18 @@ class Meter:
             completion = _content_deltas(watch, chat=self._chat) if isinstance(watch, EventWatch) else 0
         else:
             prompt, completion = usage
+        estimated = usage is None
         self._ledger.record(
-            self._identity,
-            self._day,
-            self._model,
-            prompt=prompt,
-            completion=completion,
-            estimated=usage is None,
-            # the metric's label is the upstream's word only: the model a client named (a call cut
-            # before its usage came) would let any caller fill gogpt_tokens_total's model values
-            reported_model=_model_name(self._reported_model) if self._reported_model else "unreported",
+            self._identity, self._day, self._model, prompt, completion, estimated, self._reported_model
         )
         return prompt + completion
 
     def _read_json(self, watch: JsonWatch) -> None:
         report = watch.report()
         if report is not None:
-            self._take(report)
-
-    def _take(self, report: UsageReport) -> None:
-        self._usage = report.tokens
-        if report.model is not None:
-            self._reported_model = report.model
+            self._usage = report.tokens
+            if report.model is not None:
+                self._reported_model = report.model
 
 
 def _left_early(kind: type[BaseException] | None, error: BaseException | None) -> bool:
@@ -236,9 +192,3 @@ def utc_day() -> str:
     if day != _today[0]:
         _today = (day, time.strftime("%Y-%m-%d", time.gmtime(day * 86400)))
     return _today[1]
-
-
-def _model_name(model: object) -> str:
-    if isinstance(model, str) and 0 < len(model) <= _MAX_MODEL_CHARS and model.isprintable():
-        return model
-    return "unknown"

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from .json_child import loads
 
-__all__ = ["MODEL_NEAR_START", "UsageReport", "event_report", "json_report"]
+__all__ = ["MODEL_NEAR_START", "EventReport", "UsageReport", "event_report", "json_report"]
 
 _MEMBER_BYTES = 4096  # a usage object or a model's name is far shorter
 # Members of one name looked at, at most: an answer names its usage and model once or twice (in a
@@ -31,24 +31,36 @@ _DECODER = json.JSONDecoder()
 class UsageReport(NamedTuple):
     tokens: tuple[int, int] | None  # (prompt, completion), when the answer reported them
     model: str | None  # the model the upstream said answered
-    usage_only: bool = False  # a chat chunk that carries the usage alone (`"choices": []`)
 
 
-def event_report(event: bytes) -> UsageReport | None:
+# An event's report, a plain tuple as it is made in every stream: (prompt, completion), the model
+# the upstream said answered, and whether it is a chat chunk that carries the usage alone
+# (`"choices": []`).
+EventReport = tuple[tuple[int, int], str | None, bool]
+
+
+def event_report(event: bytes) -> EventReport | None:
     """What an event reports of the usage, or None when it reports none (a usage key in its text
     does not make a usage object)."""
+    # find, not `in`: on bytes, `in` first tries its operand as an int (raising and clearing a TypeError)
+    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2 and event.find(b"\r") < 0:
+        data = event[6:-2]  # OpenAI's: one "data: " line, then the blank line
+    else:
+        data = _event_data(event)
     try:
-        chunk = loads(_event_data(event))
+        chunk = loads(data)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(chunk, dict):
+    if type(chunk) is not dict:
         return None
-    holder = chunk["response"] if isinstance(chunk.get("response"), dict) else chunk  # /v1/responses
+    holder = chunk.get("response")  # /v1/responses
+    if type(holder) is not dict:
+        holder = chunk
     tokens = _tokens(holder.get("usage"))
     if tokens is None:
         return None
     model = holder.get("model")
-    return UsageReport(tokens, model if isinstance(model, str) else None, chunk.get("choices") == [])
+    return tokens, model if type(model) is str else None, chunk.get("choices") == []
 
 
 def json_report(body: bytes, *, whole: bool) -> UsageReport:
@@ -60,9 +72,6 @@ def json_report(body: bytes, *, whole: bool) -> UsageReport:
 
 def _event_data(event: bytes) -> bytes:
     """An event's data: the values of its `data:` lines, joined by newlines (as SSE defines it)."""
-    # find, not `in`: on bytes, `in` first tries its operand as an int (raising and clearing a TypeError)
-    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2 and event.find(b"\r") < 0:
-        return event[6:-2]  # OpenAI's: one "data: " line, then the blank line
     values = (line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:"))
     return b"\n".join(values)
 
@@ -113,10 +122,14 @@ def _member_values(body: bytes, name: bytes, *, backwards: bool, end: int | None
 
 def _tokens(usage: Any) -> tuple[int, int] | None:
     """(prompt, completion) from a usage object, in the chat or the responses API's names."""
-    if not isinstance(usage, dict):
+    if type(usage) is not dict:
         return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))  # embeddings have none
-    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
-        return None
-    return prompt, completion
+    prompt = usage.get("prompt_tokens")
+    if prompt is None:
+        prompt = usage.get("input_tokens")
+    completion = usage.get("completion_tokens")
+    if completion is None:
+        completion = usage.get("output_tokens", 0)  # embeddings have none
+    if type(prompt) is int and type(completion) is int and prompt >= 0 and completion >= 0:
+        return prompt, completion
+    return None

@@ -29,6 +29,7 @@ __all__ = ["USAGE_KEY", "EventWatch"]
 USAGE_KEY = b'_tokens"'
 _EVENT_ENDS = (b"\n\n", b"\n\r\n", b"\r\r")  # the blank line that ends an event, as SSE allows it
 _FRAMED_EVENT_END = b"\n\n\r\n"  # an event's end that is also its chunk's end
+_FRAMED_END_BYTES = len(_FRAMED_EVENT_END)
 # An unfinished event longer than this is let through unread. OpenAI's events are far smaller:
 # the largest, a long answer's `response.completed`, holds its text once (100k tokens, ~0.5 MB).
 # What is held is copied as it is joined, so each stream could cost several times this.
@@ -91,7 +92,7 @@ class EventWatch:
         "last",
     )
 
-    def __init__(self, read_event: Callable[[bytes], bool], *, strip: bool) -> None:
+    def __init__(self, read_event: Callable[[bytes], bool], strip: bool) -> None:
         self._read_event = read_event
         self._strip = strip
         self._held: list[bytes] = []  # data: an unfinished event, held back when stripping, else a copy
@@ -185,7 +186,7 @@ class EventWatch:
         cut, left = len(framed), 0
         if not between_chunks:  # the read cut a chunk: it starts after the last event that ended one
             at = framed.rfind(_FRAMED_EVENT_END, start)
-            cut = at + len(_FRAMED_EVENT_END) if at >= 0 else start
+            cut = at + _FRAMED_END_BYTES if at >= 0 else start
             left = _still_to_come(framed, cut)
             if not left:
                 return None
@@ -207,13 +208,13 @@ class EventWatch:
         """framed[start:end], whole chunks that each end an event, with the chunk holding the usage
         key at `key` read, and (when stripping) the usage-only event taken out of it; None if that
         chunk is not as its framing said (the careful way will tell)."""
-        chunk_start = framed.rfind(_FRAMED_EVENT_END, start, key) + len(_FRAMED_EVENT_END)
-        if chunk_start < start + len(_FRAMED_EVENT_END):
-            chunk_start = start
-        chunk_end = framed.find(_FRAMED_EVENT_END, key, end) + len(_FRAMED_EVENT_END)
+        chunk_start = framed.rfind(_FRAMED_EVENT_END, start, key)
+        chunk_start = start if chunk_start < 0 else chunk_start + _FRAMED_END_BYTES
+        chunk_end = framed.find(_FRAMED_EVENT_END, key, end)
         eol = framed.find(b"\n", chunk_start, key)
-        if eol < 0 or chunk_end < len(_FRAMED_EVENT_END):
+        if eol < 0 or chunk_end < 0:
             return None
+        chunk_end += _FRAMED_END_BYTES
         try:
             size = chunk_size(framed[chunk_start:eol])
         except ValueError:
