@@ -188,7 +188,9 @@ class Splice:
         self._keepalive = 0.0  # seconds of quiet before a comment goes to the client; 0: never
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._last_write = 0.0
-        self._last_written = b"\n\n\r\n"  # the last bytes written: a stream starts between events
+        self._last_written: bytes | memoryview = (
+            b"\n\n\r\n"  # the last bytes written: a stream starts between events
+        )
         self._watch: BodyWatch | None = None
         self.forwarded_bytes = 0  # wire bytes written to the client
 
@@ -325,11 +327,11 @@ class Splice:
     def _forward(self, data: bytes) -> None:
         self._last_read = self._last_write = self._loop.time()
         try:
-            body, terminal = self._framing.feed(data)
+            framed, terminal = self._framing.feed(data)
         except MalformedChunk:
             return self._fail(UpstreamBrokeOff("The upstream sent a malformed chunk."))
-        if self._watch is not None:
-            body = self._watch.feed_framed(body, self._framing, terminal is not None)
+        watch = self._watch
+        body = framed if watch is None else watch.feed_framed(framed, self._framing, terminal is not None)
         if body:
             client = self._client
             if client.is_closing():  # the client left; its handler is being cancelled
@@ -381,7 +383,7 @@ class Splice:
             if (
                 self._failure is None
                 and self._framing.between_chunks
-                and self._last_written.endswith(_FRAMED_EVENT_ENDS)
+                and bytes(self._last_written[-8:]).endswith(_FRAMED_EVENT_ENDS)
                 and not self._client.is_closing()
             ):
                 self._client.write(_FRAMED_KEEPALIVE)

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .answers import content_codings
 from .errors import ApiError
@@ -25,7 +25,7 @@ from .json_watch import JsonWatch
 from .keys import CALLER
 from .ledger import LEDGER, UsageLedger, model_name
 from .usage_reports import event_report
-from .usage_request import REQUEST_FIELDS, asks_for_usage, with_usage_asked
+from .usage_request import REQUEST_FIELDS, with_usage_asked
 from .usage_watch import EventWatch
 
 __all__ = ["METERED_PATHS", "REQUEST_FIELDS", "Meter", "meter_conv_call", "meter_openai_call"]
@@ -54,10 +54,11 @@ def meter_openai_call(
     meter._prompt_estimate = len(body) // 4
     meter._chat = path == "chat/completions"
     if fields.get("stream") is True:
-        headers["Accept-Encoding"] = "identity"
-        if meter._chat and not asks_for_usage(fields):
-            meter._strip = True
-            body = with_usage_asked(body, fields)
+        headers[hdrs.ACCEPT_ENCODING] = "identity"  # hdrs' names are looked up without being case-folded
+        if meter._chat:
+            sent = with_usage_asked(body, fields)
+            meter._strip = sent is not body  # what gogpt asked for is taken out again
+            body = sent
     return body, meter
 
 
@@ -115,14 +116,15 @@ class Meter:
         if self._requests_only or upstream.method == "HEAD":
             return None
         headers = upstream.headers
-        codings = content_codings(headers) if "Content-Encoding" in headers else []
-        if upstream.content_type == "text/event-stream":
+        codings = content_codings(headers) if hdrs.CONTENT_ENCODING in headers else []
+        content_type = upstream.content_type
+        if content_type == "text/event-stream":
             if codings:  # compressed although asked not to be: read nothing, estimate
                 return None
             # A length sent with the answer would no longer be true without the usage chunk.
-            strip = self._strip and "Content-Length" not in headers
+            strip = self._strip and hdrs.CONTENT_LENGTH not in headers
             self._watch = EventWatch(self._read_event, strip)
-        elif upstream.content_type == "application/json":
+        elif content_type == "application/json":
             self._watch = JsonWatch(codings)
         return self._watch
 
@@ -174,7 +176,7 @@ def _content_deltas(watch: EventWatch, *, chat: bool) -> int:
     """The content deltas relayed: the events, less those that carry none where OpenAI puts them
     (the role at the start of a chat stream; its finish and `[DONE]` at the end)."""
     deltas = watch.events
-    if watch.last.rstrip().endswith(b"data: [DONE]"):
+    if bytes(watch.last).rstrip().endswith(b"data: [DONE]"):
         deltas -= 2 if chat else 1
     if chat:
         first = watch.first

@@ -13,7 +13,7 @@ from typing import Any
 from .json_child import field_names
 from .json_parser import INLINE_BYTES
 
-__all__ = ["REQUEST_FIELDS", "asks_for_usage", "with_usage_asked"]
+__all__ = ["REQUEST_FIELDS", "with_usage_asked"]
 
 # The fields of a request body that metering and budgets read (bodies.read_json_object finds them).
 REQUEST_FIELDS = field_names(
@@ -30,7 +30,7 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 _DECODER = json.JSONDecoder()
 
 
-def asks_for_usage(fields: dict[str, Any]) -> bool:
+def _asks_for_usage(fields: dict[str, Any]) -> bool:
     """Whether a body, read for REQUEST_FIELDS (bodies.read_json_object), asks for its usage."""
     options = fields.get("stream_options")
     return type(options) is dict and options.get("include_usage") is True
@@ -44,14 +44,12 @@ def with_usage_asked(body: bytes, fields: dict[str, Any]) -> bytes:
     already asks, or when its text cannot be edited here: not UTF-8, or, with `stream_options`,
     larger than is parsed on the event loop (json_parser.py).
     """
-    if asks_for_usage(fields):
-        return body
     if "stream_options" not in fields:
         opening = body.find(b"{") + 1
-        if body[: opening - 1].strip() not in (b"", _UTF8_BOM):  # UTF-16 or UTF-32: left alone
+        if opening > 1 and body[: opening - 1].strip() not in (b"", _UTF8_BOM):  # UTF-16 or -32: left alone
             return body
-        return body[:opening] + _ASK + body[opening:]
-    if len(body) > INLINE_BYTES:
+        return b"".join((body[:opening], _ASK, memoryview(body)[opening:]))  # the body copied once
+    if _asks_for_usage(fields) or len(body) > INLINE_BYTES:
         return body
     try:
         text = body.decode("utf-8")  # a BOM stays in the text, and so in what is sent

@@ -75,37 +75,22 @@ class EventWatch:
     bytes taken out.
     """
 
-    __slots__ = (
-        "_aligned",
-        "_chunks",
-        "_dechunker",
-        "_held",
-        "_held_bytes",
-        "_open",
-        "_open_left",
-        "_read_event",
-        "_strip",
-        "_unaligned",
-        "dropped",
-        "events",
-        "first",
-        "last",
-    )
+    # The state a stream starts in, as class defaults: a watch is made with every stream.
+    _held_bytes = 0
+    _dechunker: Dechunker | None = None  # made when the careful way is first needed
+    _aligned = True  # chunked: so far every chunk ended an event, the fast way holds
+    _open_left = 0  # the bytes of the chunk a read cut still to come, its CRLF included
+    _chunks = _unaligned = 0  # the framing's counts at the last read
+    events = 0
+    dropped = 0
+    first = b""
+    last: bytes | memoryview = b""
 
     def __init__(self, read_event: Callable[[bytes], bool], strip: bool) -> None:
         self._read_event = read_event
         self._strip = strip
         self._held: list[bytes] = []  # data: an unfinished event, held back when stripping, else a copy
-        self._held_bytes = 0
-        self._dechunker: Dechunker | None = None  # made when the careful way is first needed
-        self._aligned = True  # chunked: so far every chunk ended an event, the fast way holds
         self._open: list[bytes] = []  # chunked, the fast way: the start of the chunk a read cut
-        self._open_left = 0  # the bytes of that chunk still to come, its CRLF included
-        self._chunks = self._unaligned = 0  # the framing's counts at the last read
-        self.events = 0
-        self.dropped = 0
-        self.first = b""
-        self.last = b""
 
     def feed(self, data: bytes) -> bytes:
         """Body bytes as they arrive, chunk framing already removed; returns what to send now."""
@@ -122,7 +107,7 @@ class EventWatch:
             self.last = ready
         return ready
 
-    def feed_framed(self, framed: bytes, framing: Framing, last: bool) -> bytes:
+    def feed_framed(self, framed: bytes, framing: Framing, last: bool) -> bytes | memoryview:
         """Chunked bytes as the splice's `framing` checked them; returns the chunked bytes to send now."""
         if not self.first:
             self.first = framed[:_FIRST_BYTES]
@@ -158,7 +143,9 @@ class EventWatch:
         """An event stream read whole (never: streams are relayed as they come)."""
         self._careful(body, last=True)
 
-    def _aligned_read(self, framed: bytes, started: int, misfits: int, between_chunks: bool) -> bytes | None:
+    def _aligned_read(
+        self, framed: bytes, started: int, misfits: int, between_chunks: bool
+    ) -> bytes | memoryview | None:
         """The fast way, or None when this read needs the careful one.
 
         Passes on every chunk up to the last one the read completed, as it came, when each of
@@ -169,7 +156,7 @@ class EventWatch:
         """
         if misfits:
             return None
-        completed: bytes | None = b""
+        completed: bytes | memoryview | None = b""
         start = 0  # where the chunks this read began start: the bytes are not copied to cut them out
         if self._open:
             if len(framed) < self._open_left:  # the cut chunk goes on
@@ -199,12 +186,12 @@ class EventWatch:
         if not self._strip:
             return framed
         if key >= 0:
-            return completed + edited if completed else edited
+            return b"".join((completed, edited)) if completed else edited
         if completed or start:  # one copy, of the parts that go
             return b"".join((completed, memoryview(framed)[start:cut]))
-        return framed if cut == len(framed) else framed[:cut]
+        return framed if cut == len(framed) else memoryview(framed)[:cut]
 
-    def _read_usage_chunk(self, framed: bytes, start: int, end: int, key: int) -> bytes | None:
+    def _read_usage_chunk(self, framed: bytes, start: int, end: int, key: int) -> bytes | memoryview | None:
         """framed[start:end], whole chunks that each end an event, with the chunk holding the usage
         key at `key` read, and (when stripping) the usage-only event taken out of it; None if that
         chunk is not as its framing said (the careful way will tell)."""
@@ -231,7 +218,7 @@ class EventWatch:
         if left is data:
             return framed if start == 0 and end == len(framed) else framed[start:end]
         if not left and chunk_end == end:  # the usage-only event ended the read (as OpenAI sends it)
-            return framed[start:chunk_start]
+            return memoryview(framed)[start:chunk_start]  # sent as it is: not copied
         rechunked = b"%x\r\n%s\r\n" % (len(left), left) if left else b""
         around = memoryview(framed)  # the rest is copied once, by the join
         return b"".join((around[start:chunk_start], rechunked, around[chunk_end:end]))

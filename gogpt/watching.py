@@ -31,8 +31,9 @@ class BodyWatch(Protocol):
     def feed(self, data: bytes) -> bytes:
         """Body bytes as they arrive (no chunk framing); returns the bytes to send now."""
 
-    def feed_framed(self, framed: bytes, framing: Framing, last: bool) -> bytes:
-        """Chunked bytes checked by the splice's `framing`; returns the chunked bytes to send now.
+    def feed_framed(self, framed: bytes, framing: Framing, last: bool) -> bytes | memoryview:
+        """Chunked bytes checked by the splice's `framing`; returns the chunked bytes to send now (a
+        view of `framed` when they are a part of it, so the transport writes them without a copy).
         `last`: the terminal chunk follows `framed` (anything still held goes now)."""
 
     def end(self) -> bytes:
