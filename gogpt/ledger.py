@@ -1,7 +1,8 @@
 """The usage ledger: each worker adds up its calls' usage in memory and writes it to the store once a second.
 
 Batching keeps the store off every call's path: one write a second per worker, whatever the
-traffic. A batch the store did not take is kept as it is, under its id, and sent again until it
+traffic. A call only notes its usage, under all it is counted by (one look-up); the notes are
+added to the rows and to gogpt_tokens_total once a second and before each scrape. A batch the store did not take is kept as it is, under its id, and sent again until it
 is taken, so it counts once even when the store took it but the answer was lost. Meanwhile new
 usage adds up beside it, up to a bound of distinct (id, day, model) rows; past the bound a call's
 usage is dropped, counted in gogpt_usage_dropped_total and logged. At shutdown, the app's cleanup
@@ -36,12 +37,14 @@ _CALLS_ENDING_WAIT = 5.0  # seconds the shutdown waits for cancelled calls to se
 _MAX_MODEL_CHARS = 256
 
 _Key = tuple[str, str, str]  # (id, day, model)
+_Note = tuple[str, str, str, str | None, bool]  # (id, day, model, the model the upstream named, estimated)
 
 
 class UsageLedger:
     def __init__(self, store: Store, *, max_waiting_rows: int = _MAX_WAITING_ROWS) -> None:
         self._store = store
         self._max_waiting_rows = max_waiting_rows
+        self._noted: dict[_Note, list[int]] = {}  # requests, prompt, completion
         self._adding: dict[_Key, list[int]] = {}  # requests, prompt, completion, estimated
         self._unsent: tuple[str, list[UsageRow]] | None = None  # a batch the store has not taken yet
         self._lock = asyncio.Lock()
@@ -50,8 +53,6 @@ class UsageLedger:
         self._store_down = False
         self._dropping = False
         self._model_labels: set[str] = set()
-        # (reported model, source) → prompt, completion
-        self._tokens: dict[tuple[str | None, str], list[int]] = {}
 
     def call_started(self) -> None:
         self._open_calls += 1
@@ -74,38 +75,49 @@ class UsageLedger:
         """Add one call's usage. `reported_model`, the model as the upstream named it (None: it named
         none), labels the token metric: the model a client named (a call cut before its usage came)
         would let any caller fill gogpt_tokens_total's model values."""
-        if prompt or completion:
-            tokens = self._tokens.get((reported_model, "estimated" if estimated else "exact"))
-            if tokens is None:
-                tokens = self._tokens[reported_model, "estimated" if estimated else "exact"] = [0, 0]
-            tokens[0] += prompt
-            tokens[1] += completion
-        key = (identity, day, model)
-        counts = self._adding.get(key)
+        key = (identity, day, model, reported_model, estimated)
+        counts = self._noted.get(key)
         if counts is None:
             unsent = len(self._unsent[1]) if self._unsent is not None else 0
-            if len(self._adding) + unsent >= self._max_waiting_rows:
+            # each note adds one row at most
+            if len(self._noted) + len(self._adding) + unsent >= self._max_waiting_rows:
                 self._drop(1)
                 return
-            counts = self._adding[key] = [0, 0, 0, 0]
+            counts = self._noted[key] = [0, 0, 0]
         counts[0] += 1
         counts[1] += prompt
         counts[2] += completion
-        counts[3] += estimated
 
-    def count_tokens(self) -> None:
-        """Add the tokens recorded since to gogpt_tokens_total: once a second and before each scrape,
-        rather than two counter increments (each taking a lock) in every call."""
-        counted, self._tokens = self._tokens, {}
-        for (model, source), (prompt, completion) in counted.items():
-            prompt_tokens, completion_tokens = _token_counters(self._model_label(model), source)
+    def add_up(self) -> None:
+        """Add the notes taken since to the rows waiting to be written and to gogpt_tokens_total: once
+        a second and before each scrape, rather than in every call (a counter increment takes a lock)."""
+        noted, self._noted = self._noted, {}
+        tokens: dict[tuple[str | None, str], list[int]] = {}  # (reported model, source) → prompt, completion
+        for (identity, day, model, reported_model, estimated), (
+            requests,
+            prompt,
+            completion,
+        ) in noted.items():
+            if prompt or completion:
+                added = tokens.setdefault((reported_model, "estimated" if estimated else "exact"), [0, 0])
+                added[0] += prompt
+                added[1] += completion
+            row = self._adding.get((identity, day, model))
+            if row is None:
+                row = self._adding[identity, day, model] = [0, 0, 0, 0]
+            row[0] += requests
+            row[1] += prompt
+            row[2] += completion
+            row[3] += requests if estimated else 0
+        for (reported_model, source), (prompt, completion) in tokens.items():
+            prompt_tokens, completion_tokens = _token_counters(self._model_label(reported_model), source)
             prompt_tokens.inc(prompt)
             completion_tokens.inc(completion)
 
     async def flush(self) -> bool:
         """Write what is waiting: the batch left by a failure, then what added up since. False if the
         store is down (everything stays waiting)."""
-        self.count_tokens()
+        self.add_up()
         async with self._lock:
             for _ in range(2):
                 if self._unsent is None:

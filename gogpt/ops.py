@@ -29,7 +29,7 @@ async def healthz_handler(request: web.Request) -> web.Response:
 async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus text, for the admin credential only: route names and volumes are not public."""
     require_admin(request)
-    request.app[LEDGER].count_tokens()  # this worker's latest calls too (the others' a second late)
+    request.app[LEDGER].add_up()  # this worker's latest calls too (the others' a second late)
     return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
