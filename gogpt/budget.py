@@ -27,6 +27,7 @@ import asyncio
 import calendar
 import functools
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -49,6 +50,7 @@ HOLD_TTL = 3600.0  # seconds a hold lasts if its call never settles it
 _RETRY_INTERVAL = 1.0  # seconds between tries while the store is down
 _MAX_WAITING = 10_000  # settlements kept while the store is down
 _WORST_CASE_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+_MAX_LIMIT = 1 << 62  # a limit past any budget (an infinite one included) is held as this
 
 Settle = Callable[[int], None]  # called with the tokens a call spent (0: none)
 
@@ -119,9 +121,12 @@ def budget_key(caller: Caller, now: float | None = None) -> tuple[str, float]:
 
 def _worst_completion(fields: dict[str, Any], default: int) -> int:
     """The most tokens the body lets the answer have: the largest limit it names, else `default`."""
+    # a float too: an integer beyond 64 bits is read as one (json_text.py), and is no smaller
     limits = [fields.get(name) for name in _WORST_CASE_FIELDS]
-    given = [limit for limit in limits if type(limit) is int and limit > 0]
-    return max(given) if given else default
+    given = [
+        limit for limit in limits if isinstance(limit, int | float) and type(limit) is not bool and limit > 0
+    ]
+    return math.ceil(min(max(given), _MAX_LIMIT)) if given else default
 
 
 class BudgetKeeper:

@@ -17,7 +17,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO
 
 __all__ = ["INVALID", "NOT_AN_OBJECT", "TOO_COSTLY", "FieldNames", "field_names", "loads", "object_fields"]
@@ -56,13 +56,16 @@ def field_names(*names: str) -> FieldNames:
     return fields
 
 
-def object_fields(body: bytes, names: FieldNames) -> dict[str, Any] | str:
+def object_fields(
+    body: bytes, names: FieldNames, parse: Callable[[bytes], Any] = loads
+) -> dict[str, Any] | str:
     """The fields `names` (see `field_names`) of a JSON object body, or why it is not one (INVALID,
     NOT_AN_OBJECT, TOO_COSTLY). Callers read scalars, and what crosses back from the child stays
     small: a field holding an array comes back empty, one holding an object with only the
-    members named of it (each a scalar or emptied), or empty."""
+    members named of it (each a scalar or emptied), or empty. `parse` is `loads` in the child,
+    json_text.loads in gogpt's process."""
     try:
-        parsed = loads(body)
+        parsed = parse(body)
     except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
         return INVALID
     except MemoryError:  # only in the capped child, where it is the cap doing its work

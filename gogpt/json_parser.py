@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import json_child
+from . import json_child, json_text
 from .errors import ApiError
 
 __all__ = ["INLINE_BYTES", "JSON_PARSER", "LARGE_BODIES", "JsonParser"]
@@ -108,7 +108,7 @@ class JsonParser:
 
     def fields_here(self, body: bytes, names: json_child.FieldNames) -> dict[str, Any]:
         """`object_fields` of a body of at most INLINE_BYTES, or the `ApiError` (400) refusing it."""
-        return _accepted(json_child.object_fields(body, names))
+        return _accepted(json_child.object_fields(body, names, json_text.loads))
 
     async def fields_in_child(
         self, chunks: list[bytes], size: int, names: json_child.FieldNames

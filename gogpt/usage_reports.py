@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from .json_child import loads
+from .json_text import loads
 
 __all__ = ["MODEL_NEAR_START", "EventReport", "UsageReport", "event_report", "json_report"]
 

@@ -208,6 +208,15 @@ async def test_a_body_without_a_limit_holds_budget_reserve(
     assert len(upstream.requests) == 1
 
 
+@pytest.mark.parametrize("limit", [10**30, 1e30, 2**63 + 1])
+async def test_a_limit_past_any_budget_is_refused_however_it_is_written(
+    client: TestClient, upstream: FakeUpstream, fake: ChatWithUsage, limit: float
+):
+    body = json.dumps({"model": MODEL, "messages": [], "max_completion_tokens": limit}).encode()
+    assert (await client.post("/chat", data=body, headers=budgeted(10**9))).status == 429
+    assert upstream.requests == []
+
+
 async def test_a_budgeted_token_is_refused_calls_whose_tokens_cannot_be_counted(
     client: TestClient, upstream: FakeUpstream, auth
 ):

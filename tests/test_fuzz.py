@@ -16,6 +16,7 @@ import re
 import time
 import unicodedata
 import warnings
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -26,7 +27,7 @@ from conftest import GOGPT_VARIABLES, SECRET_KEY, FakeUpstream, ask_token
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from gogpt import ConfigError, Settings, create_app, load_settings, mint_token
+from gogpt import ConfigError, Settings, create_app, json_text, load_settings, mint_token
 from gogpt.auth import verify_credential
 from gogpt.json_child import loads, object_fields
 from gogpt.usage_request import REQUEST_FIELDS, with_usage_asked
@@ -449,6 +450,22 @@ json_texts = st.one_of(
 @example(text=b'{"a": 1} ')
 def test_the_quick_json_parse_takes_and_refuses_exactly_what_json_loads_does(text: bytes):
     assert _outcome(loads, text) == _outcome(json.loads, text)
+
+
+def _as_orjson_reads(digits: str) -> int | float:
+    number = int(digits)
+    return number if -(1 << 63) <= number < 1 << 64 else float(number)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=json_texts)
+@example(text=b'{"a": "\xed\xa0\x80"}')
+@example(text=b'{"a": NaN, "b": 1e400}')
+@example(text=b'{"max_tokens": 100000000000000000000000000000}')
+def test_gogpt_s_json_parse_takes_and_refuses_what_json_loads_does_but_reads_huge_integers_as_floats(
+    text: bytes,
+):
+    assert _outcome(json_text.loads, text) == _outcome(partial(json.loads, parse_int=_as_orjson_reads), text)
 
 
 _ids = st.none() | st.just("") | st.from_regex(_ID, fullmatch=True) | json_values | st.just("../x")
