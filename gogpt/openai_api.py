@@ -87,7 +87,7 @@ async def _metered_call(
     spent = None
     if policy.budget is not None:
         spent = await admit(request, fields, len(body), completes=path != "embeddings")
-    body, meter = meter_openai_call(request, path, body, fields, headers, spent=spent)
+    body, meter = meter_openai_call(request, path, body, fields, headers, spent)
     with meter:
         return await relay(request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter)
 

@@ -40,7 +40,6 @@ def meter_openai_call(
     body: bytes,
     fields: dict[str, Any],
     headers: MutableMapping[str, str],
-    *,
     spent: Callable[[int], None] | None = None,
 ) -> tuple[bytes, Meter]:
     """The body to send for a call to `/v1/{path}` (one of METERED_PATHS) and the meter of its usage.

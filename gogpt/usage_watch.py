@@ -182,7 +182,10 @@ class EventWatch:
         if completed is None or edited is None:
             return None
         self.events += started
-        self._open, self._open_left = ([framed[cut:]] if left else []), left
+        if left:
+            self._open, self._open_left = [framed[cut:]], left
+        elif self._open:
+            self._open, self._open_left = [], 0
         if not self._strip:
             return framed
         if key >= 0:
