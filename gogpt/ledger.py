@@ -2,11 +2,12 @@
 
 Batching keeps the store off every call's path: one write a second per worker, whatever the
 traffic. A call only notes its usage, under all it is counted by (one look-up); the notes are
-added to the rows and to gogpt_tokens_total once a second and before each scrape. A batch the store did not take is kept as it is, under its id, and sent again until it
-is taken, so it counts once even when the store took it but the answer was lost. Meanwhile new
-usage adds up beside it, up to a bound of distinct (id, day, model) rows; past the bound a call's
-usage is dropped, counted in gogpt_usage_dropped_total and logged. At shutdown, the app's cleanup
-waits for the calls still ending, then writes what is left.
+added to the rows and to gogpt_tokens_total once a second and before each scrape. A batch the
+store did not take is kept as it is, under its id, and sent again until it is taken, so it
+counts once even when the store took it but the answer was lost. Meanwhile new usage adds up
+beside it, up to a bound of distinct (id, day, model) rows; past the bound a call's usage is
+dropped, counted in gogpt_usage_dropped_total and logged. At shutdown, the app's cleanup waits
+for the calls still ending, then writes what is left.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ _CALLS_ENDING_WAIT = 5.0  # seconds the shutdown waits for cancelled calls to se
 _MAX_MODEL_CHARS = 256
 
 _Key = tuple[str, str, str]  # (id, day, model)
-_Note = tuple[str, str, str, str | None, bool]  # (id, day, model, the model the upstream named, estimated)
+# (id, day, model, the model the upstream named, estimated)
+_Note = tuple[str, str, str, str | None, bool]
 
 
 class UsageLedger:
@@ -72,7 +74,7 @@ class UsageLedger:
         estimated: bool,
         reported_model: str | None,
     ) -> None:
-        """Add one call's usage. `reported_model`, the model as the upstream named it (None: it named
+        """Note one call's usage. `reported_model`, the model as the upstream named it (None: it named
         none), labels the token metric: the model a client named (a call cut before its usage came)
         would let any caller fill gogpt_tokens_total's model values."""
         key = (identity, day, model, reported_model, estimated)
@@ -93,11 +95,8 @@ class UsageLedger:
         a second and before each scrape, rather than in every call (a counter increment takes a lock)."""
         noted, self._noted = self._noted, {}
         tokens: dict[tuple[str | None, str], list[int]] = {}  # (reported model, source) → prompt, completion
-        for (identity, day, model, reported_model, estimated), (
-            requests,
-            prompt,
-            completion,
-        ) in noted.items():
+        for note, (requests, prompt, completion) in noted.items():
+            identity, day, model, reported_model, estimated = note
             if prompt or completion:
                 added = tokens.setdefault((reported_model, "estimated" if estimated else "exact"), [0, 0])
                 added[0] += prompt

@@ -188,9 +188,8 @@ class Splice:
         self._keepalive = 0.0  # seconds of quiet before a comment goes to the client; 0: never
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._last_write = 0.0
-        self._last_written: bytes | memoryview = (
-            b"\n\n\r\n"  # the last bytes written: a stream starts between events
-        )
+        # the last bytes written (a view of a read, when a watch cut it): a stream starts between events
+        self._last_written: bytes | memoryview = b"\n\n\r\n"
         self._watch: BodyWatch | None = None
         self.forwarded_bytes = 0  # wire bytes written to the client
 

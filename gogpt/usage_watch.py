@@ -78,8 +78,8 @@ class EventWatch:
     `read_event(event)` is called with each whole event that holds a usage key and says whether
     it is the usage-only chunk. `events` counts the events relayed (as chunks, on the fast way
     through the splice); `opens_with_role` tells whether its first event holds a role, and `last`
-    is the last bytes sent: where an estimate finds OpenAI's role, finish and [DONE] events; `dropped` counts the body
-    bytes taken out.
+    is the last bytes sent: where an estimate finds OpenAI's role, finish and [DONE] events.
+    `dropped` counts the body bytes taken out.
     """
 
     # The state a stream starts in, as class defaults: a watch is made with every stream.
