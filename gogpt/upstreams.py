@@ -7,6 +7,7 @@ process; a key's in-flight count lasts from the call to the end of its answer.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import functools
 import logging
@@ -35,7 +36,7 @@ log = logging.getLogger("gogpt.relay")
 # key itself is refused, which is the gateway's trouble, not the caller's: it is tried again too.
 _RETRYABLE = frozenset({401, 429, 500, 502, 503, 504})
 _RETRYABLE_BODY_BYTES = 1 << 20  # larger uploads are streamed, so they cannot be sent twice
-_DEFAULT_REST = 10.0  # seconds a key rests after a 429 without Retry-After
+_DEFAULT_REST = 10.0  # seconds a key rests after a 429 that says nothing of how long
 _MAX_REST = 3600.0
 
 
@@ -97,7 +98,8 @@ class KeyPool:
             else:  # the only key: calls go on to it, as they always have
                 log.error("the upstream key %s was refused (401): check CHAT_API_KEY", key.fingerprint)
         elif status == 429 and len(self.keys) > 1:
-            key.rests_until = time.monotonic() + _rest_seconds(headers.get("Retry-After"))
+            wait = _rest_seconds(headers.get("retry-after-ms"), headers.get("Retry-After"))
+            key.rests_until = time.monotonic() + wait
 
     async def call(
         self, send: Send, headers: Mapping[str, str], data: bytes | AsyncIterable[bytes] | None
@@ -139,18 +141,26 @@ def _key_calls(fingerprint: str, status: int) -> Any:
     return UPSTREAM_KEY_CALLS.labels(fingerprint, str(status))
 
 
-def _rest_seconds(retry_after: str | None) -> float:
-    """Retry-After as seconds (a number or an HTTP date), within bounds; 10 s when absent or odd."""
-    if not retry_after:
-        return _DEFAULT_REST
-    try:
-        seconds = float(retry_after)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return _DEFAULT_REST
+def _rest_seconds(retry_after_ms: str | None, retry_after: str | None) -> float:
+    """How long a key rests after a 429, within bounds: `retry-after-ms` (Azure OpenAI sends it, and
+    the OpenAI SDKs read it first), else Retry-After; 10 s when neither is there or makes sense."""
+    seconds = math.nan
+    if retry_after_ms:
+        with contextlib.suppress(ValueError):
+            seconds = float(retry_after_ms) / 1000
+    if not math.isfinite(seconds) and retry_after:
+        seconds = _retry_after_seconds(retry_after)
     return min(max(seconds, 1.0), _MAX_REST) if math.isfinite(seconds) else _DEFAULT_REST
+
+
+def _retry_after_seconds(value: str) -> float:
+    """Retry-After's seconds, from a number or an HTTP date; NaN when it is neither."""
+    with contextlib.suppress(ValueError):
+        return float(value)
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError):
+        return math.nan
 
 
 KEY_POOL = web.AppKey("gogpt.key_pool", KeyPool)

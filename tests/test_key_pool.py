@@ -119,6 +119,24 @@ async def test_a_rate_limited_key_rests_for_its_retry_after(make_gateway, upstre
     assert keys_tried(upstream).count(A) == 1  # asked once, then left alone
 
 
+async def test_a_rate_limited_key_rests_for_its_retry_after_ms_before_its_retry_after(
+    make_gateway, upstream: FakeUpstream, auth
+):
+    """Azure OpenAI says how long in milliseconds; the OpenAI SDKs read that header first too."""
+    upstream.respond = per_key(
+        {
+            A: status(429, **{"retry-after-ms": "40000", "Retry-After": "2"}),
+            B: status(429, **{"retry-after-ms": "30000"}),
+        }
+    )
+    gateway = await make_gateway(keys=f"{A},{B}")
+    assert (await gateway.post("/chat", json={}, headers=auth)).status == 429
+    resp = await gateway.post("/chat", json={}, headers=auth)
+    assert resp.status == 429
+    assert 25 <= int(resp.headers["Retry-After"]) <= 30  # B wakes first, after its 30,000 ms
+    assert len(upstream.requests) == 2
+
+
 async def test_a_refused_key_is_set_aside_and_logged_by_fingerprint_only(
     make_gateway, upstream: FakeUpstream, auth, caplog
 ):
