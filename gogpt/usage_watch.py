@@ -182,7 +182,7 @@ class EventWatch:
             at = framed.rfind(_FRAMED_EVENT_END, start)
             cut = at + _FRAMED_END_BYTES if at >= 0 else start
             left = _still_to_come(framed, cut)
-            if not left:
+            if not left or len(framed) - cut + left > _MAX_HELD_BYTES:  # too large to hold: let through
                 return None
         key = framed.rfind(USAGE_KEY, start, cut)  # from the end, where an answer's usage is
         edited = self._read_usage_chunk(framed, start, cut, key) if key >= 0 else b""

@@ -140,6 +140,21 @@ def test_a_stream_that_never_ends_an_event_is_let_through_past_2_mib():
     assert spliced(wire, list(range(len(piece), len(wire), len(piece))))[0] == sent  # the splice's way
 
 
+def test_through_the_splice_a_chunk_too_large_to_hold_is_let_through_as_it_comes():
+    """One 8 MiB chunk: held whole until its end, it would swell gogpt as the endless line would."""
+    w, _ = watch()
+    framing = ChunkedFraming()
+    data = b"data: " + b"x" * (8 << 20)
+    wire = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+    step, sent, out = 64 << 10, 0, b""
+    for start in range(0, len(wire), step):
+        body, terminal = framing.feed(wire[start : start + step])
+        out += w.feed_framed(body, framing, terminal is not None)
+        sent += len(body)
+        assert sent - len(out) <= (2 << 20) + step
+    assert Dechunker().feed(out) == data  # and what was held went once
+
+
 def test_a_stream_that_ends_inside_an_event_still_sends_every_byte():
     out, _, _ = relayed([delta("a"), b"data: cut sho", b"rt"])
     assert out == delta("a") + b"data: cut short"
