@@ -178,7 +178,8 @@ def _content_deltas(watch: EventWatch, *, chat: bool) -> int:
     if bytes(watch.last).rstrip().endswith(b"data: [DONE]"):
         deltas -= 2 if chat else 1
     if chat:
-        deltas -= bool(watch.opens_with_role)
+        first = watch.first
+        deltas -= b'"role"' in first[: first.find(b"\n\n")]
     return max(deltas, 0)
 
 

@@ -34,8 +34,7 @@ _FRAMED_END_BYTES = len(_FRAMED_EVENT_END)
 # the largest, a long answer's `response.completed`, holds its text once (100k tokens, ~0.5 MB).
 # What is held is copied as it is joined, so each stream could cost several times this.
 _MAX_HELD_BYTES = 2 << 20
-_FIRST_BYTES = 1024  # of a stream's start, where its first event is looked at
-_ROLE = b'"role"'
+_FIRST_BYTES = 1024  # kept of a stream's start, to look at its first event
 
 
 def _after_last_event(data: bytes, start: int = 0, end: int | None = None) -> int:
@@ -52,12 +51,6 @@ def _event_end(data: bytes, start: int) -> int:
     """Where the event going on at `start` ends: after its blank line, or at the end of `data`."""
     ends = [at + len(ending) for ending in _EVENT_ENDS if (at := data.find(ending, start)) >= 0]
     return min(ends) if ends else len(data)
-
-
-def _opens_with_role(start: bytes) -> bool:
-    """Whether the first event of a stream starting with `start` holds a role (a chat stream's does)."""
-    end = start.find(b"\n\n", 0, _FIRST_BYTES)
-    return start.find(_ROLE, 0, _FIRST_BYTES if end < 0 else end) >= 0
 
 
 def _still_to_come(framed: bytes, start: int) -> int:
@@ -77,9 +70,9 @@ class EventWatch:
 
     `read_event(event)` is called with each whole event that holds a usage key and says whether
     it is the usage-only chunk. `events` counts the events relayed (as chunks, on the fast way
-    through the splice); `opens_with_role` tells whether its first event holds a role, and `last`
-    is the last bytes sent: where an estimate finds OpenAI's role, finish and [DONE] events.
-    `dropped` counts the body bytes taken out.
+    through the splice); `first` and `last` are the first bytes of the stream and the last sent,
+    where an estimate finds OpenAI's role, finish and [DONE] events. `dropped` counts the body
+    bytes taken out.
     """
 
     # The state a stream starts in, as class defaults: a watch is made with every stream.
@@ -90,7 +83,7 @@ class EventWatch:
     _chunks = _unaligned = 0  # the framing's counts at the last read
     events = 0
     dropped = 0
-    opens_with_role: bool | None = None  # None: nothing has come yet
+    first = b""
     last: bytes | memoryview = b""
 
     def __init__(self, read_event: Callable[[bytes], bool], strip: bool) -> None:
@@ -101,8 +94,8 @@ class EventWatch:
 
     def feed(self, data: bytes) -> bytes:
         """Body bytes as they arrive, chunk framing already removed; returns what to send now."""
-        if self.opens_with_role is None:
-            self.opens_with_role = _opens_with_role(data)
+        if not self.first:
+            self.first = data[:_FIRST_BYTES]
         if not self._held and data.endswith(_EVENT_ENDS) and data.find(USAGE_KEY) < 0:
             self.events += data.count(b"\n\n")
             self.last = data
@@ -116,8 +109,8 @@ class EventWatch:
 
     def feed_framed(self, framed: bytes, framing: Framing, last: bool) -> bytes | memoryview:
         """Chunked bytes as the splice's `framing` checked them; returns the chunked bytes to send now."""
-        if self.opens_with_role is None:
-            self.opens_with_role = _opens_with_role(framed)
+        if not self.first:
+            self.first = framed[:_FIRST_BYTES]
         started, self._chunks = framing.chunks - self._chunks, framing.chunks
         misfits, self._unaligned = framing.unaligned - self._unaligned, framing.unaligned
         if self._aligned:
