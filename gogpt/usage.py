@@ -49,23 +49,20 @@ def meter_openai_call(
     usage-only chunk it brings is taken out of the answer again. A stream is asked for without
     compression (`headers` are changed), so its events can be read as they pass.
     """
-    meter = Meter(request.app[LEDGER], request[CALLER].identity, model_name(fields.get("model")), spent)
-    meter._prompt_estimate = len(body) // 4
-    meter._chat = path == "chat/completions"
+    chat = path == "chat/completions"
+    sent = body
     if fields.get("stream") is True:
         headers[hdrs.ACCEPT_ENCODING] = "identity"  # hdrs' names are looked up without being case-folded
-        if meter._chat:
+        if chat:
             sent = with_usage_asked(body, fields)
-            meter._strip = sent is not body  # what gogpt asked for is taken out again
-            body = sent
-    return body, meter
+    # positional, as a call with keywords costs twice one without; what gogpt asked for is taken out
+    ledger, identity, model = request.app[LEDGER], request[CALLER].identity, model_name(fields.get("model"))
+    return sent, Meter(ledger, identity, model, spent, len(body) // 4, chat, sent is not body)
 
 
 def meter_conv_call(request: web.Request, model: str) -> Meter:
     """The meter of a /conv reply: the backend-api reports no tokens, so the call alone is counted."""
-    meter = Meter(request.app[LEDGER], request[CALLER].identity, model)
-    meter._requests_only = True
-    return meter
+    return Meter(request.app[LEDGER], request[CALLER].identity, model, requests_only=True)
 
 
 class Meter:
@@ -73,25 +70,36 @@ class Meter:
     on exit it writes the usage to the ledger, exact if the answer reported it, else estimated, and
     tells `spent` (a budget's settlement) how many tokens that was, 0 when the call made no usage."""
 
-    # What a call's kind sets (meter_openai_call, meter_conv_call), and what the call finds out:
-    # defaults here, so that a meter is made with only what every call has.
-    _prompt_estimate = 0  # tokens: the request body's bytes / 4
-    _chat = False  # a chat completion: its stream starts with a role, ends with a finish
-    _strip = False  # the stream's usage chunk was asked for by gogpt: it is taken out
-    _requests_only = False  # the call is counted, its tokens are not (/conv)
+    # What the call finds out, from nothing: class defaults, so a meter is made without them.
     _answered = False
     _watch: EventWatch | JsonWatch | None = None
     _usage: tuple[int, int] | None = None  # (prompt, completion), as the answer reported them
     _reported_model: str | None = None
 
     def __init__(
-        self, ledger: UsageLedger, identity: str, model: str, spent: Callable[[int], None] | None = None
+        self,
+        ledger: UsageLedger,
+        identity: str,
+        model: str,
+        spent: Callable[[int], None] | None = None,
+        prompt_estimate: int = 0,
+        chat: bool = False,
+        strip: bool = False,
+        *,
+        requests_only: bool = False,
     ) -> None:
+        """`prompt_estimate`: tokens, the request body's bytes / 4. `chat`: a chat completion (its
+        stream starts with a role and ends with a finish). `strip`: gogpt asked for the stream's
+        usage chunk, so it is taken out. `requests_only`: the call is counted, its tokens not (/conv)."""
         self._ledger = ledger
         self._identity = identity
         self._model = model
         self._day = utc_day()
         self._spent = spent
+        self._prompt_estimate = prompt_estimate
+        self._chat = chat
+        self._strip = strip
+        self._requests_only = requests_only
 
     def __enter__(self) -> Meter:
         self._ledger.call_started()
