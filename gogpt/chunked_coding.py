@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ChunkedFraming", "Dechunker", "MalformedChunk", "chunk_size"]
+__all__ = ["CHECKED_SIZE_LINES", "ChunkedFraming", "Dechunker", "MalformedChunk", "chunk_size"]
 
 # A chunk-size line: hex size, optional extensions, CRLF (RFC 9112 section 7.1). Anything else
 # is refused: these bytes go to the client unparsed, so they must frame exactly what they say.
@@ -62,7 +62,7 @@ class ChunkedFraming:
                         raise MalformedChunk("a chunk-size line that does not end")
                     self._partial = data[pos:]
                     return data[:pos], None
-                size = _CHECKED_SIZE_LINES.get(data[pos : eol + 1])
+                size = CHECKED_SIZE_LINES.get(data[pos : eol + 1])
                 if size is None:
                     size = _checked_size(data[pos : eol + 1])
                 if size == 0:
@@ -106,9 +106,10 @@ class ChunkedFraming:
 
 # Size lines seen before and found good, with their sizes: upstreams write the same few again
 # and again, and a look-up costs a third of the check (the match and int()). Short lines only,
-# and a bounded number of them, so an upstream cannot make this grow.
-_CHECKED_SIZE_LINES: dict[bytes, int] = {}
-_MAX_CHECKED_SIZE_LINES = 4096
+# and a bounded number of them, so an upstream cannot make this grow. The usage watch reads
+# the size of a chunk the framing has checked here too.
+CHECKED_SIZE_LINES: dict[bytes, int] = {}
+_MAXCHECKED_SIZE_LINES = 4096
 _MAX_KEPT_SIZE_LINE = 16
 
 
@@ -118,8 +119,8 @@ def _checked_size(line: bytes) -> int:
     if size_line is None:
         raise MalformedChunk("not a chunk-size line")
     size = int(size_line[1], 16)
-    if len(line) <= _MAX_KEPT_SIZE_LINE and len(_CHECKED_SIZE_LINES) < _MAX_CHECKED_SIZE_LINES:
-        _CHECKED_SIZE_LINES[line] = size
+    if len(line) <= _MAX_KEPT_SIZE_LINE and len(CHECKED_SIZE_LINES) < _MAXCHECKED_SIZE_LINES:
+        CHECKED_SIZE_LINES[line] = size
     return size
 
 

@@ -108,7 +108,8 @@ class JsonParser:
 
     def fields_here(self, body: bytes, names: json_child.FieldNames) -> dict[str, Any]:
         """`object_fields` of a body of at most INLINE_BYTES, or the `ApiError` (400) refusing it."""
-        return _accepted(json_child.object_fields(body, names, json_text.loads))
+        found = json_child.object_fields(body, names, json_text.loads)
+        return found if type(found) is dict else _accepted(found)  # the call only to refuse
 
     async def fields_in_child(
         self, chunks: list[bytes], size: int, names: json_child.FieldNames

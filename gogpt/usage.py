@@ -73,8 +73,6 @@ class Meter:
     # What the call finds out, from nothing: class defaults, so a meter is made without them.
     _answered = False
     _watch: EventWatch | JsonWatch | None = None
-    _usage: tuple[int, int] | None = None  # (prompt, completion), as the answer reported them
-    _reported_model: str | None = None
 
     def __init__(
         self,
@@ -113,7 +111,6 @@ class Meter:
             if self._answered or _left_early(kind, error):
                 tokens = self._settle()
         finally:
-            self._watch = None  # it calls back into the meter: a cycle the collector would have to find
             self._ledger.call_ended()
             if self._spent is not None:
                 self._spent(tokens)
@@ -130,20 +127,10 @@ class Meter:
                 return None
             # A length sent with the answer would no longer be true without the usage chunk.
             strip = self._strip and hdrs.CONTENT_LENGTH not in headers
-            self._watch = EventWatch(self._read_event, strip)
+            self._watch = EventWatch(event_report, strip)
         elif content_type == "application/json":
             self._watch = JsonWatch(codings)
         return self._watch
-
-    def _read_event(self, event: bytes) -> bool:
-        """Read an event that holds a usage key; True if it is a usage-only chat chunk."""
-        report = event_report(event)
-        if report is None:
-            return False
-        self._usage, model, usage_only = report
-        if model is not None:
-            self._reported_model = model
-        return usage_only
 
     def _settle(self) -> int:
         """Record the call's usage; the tokens it used."""
@@ -151,26 +138,18 @@ class Meter:
             self._ledger.record(self._identity, self._day, self._model, 0, 0, False, self._model)
             return 0
         watch = self._watch
-        if isinstance(watch, JsonWatch):
-            self._read_json(watch)
-        usage = self._usage
+        usage = model = None
+        if type(watch) is EventWatch:
+            usage, model = watch.usage, watch.model
+        elif isinstance(watch, JsonWatch) and (report := watch.report()) is not None:
+            usage, model = report
         if usage is None:
             prompt = self._prompt_estimate
-            completion = _content_deltas(watch, chat=self._chat) if isinstance(watch, EventWatch) else 0
+            completion = _content_deltas(watch, chat=self._chat) if type(watch) is EventWatch else 0
         else:
             prompt, completion = usage
-        estimated = usage is None
-        self._ledger.record(
-            self._identity, self._day, self._model, prompt, completion, estimated, self._reported_model
-        )
+        self._ledger.record(self._identity, self._day, self._model, prompt, completion, usage is None, model)
         return prompt + completion
-
-    def _read_json(self, watch: JsonWatch) -> None:
-        report = watch.report()
-        if report is not None:
-            self._usage = report.tokens
-            if report.model is not None:
-                self._reported_model = report.model
 
 
 def _left_early(kind: type[BaseException] | None, error: BaseException | None) -> bool:
@@ -191,13 +170,16 @@ def _content_deltas(watch: EventWatch, *, chat: bool) -> int:
     return max(deltas, 0)
 
 
-_today: tuple[int, str] = (-1, "")
+_today = ""
+_today_spans = (0.0, -1.0)  # time.time() from the start of `_today` to its end
 
 
 def utc_day() -> str:
     """Today in UTC as YYYY-MM-DD, formatted once a day."""
-    global _today
-    day = int(time.time() // 86400)
-    if day != _today[0]:
-        _today = (day, time.strftime("%Y-%m-%d", time.gmtime(day * 86400)))
-    return _today[1]
+    global _today, _today_spans
+    now = time.time()
+    starts, ends = _today_spans
+    if not starts <= now < ends:  # a new day, or the clock was set back
+        day = now // 86400 * 86400
+        _today, _today_spans = time.strftime("%Y-%m-%d", time.gmtime(day)), (day, day + 86400)
+    return _today

@@ -56,9 +56,20 @@ def event_report(event: bytes) -> EventReport | None:
     holder = chunk.get("response")  # /v1/responses
     if type(holder) is not dict:
         holder = chunk
-    tokens = _tokens(holder.get("usage"))
-    if tokens is None:
-        return None
+    usage = holder.get("usage")
+    if (  # the chat API's names, as nearly every stream's: _tokens without the call
+        type(usage) is dict
+        and type(prompt := usage.get("prompt_tokens")) is int
+        and type(completion := usage.get("completion_tokens")) is int
+        and prompt >= 0
+        and completion >= 0
+    ):
+        tokens = (prompt, completion)
+    else:
+        named_otherwise = _tokens(usage)
+        if named_otherwise is None:
+            return None
+        tokens = named_otherwise
     model = holder.get("model")
     return tokens, model if type(model) is str else None, chunk.get("choices") == []
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .chunked_coding import Dechunker, chunk_size
+from .chunked_coding import CHECKED_SIZE_LINES, Dechunker, chunk_size
+from .usage_reports import EventReport
 from .watching import Framing
 
 __all__ = ["USAGE_KEY", "EventWatch"]
@@ -68,8 +69,9 @@ def _still_to_come(framed: bytes, start: int) -> int:
 class EventWatch:
     """Watches one event stream for its usage; with `strip`, drops the usage-only chunk from it.
 
-    `read_event(event)` is called with each whole event that holds a usage key and says whether
-    it is the usage-only chunk. `events` counts the events relayed (as chunks, on the fast way
+    `read_event(event)` (usage_reports.event_report) is called with each whole event that holds a
+    usage key; `usage` and `model` are what the last report said (the model the last one that
+    named one). `events` counts the events relayed (as chunks, on the fast way
     through the splice); `first` and `last` are the first bytes of the stream and the last sent,
     where an estimate finds OpenAI's role, finish and [DONE] events. `dropped` counts the body
     bytes taken out.
@@ -85,8 +87,10 @@ class EventWatch:
     dropped = 0
     first = b""
     last: bytes | memoryview = b""
+    usage: tuple[int, int] | None = None  # (prompt, completion)
+    model: str | None = None
 
-    def __init__(self, read_event: Callable[[bytes], bool], strip: bool) -> None:
+    def __init__(self, read_event: Callable[[bytes], EventReport | None], strip: bool) -> None:
         self._read_event = read_event
         self._strip = strip
         self._held: list[bytes] = []  # data: an unfinished event, held back when stripping, else a copy
@@ -205,17 +209,24 @@ class EventWatch:
         if eol < 0 or chunk_end < 0:
             return None
         chunk_end += _FRAMED_END_BYTES
-        try:
-            size = chunk_size(framed[chunk_start:eol])
-        except ValueError:
-            return None
+        size = CHECKED_SIZE_LINES.get(framed[chunk_start : eol + 1])  # the framing checked it
+        if size is None:
+            try:
+                size = chunk_size(framed[chunk_start:eol])
+            except ValueError:
+                return None
         if size != chunk_end - 2 - (eol + 1):
             return None
         data = framed[eol + 1 : chunk_end - 2]
         if data.find(b"\n\n") == len(data) - 2:  # one event, as upstreams send them
             left = data
-            if self._read_event(data) and self._strip:
-                left, self.dropped = b"", self.dropped + len(data)
+            report = self._read_event(data)  # as _read does, without the call: this is every stream's
+            if report is not None:
+                self.usage, model, usage_only = report
+                if model is not None:
+                    self.model = model
+                if usage_only and self._strip:
+                    left, self.dropped = b"", self.dropped + len(data)
         else:
             left = self._read_usage(data)
         if left is data:
@@ -255,7 +266,7 @@ class EventWatch:
         while key >= 0:
             event_start = _after_last_event(ready, event_start, key)
             event_end = _event_end(ready, key)
-            if self._read_event(ready[event_start:event_end]) and self._strip:
+            if self._read(ready[event_start:event_end]) and self._strip:
                 kept.append(ready[start:event_start])
                 start = event_end
             event_start = event_end
@@ -266,3 +277,13 @@ class EventWatch:
         left = b"".join(kept)
         self.dropped += len(ready) - len(left)
         return left
+
+    def _read(self, event: bytes) -> bool:
+        """Read an event that holds a usage key; True if it is a usage-only chat chunk."""
+        report = self._read_event(event)
+        if report is None:
+            return False
+        self.usage, model, usage_only = report
+        if model is not None:
+            self.model = model
+        return usage_only

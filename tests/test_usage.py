@@ -522,3 +522,18 @@ async def test_the_sdk_gets_the_usage_chunk_when_it_asks(sdk: openai.AsyncOpenAI
     parts = [part async for part in stream]
     assert parts[-1].choices == []
     assert parts[-1].usage is not None and parts[-1].usage.completion_tokens == 3
+
+
+def test_usage_is_kept_under_the_utc_day_a_call_starts_on_across_midnight_and_a_clock_set_back(monkeypatch):
+    from gogpt import usage
+
+    midnight = 20_419 * 86400.0  # 2025-11-27 00:00 UTC
+    for now, day in [
+        (midnight - 0.5, "2025-11-26"),
+        (midnight, "2025-11-27"),
+        (midnight + 86399.9, "2025-11-27"),
+        (midnight - 86400 * 365, "2024-11-27"),  # the clock set back a year
+        (midnight + 1, "2025-11-27"),
+    ]:
+        monkeypatch.setattr(usage.time, "time", lambda now=now: now)
+        assert usage.utc_day() == day, now

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gogpt.chunked_coding import ChunkedFraming, Dechunker
 from gogpt.json_child import object_fields
+from gogpt.usage_reports import EventReport, event_report
 from gogpt.usage_request import REQUEST_FIELDS, with_usage_asked
 from gogpt.usage_watch import EventWatch
 
@@ -44,10 +45,9 @@ class Seen:
     def __init__(self) -> None:
         self.events: list[bytes] = []
 
-    def __call__(self, event: bytes) -> bool:
+    def __call__(self, event: bytes) -> EventReport | None:
         self.events.append(event)
-        chunk = json.loads(event.removeprefix(b"data: "))
-        return chunk.get("choices") == [] and chunk.get("usage") is not None
+        return event_report(event)
 
 
 def watch(strip: bool = True) -> tuple[EventWatch, Seen]:
@@ -89,9 +89,10 @@ def spliced(wire: bytes, reads: list[int], strip: bool = True) -> tuple[bytes, E
 
 def test_the_usage_only_chunk_is_taken_out_wherever_one_cut_splits_the_stream():
     for cut in range(len(STREAM) + 1):
-        out, _, seen = relayed([STREAM[:cut], STREAM[cut:]])
+        out, w, seen = relayed([STREAM[:cut], STREAM[cut:]])
         assert out == WITHOUT_USAGE, cut
         assert seen.events == [USAGE_ONLY], cut
+        assert w.usage == (9, 3), cut
 
 
 def test_the_usage_only_chunk_is_taken_out_arriving_a_byte_at_a_time():
@@ -174,7 +175,7 @@ def test_the_responses_api_usage_is_read_from_its_completed_event_and_never_drop
     text = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi"}\n\n'
     done = b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":{"input_tokens":5,"output_tokens":1}}}\n\n'
     read: list[bytes] = []
-    w = EventWatch(lambda event: read.append(event) is not None, strip=False)
+    w = EventWatch(lambda event: read.append(event), strip=False)
     stream = created + text + done
     assert b"".join(w.feed(stream[i : i + 10]) for i in range(0, len(stream), 10)) + w.end() == stream
     assert read == [created, done]
@@ -209,9 +210,10 @@ def _cut_in_every_usage_key() -> list[int]:
 def test_through_the_splice_the_usage_chunk_is_taken_out_wherever_reads_and_chunks_cut(chunk_sizes):
     wire = framed(STREAM, chunk_sizes)
     for cut in range(len(wire) + 1):
-        out, _, seen = spliced(wire, [cut])
+        out, w, seen = spliced(wire, [cut])
         assert out == WITHOUT_USAGE, cut
         assert seen.events == [USAGE_ONLY], cut
+        assert w.usage == (9, 3), cut
 
 
 def test_through_the_splice_the_usage_chunk_is_taken_out_arriving_a_byte_at_a_time():
@@ -248,9 +250,10 @@ def test_through_the_splice_an_upstream_sending_running_totals_is_counted_by_its
     data = b"".join(totals) + DONE
     wire = framed(data, [len(part) for part in totals])
     for reads in ([], [wire.index(b"data: [DONE]") - 3]):  # all in one read; the totals in one read
-        out, _, seen = spliced(wire, reads)
+        out, w, seen = spliced(wire, reads)
         assert out == data  # nothing taken out: each total comes with its content
         assert seen.events[-1:] == [totals[-1]]
+        assert w.usage == (9, 3)
 
 
 def test_through_the_splice_bytes_like_an_event_end_inside_a_chunk_are_not_taken_for_one():
