@@ -14,6 +14,7 @@ from .budget import admit, refuse_uncounted
 from .config import Settings
 from .errors import ApiError
 from .keys import CALLER, SETTINGS
+from .ledger import LEDGER
 from .model_policy import allowed_models_answer, allowed_request_body, require_allowed_model
 from .relay import relay
 from .relayed_headers import upstream_headers
@@ -31,16 +32,18 @@ _PATH_SAFE = "!$&'()*+,;=:@"  # what RFC 3986 allows in a path segment beside wh
 
 async def chat_handler(request: web.Request) -> web.StreamResponse:
     """POST /chat: the body, checked to be a JSON object, goes unchanged to /v1/chat/completions."""
-    settings = request.app[SETTINGS]
+    app = request.app
+    settings = app[SETTINGS]
     headers = _openai_headers(request, settings)
     headers["Content-Type"] = "application/json"  # browsers may send text/plain to skip a preflight
     url = settings.api_proxy + "/v1/chat/completions"
-    return await _metered_call(request, "chat/completions", url, headers)
+    return await _metered_call(request, app, "chat/completions", url, headers)
 
 
 async def v1_handler(request: web.Request) -> web.StreamResponse:
     """/v1/{path}: a drop-in `base_url` for OpenAI SDKs, query and body passed through."""
-    settings = request.app[SETTINGS]
+    app = request.app
+    settings = app[SETTINGS]
     if request.method not in _V1_METHODS:
         raise ApiError(
             405,
@@ -62,7 +65,7 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
     headers = _openai_headers(request, settings)
     policy = request[CALLER].policy
     if request.method == "POST" and path in METERED_PATHS and request.body_exists:  # usage is counted
-        return await _metered_call(request, path, url, headers)
+        return await _metered_call(request, app, path, url, headers)
     if request.method == "POST":
         refuse_uncounted(request)
     if policy.models is None:
@@ -75,19 +78,20 @@ async def v1_handler(request: web.Request) -> web.StreamResponse:
 
 
 async def _metered_call(
-    request: web.Request, path: str, url: str | URL, headers: CIMultiDict[str]
+    request: web.Request, app: web.Application, path: str, url: str | URL, headers: CIMultiDict[str]
 ) -> web.StreamResponse:
     """A call to one of METERED_PATHS: its body checked to be a JSON object and forwarded as the
     client wrote it (but for asking a stream for its usage), once its model is allowed and its
     worst case held against the token's budget; its usage counted as it is relayed."""
     body, fields = await read_json_object(request, REQUEST_FIELDS)
-    policy = request[CALLER].policy
+    caller = request[CALLER]
+    policy = caller.policy
     if policy.models is not None:
         require_allowed_model(policy, fields.get("model"))
     spent = None
     if policy.budget is not None:
         spent = await admit(request, fields, len(body), completes=path != "embeddings")
-    body, meter = meter_openai_call(request, path, body, fields, headers, spent)
+    body, meter = meter_openai_call(app[LEDGER], caller.identity, path, body, fields, headers, spent)
     with meter:
         return await relay(request, "POST", url, headers=headers, data=body, keys=_keys(request), watch=meter)
 

@@ -35,15 +35,17 @@ METERED_PATHS = frozenset({"chat/completions", "completions", "responses", "embe
 
 
 def meter_openai_call(
-    request: web.Request,
+    ledger: UsageLedger,
+    identity: str,
     path: str,
     body: bytes,
     fields: dict[str, Any],
     headers: MutableMapping[str, str],
     spent: Callable[[int], None] | None = None,
 ) -> tuple[bytes, Meter]:
-    """The body to send for a call to `/v1/{path}` (one of METERED_PATHS) and the meter of its usage.
-    `fields` are the body's REQUEST_FIELDS; `spent`, when given, is told the tokens the call used.
+    """The body to send for `identity`'s call to `/v1/{path}` (one of METERED_PATHS) and the meter
+    of its usage. `fields` are the body's REQUEST_FIELDS; `spent`, when given, is told the tokens
+    the call used.
 
     A streamed chat completion whose client did not ask for usage asks for it here, and the
     usage-only chunk it brings is taken out of the answer again. A stream is asked for without
@@ -56,7 +58,7 @@ def meter_openai_call(
         if chat:
             sent = with_usage_asked(body, fields)
     # positional, as a call with keywords costs twice one without; what gogpt asked for is taken out
-    ledger, identity, model = request.app[LEDGER], request[CALLER].identity, model_name(fields.get("model"))
+    model = model_name(fields.get("model"))
     return sent, Meter(ledger, identity, model, spent, len(body) // 4, chat, sent is not body)
 
 

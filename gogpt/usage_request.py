@@ -26,6 +26,7 @@ REQUEST_FIELDS = field_names(
 )
 
 _ASK = b'"stream_options":{"include_usage":true},'
+_OPEN_ASKING = b"{" + _ASK
 _UTF8_BOM = b"\xef\xbb\xbf"
 _DECODER = json.JSONDecoder()
 
@@ -45,6 +46,8 @@ def with_usage_asked(body: bytes, fields: dict[str, Any]) -> bytes:
     larger than is parsed on the event loop (json_parser.py).
     """
     if "stream_options" not in fields:
+        if body[:1] == b"{":  # as nearly every client writes it: one call, one copy
+            return body.replace(b"{", _OPEN_ASKING, 1)
         opening = body.find(b"{") + 1
         if opening > 1 and body[: opening - 1].strip() not in (b"", _UTF8_BOM):  # UTF-16 or -32: left alone
             return body
