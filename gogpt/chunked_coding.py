@@ -52,17 +52,25 @@ class ChunkedFraming:
         pos, end = 0, len(data)
         if self._in_chunk or self._crlf_due:  # the rest of a chunk an earlier read cut
             pos = self._rest_of_chunk(data, 0)
-        find = data.find
+        find, sizes = data.find, CHECKED_SIZE_LINES
         chunks = unaligned = data_bytes = 0  # counted here, added to the attributes once per read
         try:
             while pos < end and not self._crlf_due:
                 eol = find(b"\n", pos)
+                size = sizes.get(data[pos : eol + 1])  # no line left: data[pos:0], never a key
+                # the usual chunk, as few steps as can be: its size line checked before, all of it
+                # here, ending an event
+                while size and data[(after := eol + 1 + size) - 2 : after + 2] == b"\n\n\r\n":
+                    chunks += 1
+                    data_bytes += size
+                    pos = after + 2
+                    eol = find(b"\n", pos)
+                    size = sizes.get(data[pos : eol + 1])
                 if eol < 0:
                     if end - pos > _MAX_SIZE_LINE:
                         raise MalformedChunk("a chunk-size line that does not end")
                     self._partial = data[pos:]
                     return data[:pos], None
-                size = CHECKED_SIZE_LINES.get(data[pos : eol + 1])
                 if size is None:
                     size = _checked_size(data[pos : eol + 1])
                 if size == 0:
@@ -71,7 +79,7 @@ class ChunkedFraming:
                 data_bytes += size
                 after = eol + 1 + size  # where the chunk's data ends
                 ending = data[after - 2 : after + 2]
-                if ending == b"\n\n\r\n":  # the usual case: the whole chunk is here, and ends an event
+                if ending == b"\n\n\r\n":  # the whole chunk is here, and ends an event (a new size line)
                     pos = after + 2
                 elif ending[2:] == b"\r\n":  # the whole chunk is here
                     pos = after + 2
