@@ -6,6 +6,7 @@
     python -m bench --profiles json --candidates gogpt --gogpt-env RATE_LIMIT=1000000000
     python -m bench --profiles json,short,burst --candidates floor,gogpt   # gogpt over bare aiohttp
     python -m bench --profiles burst,short --candidates gogpt@main,gogpt  # this checkout against main's
+    python -m bench --pin --rounds 3 --profiles short --candidates gogpt@main,gogpt  # steadier CPU figures
 
 Loopback only; every run is bounded in count and time.
 """
@@ -339,6 +340,8 @@ async def main_async(args: argparse.Namespace) -> int:
     from gogpt import mint_token
 
     profiles = QUICK if args.quick else PROFILES
+    if args.rounds > 1:
+        profiles = {name: replace(p, repeat=p.repeat * args.rounds) for name, p in profiles.items()}
     proxy_cpus = None
     if args.pin:  # the proxy alone on the last CPU; the load client and the upstream on the others
         cpus = sorted(os.sched_getaffinity(0))
@@ -390,6 +393,12 @@ async def main_async(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
+    return int(text)
+
+
 def _variable(text: str) -> tuple[str, str]:
     name, equals, value = text.partition("=")
     if not (name and equals):
@@ -411,6 +420,13 @@ def main() -> None:
         action="store_true",
         help="run the proxy alone on one CPU and the load on the others: steadier CPU figures,"
         " while events/s then shows the load's ceiling more than the proxy's",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="N times each profile's rounds: a longer run, whose CPU figures spread less",
     )
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument(
