@@ -24,7 +24,7 @@ from .lockout import LOCKOUT, Lockout
 from .me import me_handler
 from .memory_store import MemoryStore
 from .openai_api import chat_handler, v1_handler
-from .ops import healthz_handler, metrics_handler
+from .ops import healthz_handler, metrics_handler, pending_metrics
 from .redact import REDACTOR, Redactor, configured_secrets
 from .redis_store import RedisStore
 from .revocation import revocation_watch
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[REDACTOR] = Redactor(configured_secrets(settings))
     app[LOCKOUT] = Lockout(settings.token_failure_limit)
     app.cleanup_ctx.append(_http_client)
+    app.cleanup_ctx.append(pending_metrics)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_json_parser)
     app.cleanup_ctx.append(budget_keeper)  # closed after the ledger, which waits for calls to end

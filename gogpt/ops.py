@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .auth import public, require_admin
+from .background import every, running
 from .errors import ApiError
 from .keys import SETTINGS, STORE, Caller
 from .ledger import LEDGER
-from .metrics import DURATION, REQUESTS, exposition
+from .metrics import DURATION, PENDING, REQUESTS, exposition
 
-__all__ = ["count_request", "enforce_rate_limit", "healthz_handler", "metrics_handler"]
+__all__ = ["count_request", "enforce_rate_limit", "healthz_handler", "metrics_handler", "pending_metrics"]
+
+log = logging.getLogger("gogpt.ops")
 
 RATE_PERIOD = 60  # seconds: RATE_LIMIT and `rpm` are requests per minute
 
@@ -29,7 +34,8 @@ async def healthz_handler(request: web.Request) -> web.Response:
 async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus text, for the admin credential only: route names and volumes are not public."""
     require_admin(request)
-    request.app[LEDGER].add_up()  # this worker's latest calls too (the others' a second late)
+    PENDING.add_up()  # this worker's latest requests too (the others' a second late)
+    request.app[LEDGER].add_up()
     return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -38,9 +44,9 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 @functools.lru_cache(maxsize=4096)  # routes, methods and statuses are few: this is the set of them
-def _request_metrics(route: str, method: str, status: int) -> tuple[Any, Any]:
-    """The labelled counter and histogram for one kind of answer, looked up once."""
-    return REQUESTS.labels(route, method, str(status)), DURATION.labels(route)
+def _request_metrics(route: str, method: str, status: int) -> tuple[list[int], Any]:
+    """The count (metrics.PENDING) and the labelled histogram for one kind of answer, looked up once."""
+    return PENDING.counter(REQUESTS.labels(route, method, str(status))), DURATION.labels(route)
 
 
 def count_request(request: web.Request, status: int, started: float) -> None:
@@ -49,8 +55,19 @@ def count_request(request: web.Request, status: int, started: float) -> None:
     name = route.canonical if route is not None else "unmatched"
     method = request.method if request.method in _METHODS else "other"
     requests, duration = _request_metrics(name, method, status)
-    requests.inc()
+    requests[0] += 1
     duration.observe(time.perf_counter() - started)
+
+
+async def pending_metrics(app: web.Application) -> AsyncIterator[None]:
+    """Adds what requests counted (metrics.PENDING) to the metrics once a second, and at the end."""
+
+    async def add_up() -> None:
+        PENDING.add_up()
+
+    async with running(every(1.0, add_up, log, "adding up the metrics failed")):
+        yield
+    PENDING.add_up()
 
 
 async def enforce_rate_limit(request: web.Request, caller: Caller) -> None:

@@ -18,7 +18,7 @@ from .answers import ERROR_ANSWER_BYTES, read_decoded
 from .bodies import body_was_decoded
 from .errors import ApiError, upstream_error
 from .keys import HTTP, SETTINGS, SPLICING_HTTP
-from .metrics import RELAYED_BYTES, STREAMS_ACTIVE, UPSTREAM_ERRORS
+from .metrics import PENDING, UPSTREAM_ERRORS
 from .redact import REDACTOR
 from .relayed_headers import answer_head
 from .splice import held_body
@@ -148,7 +148,7 @@ async def _relay_answer(
         response.enable_chunked_encoding()  # the upstream's chunks go out as they came
     settings = request.app[SETTINGS]
     keepalive = settings.sse_keepalive if upstream.content_type == "text/event-stream" else 0.0
-    STREAMS_ACTIVE.inc()
+    PENDING.streams_active += 1
     stall: StallWatch | None = None  # not to be confused with body_watch, which reads the body
     idle: KeepAlive | None = None
     try:
@@ -203,10 +203,10 @@ async def _relay_answer(
             stall.cancel()
         if idle is not None:
             idle.cancel()
-        STREAMS_ACTIVE.dec()
+        PENDING.streams_active -= 1
         # counted by aiohttp, the splice and the watch, nothing per chunk here
         read = upstream.content.total_bytes + (splice.body_bytes if splice else 0)
-        RELAYED_BYTES.inc(read - (body_watch.dropped if body_watch is not None else 0))
+        PENDING.relayed_bytes += read - (body_watch.dropped if body_watch is not None else 0)
     return response
 
 
@@ -249,7 +249,7 @@ async def _whole_answer(
             if watch is not None:
                 watch.whole(body)
     headers.popall("Content-Length", None)
-    RELAYED_BYTES.inc(len(body))
+    PENDING.relayed_bytes += len(body)
     answer = web.Response(status=upstream.status, reason=reason, body=body, headers=headers)
     # Sent now: what follows an answer (its usage, metrics, the access line) is not in the client's wait.
     await answer.prepare(request)
