@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -121,3 +121,17 @@ async def usage(client: TestClient, **filters: str) -> list[dict]:
     resp = await client.get("/usage", params=filters, headers=ADMIN)
     assert resp.status == 200, await resp.text()
     return (await resp.json())["usage"]
+
+
+def gated_stream(gate: asyncio.Event) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An event stream whose second event waits for `gate`."""
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: one\n\n")
+        await gate.wait()
+        await response.write(b"data: two\n\ndata: [DONE]\n\n")
+        return response
+
+    return respond

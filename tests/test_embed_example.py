@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import CHAT_API_KEY, SECRET_KEY, FakeUpstream
+from fake_chat import gated_stream
 from serving import free_port, wait_until_listening
 
 from gogpt import Settings
@@ -28,20 +29,6 @@ def load_example() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def gated_stream(gate: asyncio.Event) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """An event stream whose second event waits for `gate`."""
-
-    async def respond(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b"data: one\n\n")
-        await gate.wait()
-        await response.write(b"data: two\n\ndata: [DONE]\n\n")
-        return response
-
-    return respond
 
 
 async def test_the_example_service_relays_a_stream_under_its_prefix(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import ADMIN, FakeUpstream
+from fake_chat import gated_stream
 from wire import samples
 
 
@@ -72,20 +72,11 @@ async def test_metrics_show_a_stream_being_relayed_while_it_is(
     client: TestClient, upstream: FakeUpstream, auth
 ):
     release = asyncio.Event()
-
-    async def slow_stream(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b"data: one\n\n")
-        await release.wait()
-        await response.write(b"data: two\n\n")
-        return response
-
-    upstream.respond = slow_stream
+    upstream.respond = gated_stream(release)
     resp = await client.post("/chat", json={"model": "m", "stream": True}, headers=auth)
     assert await resp.content.readuntil(b"\n\n") == b"data: one\n\n"
     during = samples(await (await client.get("/metrics", headers=ADMIN)).text())
     release.set()
-    assert await resp.read() == b"data: two\n\n"
+    assert await resp.read() == b"data: two\n\ndata: [DONE]\n\n"
     after = samples(await (await client.get("/metrics", headers=ADMIN)).text())
     assert (during[("gogpt_streams_active", ())], after[("gogpt_streams_active", ())]) == (1, 0)
