@@ -117,7 +117,7 @@ class ChunkedFraming:
 # and a bounded number of them, so an upstream cannot make this grow. The usage watch reads
 # the size of a chunk the framing has checked here too.
 CHECKED_SIZE_LINES: dict[bytes, int] = {}
-_MAXCHECKED_SIZE_LINES = 4096
+_MAX_CHECKED_SIZE_LINES = 4096
 _MAX_KEPT_SIZE_LINE = 16
 
 
@@ -127,7 +127,7 @@ def _checked_size(line: bytes) -> int:
     if size_line is None:
         raise MalformedChunk("not a chunk-size line")
     size = int(size_line[1], 16)
-    if len(line) <= _MAX_KEPT_SIZE_LINE and len(CHECKED_SIZE_LINES) < _MAXCHECKED_SIZE_LINES:
+    if len(line) <= _MAX_KEPT_SIZE_LINE and len(CHECKED_SIZE_LINES) < _MAX_CHECKED_SIZE_LINES:
         CHECKED_SIZE_LINES[line] = size
     return size
 
