@@ -121,6 +121,7 @@ class LoopBatchedHandler(logging.StreamHandler[TextIO]):
         super().__init__(stream)
         self._pending: list[str] = []
         self._flush_scheduled = False
+        self._failing = False  # the last write failed: said once, until one goes through
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -144,11 +145,23 @@ class LoopBatchedHandler(logging.StreamHandler[TextIO]):
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        """Write the pending lines. A failed write loses them and is said once (to logging's
+        handleError): raised out of the loop's callback, the loop would log it here again, and
+        with the reader of stderr gone (a closed terminal, a restarted log collector) that was a
+        busy loop at full CPU."""
         with self.lock:  # type: ignore[union-attr]
             lines, self._pending, self._flush_scheduled = self._pending, [], False
-            if lines:
-                self.stream.write("".join(lines))
-            self.stream.flush()
+            try:
+                if lines:
+                    self.stream.write("".join(lines))
+                self.stream.flush()
+            except Exception:
+                if not self._failing:
+                    self._failing = True
+                    lost = f"{len(lines)} log lines could not be written; more may be lost"
+                    self.handleError(logging.makeLogRecord({"msg": lost}))
+            else:
+                self._failing = False
 
 
 def configure_logging(log_format: str = "text") -> None:

@@ -57,6 +57,31 @@ async def test_lines_still_pending_are_written_by_flush():
     assert "last words" in stream.getvalue()
 
 
+class BrokenPipeStream(io.StringIO):
+    """stderr whose reader has gone: every write fails."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+async def test_lines_that_cannot_be_written_are_said_once_and_leave_the_loop_idle(capsys):
+    loop = asyncio.get_running_loop()
+    faults: list[dict] = []
+    loop.set_exception_handler(lambda _, context: faults.append(context))
+    stream = BrokenPipeStream()
+    logger = logger_to(stream, TextFormatter())
+    handler = logger.handlers[0]
+    assert isinstance(handler, LoopBatchedHandler)
+    for turn in range(3):
+        logger.info("request %d", turn)
+        await asyncio.sleep(0)  # the turn ends; the flush fails
+    assert faults == []  # nothing escaped to the loop, whose handler would log it (here) again
+    assert not handler._flush_scheduled and not handler._pending  # the loop has nothing left to do
+    said = capsys.readouterr().err
+    assert said.count("--- Logging error ---") == 1
+    assert "1 log lines could not be written" in said
+
+
 def test_the_formats_keep_logging_s_time_layouts():
     text, json_line = CountingStream(), CountingStream()
     logger_to(text, TextFormatter()).info("x")
