@@ -6,7 +6,7 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import redis.asyncio as redis
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
+from serving import kill_leftovers
 
 from gogpt import Settings, create_app, mint_token
 
@@ -239,3 +240,9 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """A second before a minute's edge, so a test that moves on crosses it; and over a minute
     behind the real clock, by which PyJWT checks the `iat` of a token /token has just minted."""
     return Clock(monkeypatch, float(int(time.time()) // 60 * 60 - 61))
+
+
+@pytest.fixture(autouse=True)
+def _no_gogpt_left_running() -> Iterator[None]:
+    yield
+    kill_leftovers()

@@ -25,8 +25,9 @@ async def start_gogpt(
 ) -> asyncio.subprocess.Process:
     """Start gogpt with only `env` (plus PATH) set; the caller waits for it to listen.
 
-    `preexec_fn` runs in the child before gogpt does (to set a resource limit, say)."""
-    return await asyncio.create_subprocess_exec(
+    `preexec_fn` runs in the child before gogpt does (to set a resource limit, say). It starts a
+    process group of its own, which `kill_leftovers` kills whole after the test."""
+    process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "gogpt",
@@ -41,7 +42,21 @@ async def start_gogpt(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         preexec_fn=preexec_fn,
+        start_new_session=True,
     )
+    _started.append(process.pid)
+    return process
+
+
+_started: list[int] = []  # process groups start_gogpt made
+
+
+def kill_leftovers() -> None:
+    """Kill whatever start_gogpt started that is still running, workers included: a test that
+    failed before stopping its gogpt would leave it running after the suite."""
+    while _started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(_started.pop(), signal.SIGKILL)
 
 
 async def wait_until_listening(port: int, process: asyncio.subprocess.Process, within: float = 15) -> None:
