@@ -186,7 +186,13 @@ class HungUp(web.Response):
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request. The query string is left out: `/token?key=...` would put a key in it."""
+    """One line per request. The query string is left out: `/token?key=...` would put a key in it.
+
+    Which handler the lines go to is looked up once a second, not per request (the walk up the
+    loggers was a tenth of a line's cost): a change to logging's set-up shows within a second."""
+
+    _handler: LoopBatchedHandler | None = None
+    _handler_second = -1.0  # the second (time.time() // 1) `_handler` was looked up in
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
         if type(response) is not HungUp:
@@ -215,10 +221,13 @@ class AccessLogger(AbstractAccessLogger):
             printable(identity),
         )
         logger = self.logger
-        handler = _sole_handler(logger)
+        now = time.time()
+        if now // 1 != self._handler_second:
+            self._handler, self._handler_second = _sole_handler(logger), now // 1
+        handler = self._handler
         if handler is not None and isinstance(handler.formatter, TextFormatter):  # the usual line
             # a line per request: skip making a LogRecord that only gogpt's own handler would see
-            handler.write_line(handler.formatter.access_line(logger.name, message, time.time()))
+            handler.write_line(handler.formatter.access_line(logger.name, message, now))
             return
         fields = {
             "remote": remote,
@@ -233,7 +242,7 @@ class AccessLogger(AbstractAccessLogger):
             logger.info("%s", message, extra={"access": fields})
         else:
             formatter: JsonFormatter = handler.formatter  # type: ignore[assignment]
-            handler.write_line(formatter.access_line(logger.name, message, fields, time.time()))
+            handler.write_line(formatter.access_line(logger.name, message, fields, now))
 
 
 # The access logger `python -m gogpt` serves with, for the lines aiohttp does not write (hang-ups);

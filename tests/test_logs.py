@@ -125,3 +125,35 @@ def test_a_json_access_line_carries_the_fields():
         0.25,
     )
     assert entry["message"].endswith('"POST /v1/chat/completions" 201 0 0.250s id=-')
+
+
+def test_a_handler_added_to_logging_gets_the_access_lines_from_the_next_second(monkeypatch):
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from gogpt import logs
+
+    own = CountingStream()  # as `python -m gogpt` logs: its handler alone, on the root logger
+    handler = LoopBatchedHandler(own)  # type: ignore[arg-type]
+    handler.setFormatter(TextFormatter())
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    logger = logging.getLogger("gogpt.test.access")
+    access = logs.AccessLogger(logger, "")
+    now = [1_000_000.2]
+    monkeypatch.setattr(logs.time, "time", lambda: now[0])
+    request = make_mocked_request("GET", "/healthz")
+    access.log(request, web.Response(), 0.001)
+    added = CountingStream()
+    logger.addHandler(logging.StreamHandler(added))  # gogpt's handler is no longer the only one
+    try:
+        now[0] += 0.5
+        access.log(request, web.Response(), 0.001)  # the same second: gogpt's handler alone still
+        now[0] += 0.5
+        access.log(request, web.Response(), 0.001)  # the next: the ordinary way, to both
+    finally:
+        logger.handlers.clear()
+    handler.flush()
+    assert own.getvalue().count("/healthz") == 3
+    assert added.getvalue().count("/healthz") == 1
