@@ -32,19 +32,19 @@ class ChunkedFraming:
     and, once the terminal chunk has come, the bytes from it on; it raises `MalformedChunk`.
     """
 
-    __slots__ = ("_crlf_due", "_in_chunk", "_partial", "chunks", "data_bytes", "unaligned")
+    __slots__ = ("_crlf_due", "_in_chunk", "_partial", "between_chunks", "chunks", "data_bytes", "unaligned")
 
     def __init__(self) -> None:
         self._partial = b""  # an unfinished size line, or the CR of the CRLF after a chunk's data
         self._in_chunk = 0  # bytes of chunk data still to come
         self._crlf_due = False  # the CRLF that closes a chunk's data, when it did not come with it
         self.data_bytes = 0  # chunk data seen, framing excluded
-        self.chunks = 0  # chunks whose size line has been read
-        self.unaligned = 0  # chunks read whole in one feed whose data does not end an event with \n\n
-
-    @property
-    def between_chunks(self) -> bool:
-        return not (self._in_chunk or self._crlf_due)  # a size line still to come is not on the wire yet
+        # Of the last feed, for the usage watch, which looks at each (plain attributes: it reads
+        # them once a read, and a property is a call): the chunks whose size line it read, those
+        # it held whole whose data does not end an event with \n\n, and whether it ended between
+        # two chunks (a size line still to come is not on the wire yet).
+        self.chunks = self.unaligned = 0
+        self.between_chunks = True
 
     def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
         if self._partial:
@@ -94,8 +94,8 @@ class ChunkedFraming:
                 return data[:pos], None
             return data, None
         finally:
-            self.chunks += chunks
-            self.unaligned += unaligned
+            self.chunks, self.unaligned = chunks, unaligned
+            self.between_chunks = not (self._in_chunk or self._crlf_due)
             self.data_bytes += data_bytes
 
     def _rest_of_chunk(self, data: bytes, pos: int) -> int:

@@ -82,7 +82,6 @@ class EventWatch:
     _dechunker: Dechunker | None = None  # made when the careful way is first needed
     _aligned = True  # chunked: so far every chunk ended an event, the fast way holds
     _open_left = 0  # the bytes of the chunk a read cut still to come, its CRLF included
-    _chunks = _unaligned = 0  # the framing's counts at the last read
     events = 0
     dropped = 0
     first = b""
@@ -115,10 +114,8 @@ class EventWatch:
         """Chunked bytes as the splice's `framing` checked them; returns the chunked bytes to send now."""
         if not self.first:
             self.first = framed[:_FIRST_BYTES]
-        started, self._chunks = framing.chunks - self._chunks, framing.chunks
-        misfits, self._unaligned = framing.unaligned - self._unaligned, framing.unaligned
         if self._aligned:
-            sent = self._aligned_read(framed, started, misfits, framing.between_chunks)
+            sent = self._aligned_read(framed, framing.chunks, framing.unaligned, framing.between_chunks)
             if sent is not None:
                 if sent:
                     self.last = sent

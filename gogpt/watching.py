@@ -13,14 +13,11 @@ __all__ = ["AnswerWatch", "BodyWatch", "Framing"]
 
 
 class Framing(Protocol):
-    """What the splice's chunk framing (chunked_coding.ChunkedFraming) has counted so far."""
+    """What the splice's chunk framing (chunked_coding.ChunkedFraming) found in the last read."""
 
     chunks: int  # chunks started
-    unaligned: int  # chunks read whole in one read whose data does not end an event
-
-    @property
-    def between_chunks(self) -> bool:
-        """The bytes so far end between two chunks."""
+    unaligned: int  # chunks read whole whose data does not end an event
+    between_chunks: bool  # the bytes so far end between two chunks
 
 
 class BodyWatch(Protocol):
