@@ -53,10 +53,13 @@ def event_report(event: bytes) -> EventReport | None:
         return None
     if type(chunk) is not dict:
         return None
-    holder = chunk.get("response")  # /v1/responses
-    if type(holder) is not dict:
-        holder = chunk
-    usage = holder.get("usage")
+    holder: Any = chunk
+    usage = chunk.get("usage")  # a chat chunk's
+    if type(usage) is not dict:  # /v1/responses: in the response its last event carries
+        holder = chunk.get("response")
+        if type(holder) is not dict:
+            return None
+        usage = holder.get("usage")
     if (  # the chat API's names, as nearly every stream's: _tokens without the call
         type(usage) is dict
         and type(prompt := usage.get("prompt_tokens")) is int
