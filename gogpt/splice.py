@@ -70,8 +70,13 @@ class UpstreamBrokeOff(aiohttp.ClientPayloadError):
 class UpstreamProtocol(ResponseHandler):
     """aiohttp's protocol for an upstream connection, refusing unasked-for bytes and able to splice.
 
+    It also bounds a head as a whole: from its first byte, all of it must come within the read
+    timeout (UPSTREAM_TIMEOUT). aiohttp's read timeout counts silence only, so an upstream
+    sending its head a byte at a time could hold a call for as long as it liked.
+
     internal: subclasses `ResponseHandler` and overrides `set_response_params` (called once per
-    request sent), `feed_data` (called with each parsed head) and `data_received`.
+    request sent), `feed_data` (called with each parsed head) and `data_received`; reads its
+    `read_timeout` and calls its `set_exception`.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -80,12 +85,15 @@ class UpstreamProtocol(ResponseHandler):
         self._answered = False  # the answer has ended: any further byte is unasked-for
         self.last_head: Any = None  # the final head aiohttp parsed last (a RawResponseMessage)
         self.splice: Splice | None = None
+        self._head_due: asyncio.TimerHandle | None = None  # the head's deadline, from its first byte
 
     def set_response_params(self, **kwargs: Any) -> None:
         self._answers, self._answered, self.last_head, self.splice = 0, False, None, None
+        self._cancel_head_deadline()
         super().set_response_params(**kwargs)
 
     def feed_data(self, data: Any, size: int = 0) -> None:
+        self._cancel_head_deadline()  # a head has come whole (after a 1xx one, the next has its own)
         message, payload = data
         if 100 <= message.code < 200 and message.code != 101:  # 100 Continue: the answer follows
             super().feed_data(data, size)
@@ -108,11 +116,28 @@ class UpstreamProtocol(ResponseHandler):
             super().data_received(data)
         else:
             splice.data_received(data)
+        # a head begun and not ended by this read (most come whole in one: no timer for them)
+        if self.last_head is None and self._head_due is None and data and self.read_timeout:
+            self._head_due = self._loop.call_later(self.read_timeout, self._head_too_slow)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_deadline()
         if self.splice is not None:
             self.splice.connection_lost()
         super().connection_lost(exc)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_due is not None:
+            self._head_due.cancel()
+            self._head_due = None
+
+    def _head_too_slow(self) -> None:
+        self._head_due = None
+        log.warning("an upstream sent a head slower than UPSTREAM_TIMEOUT allows: its connection is closed")
+        self.set_exception(aiohttp.ServerTimeoutError("Timeout on reading the response head"))
+        self.force_close()
+        if self.transport is not None:
+            self.transport.close()
 
     def refuse_unasked(self) -> None:
         """Bytes beyond the answer: close the connection rather than let the pool keep them."""
@@ -434,6 +459,7 @@ def check_internals() -> str | None:
             "read_timeout",
             "_drop_timeout",
             "force_close",
+            "set_exception",
         ),
         RequestHandler: ("writing_paused",),
         StreamWriter: ("buffer_size", "output_size"),

@@ -420,3 +420,38 @@ async def test_an_upstream_error_answer_is_relayed_decoded_whatever_its_deflate_
     assert resp.status == 400
     assert "Content-Encoding" not in resp.headers
     assert await resp.read() == text
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+async def test_an_upstream_trickling_its_head_is_cut_at_upstream_timeout(
+    aiohttp_client, settings, auth, stream
+):
+    """One byte of the head every 0.2 s never leaves UPSTREAM_TIMEOUT (1 s) of silence, yet the
+    head as a whole must come within it: the call is answered 504 and the connection closed."""
+    closed = asyncio.Event()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + b"X-Pad: " + b"x" * 200 + b"\r\n\r\n"
+        )
+        try:
+            for byte in head:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except ConnectionError:
+            pass
+        finally:
+            closed.set()
+            writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    app = create_app(settings.with_overrides(api_proxy=f"http://127.0.0.1:{port}", upstream_timeout=1))
+    client = await aiohttp_client(app)
+    async with server:
+        resp = await client.post("/v1/chat/completions", json={"model": "m", "stream": stream}, headers=auth)
+        assert resp.status == 504
+        assert (await resp.json())["error"]["code"] == "upstream_timeout"
+        await asyncio.wait_for(closed.wait(), 5)  # gogpt closed it, long before the head's 41 s
