@@ -118,7 +118,7 @@ class UpstreamProtocol(ResponseHandler):
             splice.data_received(data)
         # a head begun and not ended by this read (most come whole in one: no timer for them)
         if self.last_head is None and self._head_due is None and data and self.read_timeout:
-            self._head_due = self._loop.call_later(self.read_timeout, self._head_too_slow)
+            self._head_due = self._loop.call_later(self.read_timeout, self._head_too_slow)  # internal: _loop
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_deadline()
