@@ -7,6 +7,7 @@
     python -m bench --profiles json,short,burst --candidates floor,gogpt   # gogpt over bare aiohttp
     python -m bench --profiles burst,short --candidates gogpt@main,gogpt  # this checkout against main's
     python -m bench --pin --rounds 3 --profiles short --candidates gogpt@main,gogpt  # steadier CPU figures
+    python -m bench --pin --runs 10 --profiles short,burst --candidates gogpt-noaccounting,gogpt  # medians
 
 Loopback only; every run is bounded in count and time.
 """
@@ -38,7 +39,7 @@ from pathlib import Path
 import uvloop
 
 from .client import Tally, run_load
-from .summary import against_floor
+from .summary import against_floor, over_runs
 
 SECRET_KEY = "bench-secret-key-0123456789abcdef0123456789"
 PATH = "/v1/chat/completions"
@@ -109,6 +110,16 @@ QUICK = {
     "embed": replace(PROFILES["embed"], streams=2, repeat=5, one_at_a_time=5),
 }
 CANDIDATES = ("direct", "nginx", "pipe", "floor", "gogpt", "gogpt-2w")  # and gogpt@REF: gogpt as at a git ref
+# gogpt with one part taken out, so that the part's cost shows in one run beside gogpt whole (any
+# of them takes @REF too). Each is an exact edit of one line: a variant whose line is gone stops
+# the run rather than measure gogpt whole under its name.
+VARIANTS = {
+    "gogpt-noaccounting": (  # the metered branch of /v1 never taken: no body parse, meter or watch
+        "gogpt/openai_api.py",
+        'if request.method == "POST" and path in METERED_PATHS and request.body_exists:',
+        'if False and request.method == "POST" and path in METERED_PATHS and request.body_exists:',
+    ),
+}
 
 
 def free_port() -> int:
@@ -211,15 +222,15 @@ def candidate(
             env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
         else:
             command = [sys.executable, "-m", "gogpt"]
-            _, at, ref = name.partition("@")
+            kind, at, ref = name.partition("@")
             env = {
                 "PATH": os.environ.get("PATH", ""),
-                "PYTHONPATH": checkout(ref, Path(workdir)) if at else str(ROOT),
+                "PYTHONPATH": source_tree(kind, ref if at else None, Path(workdir)),
                 "SECRET_KEY": SECRET_KEY,
                 "API_PROXY": f"127.0.0.1:{upstream_port}",
                 "HOST": "127.0.0.1",
                 "PORT": str(port),
-                "WORKERS": "2" if name == "gogpt-2w" else "1",
+                "WORKERS": "2" if kind == "gogpt-2w" else "1",
                 **(gogpt_env or {}),
             }
         if under:  # runs that repeat exactly: hashing seeded alike, no bytecode written by the first
@@ -235,7 +246,7 @@ def candidate(
         )
         try:
             wait_for_port(port, 300 if under else 20)
-            time.sleep(0.5 if name == "gogpt-2w" else 0)  # let the second worker bind too
+            time.sleep(0.5 if name.startswith("gogpt-2w") else 0)  # let the second worker bind too
             yield port, process_tree(process.pid)
         finally:
             process.send_signal(signal.SIGTERM if name != "nginx" else signal.SIGQUIT)
@@ -243,6 +254,25 @@ def candidate(
                 process.wait(120 if under else 30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def source_tree(kind: str, ref: str | None, into: Path) -> str:
+    """Where a gogpt candidate imports gogpt from: this checkout, or git `ref`'s, with the edit of
+    its variant (VARIANTS) made in a copy under `into`."""
+    if kind not in VARIANTS:
+        return str(ROOT) if ref is None else checkout(ref, into)
+    if ref is not None:
+        tree = checkout(ref, into)
+    else:  # uncommitted changes too, as the plain `gogpt` row runs them
+        tree = str(into / "checkout")
+        shutil.copytree(ROOT / "gogpt", Path(tree, "gogpt"), ignore=shutil.ignore_patterns("__pycache__"))
+    path, line, edited = VARIANTS[kind]
+    source = Path(tree, path)
+    text = source.read_text()
+    if text.count(line) != 1:
+        raise RuntimeError(f"{kind}: {path} no longer has the line it edits, once: {line!r}")
+    source.write_text(text.replace(line, edited))
+    return tree
 
 
 def checkout(ref: str, into: Path) -> str:
@@ -311,12 +341,13 @@ async def measure(
     }
 
 
-def print_table(profile: str, rows: list[dict]) -> None:
+def print_table(title: str, rows: list[dict]) -> None:
     direct = next((row for row in rows if row["candidate"] == "direct"), None)
     nginx = next((row for row in rows if row["candidate"] == "nginx"), None)
-    print(f"\n{profile}")
+    width = max(10, *(len(row["candidate"]) for row in rows))
+    print(f"\n{title}")
     print(
-        f"{'candidate':<10} {'events/s':>10} {'vs nginx':>8} {'streams/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'candidate':<{width}} {'events/s':>10} {'vs nginx':>8} {'streams/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'max ms':>7} {'added p50':>9} {'added p99':>9} {'ttfb ms':>7} {'cpu/10k':>8} {'cpu ms/req':>10} "
         f"{'RSS MB':>7} {'ok':>4}"
     )
@@ -329,7 +360,7 @@ def print_table(profile: str, rows: list[dict]) -> None:
         cpu, per_request = row["cpu_s_per_10k_events"], row["cpu_ms_per_request"]
         rss = row["peak_rss_mb"]
         print(
-            f"{row['candidate']:<10} {row['events_per_s']:>10.0f} {ratio:>8.2f} {row['streams_per_s']:>9.1f} "
+            f"{row['candidate']:<{width}} {row['events_per_s']:>10.0f} {ratio:>8.2f} {row['streams_per_s']:>9.1f} "
             f"{latency['p50']:>7.2f} {latency['p99']:>7.2f} {latency['max']:>7.1f} {added50:>9.2f} {added99:>9.2f} "
             f"{row['ttfb_ms_p50'] or 0:>7.2f} {cpu if cpu is not None else '-':>8} "
             f"{per_request if per_request is not None else '-':>10} {rss if rss is not None else '-':>7} {ok:>4}"
@@ -353,26 +384,29 @@ async def main_async(args: argparse.Namespace) -> int:
     upstream_port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream", str(upstream_port)], cwd=ROOT)
     token = mint_token(SECRET_KEY, "bench", 1)
-    results: dict[str, list[dict]] = {}
+    runs: list[dict[str, list[dict]]] = [{} for _ in range(args.runs)]
     failed = False
     try:
         wait_for_port(upstream_port)
         for profile_name in args.profiles.split(","):
-            rows = []
-            for name in args.candidates.split(","):
-                if name == "nginx" and shutil.which("nginx") is None:
-                    print(
-                        "nginx is not installed (apt-get install nginx-light): skipping its row",
-                        file=sys.stderr,
+            for run, results in enumerate(runs):
+                named = list(enumerate(args.candidates))
+                rows: list[dict] = [{}] * len(named)
+                for position, name in named if run % 2 == 0 else named[::-1]:  # each in turn goes first
+                    if name == "nginx" and shutil.which("nginx") is None:
+                        print(
+                            "nginx is not installed (apt-get install nginx-light): skipping its row",
+                            file=sys.stderr,
+                        )
+                        continue
+                    row = await measure(
+                        name, profiles[profile_name], upstream_port, token, dict(args.gogpt_env), proxy_cpus
                     )
-                    continue
-                row = await measure(
-                    name, profiles[profile_name], upstream_port, token, dict(args.gogpt_env), proxy_cpus
-                )
-                failed |= row["errors"] > 0 or row["events"] != row["expected_events"]
-                rows.append(row)
-            results[profile_name] = rows
-            print_table(profile_name, rows)
+                    failed |= row["errors"] > 0 or row["events"] != row["expected_events"]
+                    rows[position] = row
+                results[profile_name] = [row for row in rows if row]
+                title = f"{profile_name}: run {run + 1} of {args.runs}" if args.runs > 1 else profile_name
+                print_table(title, results[profile_name])
     finally:
         upstream.terminate()
         upstream.wait(10)
@@ -383,13 +417,16 @@ async def main_async(args: argparse.Namespace) -> int:
         "pinned": proxy_cpus is not None,
         "cpus": os.cpu_count(),
         "gogpt_env": dict(args.gogpt_env),
-        "results": results,
+        "results": runs[0],
+        "runs": runs,
     }
     out.write_text(json.dumps(report, indent=2))
     print(f"\nJSON: {out}")
-    floor = against_floor(results)
-    if floor:
+    floor = against_floor(runs[0])
+    if floor and args.runs == 1:
         print(f"\nAgainst the bare aiohttp relay (floor):\n{floor}")
+    if args.runs > 1:
+        print(f"\nRatios to the first candidate over {args.runs} runs, median (range):\n{over_runs(runs)}")
     return 1 if failed else 0
 
 
@@ -397,6 +434,17 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError("must be a whole number of at least 1")
     return int(text)
+
+
+def candidate_names(text: str) -> list[str]:
+    names = text.split(",")
+    for name in names:
+        kind, at, ref = name.partition("@")
+        gogpt = kind in ("gogpt", "gogpt-2w") or kind in VARIANTS
+        if not (gogpt or (kind in CANDIDATES and not at)) or (at and not ref):
+            known = ", ".join((*CANDIDATES, *VARIANTS))
+            raise argparse.ArgumentTypeError(f"{name!r}: candidates are {known}, and gogpt ones @REF")
+    return names
 
 
 def _variable(text: str) -> tuple[str, str]:
@@ -411,8 +459,10 @@ def main() -> None:
     parser.add_argument("--profiles", default=",".join(PROFILES))
     parser.add_argument(
         "--candidates",
+        type=candidate_names,
         default=",".join(CANDIDATES),
-        help="comma-separated; gogpt@REF is gogpt as at a git ref (gogpt@main), to compare in one run",
+        help="comma-separated; gogpt@REF is gogpt as at a git ref (gogpt@main), to compare in one run;"
+        f" {', '.join(VARIANTS)} is gogpt with that part taken out",
     )
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     parser.add_argument(
@@ -427,6 +477,14 @@ def main() -> None:
         default=1,
         metavar="N",
         help="N times each profile's rounds: a longer run, whose CPU figures spread less",
+    )
+    parser.add_argument(
+        "--runs",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="measure every candidate N times, taking turns to go first, and give the median of each"
+        " run's ratios to the first candidate: single runs of a 2-core machine spread 5-10%%",
     )
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument(

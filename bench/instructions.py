@@ -26,7 +26,7 @@ from pathlib import Path
 
 import uvloop
 
-from .__main__ import ROOT, SECRET_KEY, Profile, candidate, free_port, wait_for_port, warm_up
+from .__main__ import ROOT, SECRET_KEY, Profile, candidate, candidate_names, free_port, wait_for_port, warm_up
 from .client import run_load
 
 # The bench's profiles, shortened: under callgrind a proxy runs about fifty times slower.
@@ -95,7 +95,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 f"\n{profile_name}\n{'candidate':<24} {'instructions/request':>20} {'per event':>10} {'ratio':>6}"
             )
             base = None
-            for name in args.candidates.split(","):
+            for name in args.candidates:
                 cost = await per_request(name, profile, upstream_port, token)
                 base = base or cost  # ratios to the first candidate
                 per_event = cost / profile.count if profile.stream else cost
@@ -111,8 +111,10 @@ def main() -> None:
     parser.add_argument("--profiles", default="json,short", help=f"of {', '.join(PROFILES)}")
     parser.add_argument(
         "--candidates",
+        type=candidate_names,
         default=",".join(CANDIDATES),
-        help="comma-separated, the first the base of the ratios; gogpt@REF is gogpt as at a git ref",
+        help="comma-separated, the first the base of the ratios; gogpt@REF is gogpt as at a git ref;"
+        " gogpt-noaccounting is gogpt with usage accounting taken out",
     )
     sys.exit(uvloop.run(main_async(parser.parse_args())))
 

@@ -2,12 +2,14 @@
 
 Reads what `python -m bench` wrote (bench/results/latest.json unless told otherwise). The first
 table's ratios are to the nginx row of the same profile, as the run's own table shows them; when
-the run has a `floor` row (bare aiohttp), a second table gives every row's ratios to it.
+the run has a `floor` row (bare aiohttp), a second table gives every row's ratios to it. A run of
+several rounds (`--runs N`) adds the median of each round's ratios to its first candidate.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -68,13 +70,50 @@ def against_floor(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+_RATIOS = (
+    ("CPU ms/request", "cpu_ms_per_request"),
+    ("CPU s/10k ev", "cpu_s_per_10k_events"),
+    ("one at a time p50", "one_at_a_time_ms_p50"),
+    ("events/s", "events_per_s"),
+)
+
+
+def over_runs(runs: list[dict[str, list[dict]]]) -> str:
+    """Each row's ratios to the first row of its run (the candidates measured back to back, so
+    the machine's drift between runs cancels), as the median and range over the runs."""
+    base = next(iter(runs[0].values()))[0]["candidate"]  # every profile runs the same candidates
+    lines = [
+        "| profile | candidate | " + " | ".join(f"{title} vs {base}" for title, _ in _RATIOS) + " |",
+        "|---|---|" + "--:|" * len(_RATIOS),
+    ]
+    for profile, rows in runs[0].items():
+        for position, row in enumerate(rows[1:], start=1):
+            cells = []
+            for _, key in _RATIOS:
+                ratios = [
+                    run[profile][position][key] / run[profile][0][key]
+                    for run in runs
+                    if run[profile][position].get(key) and run[profile][0].get(key)
+                ]
+                cells.append(
+                    f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f})"
+                    if ratios
+                    else "-"
+                )
+            lines.append(f"| {profile} | {row['candidate']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT
-    results = json.loads(path.read_text())["results"]
+    report = json.loads(path.read_text())
+    results = report["results"]
     print(markdown(results))
     floor = against_floor(results)
     if floor:
         print(f"\n{floor}")
+    if len(report.get("runs", ())) > 1:
+        print(f"\n{over_runs(report['runs'])}")
 
 
 if __name__ == "__main__":

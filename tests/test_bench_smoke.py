@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench import __main__ as bench_main
 from bench import floor, instructions
-from bench.__main__ import Profile, candidate
+from bench.__main__ import SECRET_KEY, Profile, candidate, source_tree
 from bench.client import run_load
 from bench.pipe import ClientSide
-from bench.summary import against_floor, markdown
+from bench.summary import against_floor, markdown, over_runs
 from bench.upstream import UpstreamProtocol
+from gogpt import mint_token
 
 
 async def test_the_load_client_verifies_streams_and_json_from_the_fake_upstream():
@@ -153,3 +158,54 @@ async def test_instruction_counts_give_what_one_request_costs_start_up_left_out(
     # aiohttp's server and client take some 0.5 million instructions a request; start-up, over
     # a hundred million, would show through if the two runs' difference did not cancel it
     assert 100_000 < cost < 5_000_000
+
+
+@pytest.mark.parametrize("name", ["gogpt", "gogpt-noaccounting"])
+async def test_the_no_accounting_variant_relays_without_counting_usage(name: str, tmp_path: Path):
+    loop = asyncio.get_running_loop()
+    upstream = await loop.create_server(UpstreamProtocol, "127.0.0.1", 0)
+    store = tmp_path / "gogpt.db"
+    async with upstream:
+        with candidate(name, upstream.sockets[0].getsockname()[1], {"GOGPT_DB": str(store)}) as (port, _):
+            tally = await run_load(
+                port,
+                "/v1/chat/completions",
+                mint_token(SECRET_KEY, "bench", 1),
+                2,
+                {"count": 5, "interval": 0, "size": 20},
+                True,
+                2,
+            )
+    assert (tally.errors, tally.events) == ([], 2 * 2 * 5)
+    with sqlite3.connect(store) as db:  # the usage a SIGTERM wrote on its way out
+        requests = db.execute("SELECT sum(requests) FROM usage").fetchone()[0]
+    assert requests == (4 if name == "gogpt" else None)
+
+
+def test_a_variant_whose_line_is_gone_stops_the_run_rather_than_measure_gogpt_whole(
+    tmp_path: Path, monkeypatch
+):
+    edited = Path(
+        source_tree("gogpt-noaccounting", None, tmp_path / "now"), "gogpt", "openai_api.py"
+    ).read_text()
+    assert 'if False and request.method == "POST" and path in METERED_PATHS' in edited
+    monkeypatch.setitem(
+        bench_main.VARIANTS, "gogpt-noaccounting", ("gogpt/openai_api.py", "no such line", "x")
+    )
+    with pytest.raises(RuntimeError, match="no longer has the line it edits"):
+        source_tree("gogpt-noaccounting", None, tmp_path / "gone")
+
+
+def test_runs_give_the_median_and_range_of_each_run_s_ratio_to_its_first_row():
+    def run(base_cpu: float, cpu: float) -> dict[str, list[dict]]:
+        return {
+            "short": [
+                {"candidate": "base", "cpu_ms_per_request": base_cpu},
+                {"candidate": "x", "cpu_ms_per_request": cpu},
+            ]
+        }
+
+    # the machine slows down between runs: each run's own ratio is what is kept
+    table = over_runs([run(0.2, 0.22), run(0.4, 0.4), run(0.3, 0.36)])
+    assert table.splitlines()[0].startswith("| profile | candidate | CPU ms/request vs base |")
+    assert table.splitlines()[2].startswith("| short | x | 1.100 (1.00-1.20) | - |")
