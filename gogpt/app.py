@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +19,7 @@ from .errors import expect_continue
 from .event import event_handler
 from .gateway import gateway_middleware
 from .json_parser import JSON_PARSER, JsonParser
-from .keys import HTTP, SETTINGS, SPLICING_HTTP, STORE
+from .keys import EVENT_LOOP, HTTP, SETTINGS, SPLICING_HTTP, STORE
 from .ledger import usage_ledger
 from .lockout import LOCKOUT, Lockout
 from .me import me_handler
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[KEY_POOL] = KeyPool(settings.chat_api_keys, settings.upstream_retries)
     app[REDACTOR] = Redactor(configured_secrets(settings))
     app[LOCKOUT] = Lockout(settings.token_failure_limit)
+    app.on_startup.append(_remember_loop)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(pending_metrics)
     app.cleanup_ctx.append(_store)
@@ -79,6 +81,10 @@ def create_app(settings: Settings | None = None) -> web.Application:
     router.add_get("/token/revoked", revoked_handler, expect_handler=expect_continue)
     router.add_get("/me", me_handler, expect_handler=expect_continue)
     return app
+
+
+async def _remember_loop(app: web.Application) -> None:
+    app[EVENT_LOOP] = asyncio.get_running_loop()
 
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:

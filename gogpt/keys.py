@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import aiohttp
@@ -11,7 +12,7 @@ from .config import Settings
 from .policy import NO_POLICY, Policy
 from .store import Store
 
-__all__ = ["CALLER", "HTTP", "SETTINGS", "SPLICING_HTTP", "STORE", "Caller"]
+__all__ = ["CALLER", "EVENT_LOOP", "HTTP", "SETTINGS", "SPLICING_HTTP", "STORE", "Caller"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,4 +33,7 @@ HTTP = web.AppKey("gogpt.http", aiohttp.ClientSession)
 # when the splice is off.
 SPLICING_HTTP = web.AppKey("gogpt.splicing_http", aiohttp.ClientSession)
 CALLER = web.RequestKey("gogpt.caller", Caller)
+# The loop the app serves on, for the timers a request starts: on CPython 3.11 every
+# asyncio.get_running_loop() asks the kernel for the process id (a getpid(2) each).
+EVENT_LOOP = web.AppKey("gogpt.event_loop", asyncio.AbstractEventLoop)
 STORE = web.AppKey("gogpt.store", Store)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -121,6 +122,7 @@ class LoopBatchedHandler(logging.StreamHandler[TextIO]):
         super().__init__(stream)
         self._pending: list[str] = []
         self._flush_scheduled = False
+        self._flushing_thread = 0  # the thread whose loop the scheduled flush runs on
         self._failing = False  # the last write failed: said once, until one goes through
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -132,6 +134,9 @@ class LoopBatchedHandler(logging.StreamHandler[TextIO]):
     def write_line(self, line: str) -> None:
         """One formatted line: queued for the end of this loop turn, or written at once without a loop."""
         line += self.terminator
+        if self._flush_scheduled and threading.get_ident() == self._flushing_thread:
+            self._pending.append(line)  # the loop is known: CPython 3.11 asks getpid(2) to find it
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -142,6 +147,7 @@ class LoopBatchedHandler(logging.StreamHandler[TextIO]):
         self._pending.append(line)
         if not self._flush_scheduled:
             self._flush_scheduled = True
+            self._flushing_thread = threading.get_ident()
             loop.call_soon(self.flush)
 
     def flush(self) -> None:

@@ -17,7 +17,7 @@ from yarl import URL
 from .answers import ERROR_ANSWER_BYTES, read_decoded
 from .bodies import body_was_decoded
 from .errors import ApiError, upstream_error
-from .keys import HTTP, SETTINGS, SPLICING_HTTP
+from .keys import EVENT_LOOP, HTTP, SETTINGS, SPLICING_HTTP
 from .metrics import PENDING, UPSTREAM_ERRORS
 from .redact import REDACTOR
 from .relayed_headers import answer_head
@@ -146,14 +146,15 @@ async def _relay_answer(
     response = web.StreamResponse(status=upstream.status, reason=reason, headers=answer_headers)
     if splice is not None:
         response.enable_chunked_encoding()  # the upstream's chunks go out as they came
-    settings = request.app[SETTINGS]
+    app = request.app
+    settings = app[SETTINGS]
     keepalive = settings.sse_keepalive if upstream.content_type == "text/event-stream" else 0.0
     PENDING.streams_active += 1
     stall: StallWatch | None = None  # not to be confused with body_watch, which reads the body
     idle: KeepAlive | None = None
     try:
         await response.prepare(request)
-        stall = StallWatch(request, settings.client_timeout)
+        stall = StallWatch(request, settings.client_timeout, app[EVENT_LOOP])
         write = response.write
         if splice is not None:
             await splice.forward_to(request, keepalive=keepalive, watch=body_watch)

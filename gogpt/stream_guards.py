@@ -54,9 +54,9 @@ class StallWatch:
 
     __slots__ = ("_bound", "_loop", "_pending", "_period", "_stalled", "_timer", "_transport")
 
-    def __init__(self, request: web.BaseRequest, bound: float) -> None:
+    def __init__(self, request: web.BaseRequest, bound: float, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = request.transport
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         self._bound, self._period = bound, bound / 4
         self._stalled, self._pending = 0.0, -1
         self._timer = self._loop.call_later(self._period, self._check)

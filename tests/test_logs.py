@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import re
+import threading
 
 from gogpt.logs import JsonFormatter, LoopBatchedHandler, TextFormatter
 
@@ -47,6 +48,18 @@ def test_a_line_logged_where_no_loop_runs_is_written_at_once():
     stream = CountingStream()
     logger_to(stream, TextFormatter()).info("starting")
     assert stream.getvalue().endswith(f"INFO gogpt.test.{id(stream)}: starting\n")
+
+
+async def test_a_thread_s_line_is_written_at_once_while_the_loop_s_lines_wait_for_its_turn_to_end():
+    stream = CountingStream()
+    logger = logger_to(stream, TextFormatter())
+    logger.info("from the loop")  # the loop's lines now wait for the end of this turn
+    thread = threading.Thread(target=logger.info, args=("from a thread",))
+    thread.start()
+    thread.join()  # the loop does not turn meanwhile
+    assert stream.getvalue().endswith("from a thread\n") and "from the loop" not in stream.getvalue()
+    await asyncio.sleep(0)
+    assert stream.getvalue().endswith("from the loop\n")
 
 
 async def test_lines_still_pending_are_written_by_flush():
