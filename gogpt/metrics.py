@@ -67,16 +67,23 @@ BUDGET_REFUSALS = Counter(
 class PendingCounts:
     """What every request adds to the metrics, kept as plain numbers until `add_up` adds it to
     them, once a second and before each scrape (ops.py): an `inc()` of prometheus-client takes
-    four Python calls and a lock, and each request made four. One event loop adds to these."""
+    four Python calls and a lock, and each request made four, and an `observe()` walks the
+    buckets in Python and takes two locks. One event loop adds to these; what waits is a
+    second's requests at most."""
 
     def __init__(self) -> None:
         self.relayed_bytes = 0  # RELAYED_BYTES
         self.streams_active = 0  # STREAMS_ACTIVE is set to it
         self._counts: dict[Any, list[int]] = {}  # a labelled counter → [its count not yet added]
+        self._observations: dict[Any, list[float]] = {}  # a labelled histogram → values not yet observed
 
     def counter(self, child: Any) -> list[int]:
         """The one-item list whose count `add_up` adds to `child`, a counter's labelled child."""
         return self._counts.setdefault(child, [0])
+
+    def observations(self, child: Any) -> list[float]:
+        """The list whose values `add_up` observes in `child`, a histogram's labelled child."""
+        return self._observations.setdefault(child, [])
 
     def add_up(self) -> None:
         if self.relayed_bytes:
@@ -87,6 +94,10 @@ class PendingCounts:
             if count[0]:
                 child.inc(count[0])
                 count[0] = 0
+        for child, values in self._observations.items():
+            for value in values:
+                child.observe(value)
+            values.clear()
 
 
 PENDING = PendingCounts()

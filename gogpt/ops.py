@@ -7,7 +7,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -44,9 +43,11 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 @functools.lru_cache(maxsize=4096)  # routes, methods and statuses are few: this is the set of them
-def _request_metrics(route: str, method: str, status: int) -> tuple[list[int], Any]:
-    """The count (metrics.PENDING) and the labelled histogram for one kind of answer, looked up once."""
-    return PENDING.counter(REQUESTS.labels(route, method, str(status))), DURATION.labels(route)
+def _request_metrics(route: str, method: str, status: int) -> tuple[list[int], list[float]]:
+    """The count and the durations waiting (metrics.PENDING) for one kind of answer, looked up once."""
+    return PENDING.counter(REQUESTS.labels(route, method, str(status))), PENDING.observations(
+        DURATION.labels(route)
+    )
 
 
 def count_request(request: web.Request, status: int, started: float) -> None:
@@ -54,9 +55,9 @@ def count_request(request: web.Request, status: int, started: float) -> None:
     route = request.match_info.route.resource
     name = route.canonical if route is not None else "unmatched"
     method = request.method if request.method in _METHODS else "other"
-    requests, duration = _request_metrics(name, method, status)
+    requests, durations = _request_metrics(name, method, status)
     requests[0] += 1
-    duration.observe(time.perf_counter() - started)
+    durations.append(time.perf_counter() - started)
 
 
 async def pending_metrics(app: web.Application) -> AsyncIterator[None]:

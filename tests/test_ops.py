@@ -32,7 +32,8 @@ async def test_metrics_count_requests_streams_and_bytes(client: TestClient, upst
     bytes_key = ("gogpt_relayed_bytes_total", ())
     assert after[bytes_key] == before[bytes_key] + relayed
     assert after[("gogpt_streams_active", ())] == 0
-    assert ("gogpt_request_duration_seconds_count", (("route", "/chat"),)) in after
+    timed = ("gogpt_request_duration_seconds_count", (("route", "/chat"),))
+    assert after[timed] == before.get(timed, 0) + 1  # observed by the scrape, not a second later
 
 
 async def test_metrics_count_upstream_errors(aiohttp_client, settings, auth):
