@@ -23,9 +23,11 @@ def printable(text: str) -> str:
     """`text` as one piece of one log line: what is not printable is escaped (`\\n`, `\\x85`,
     `\\u2028`), and so are `"` and `\\`, so a client can neither start a forged line nor
     close a quoted field early."""
-    if text.isprintable() and '"' not in text and "\\" not in text:
-        return text
-    return "".join(_escaped(char) for char in text)
+    return text if _plain(text) else "".join(_escaped(char) for char in text)
+
+
+def _plain(text: str) -> bool:
+    return text.isprintable() and '"' not in text and "\\" not in text
 
 
 def _escaped(char: str) -> str:
@@ -217,14 +219,18 @@ class AccessLogger(AbstractAccessLogger):
         remote = request.remote
         # JSON lines keep the fields as they are (json.dumps escapes them); the text line escapes
         # each field a client chose, so no path or token id can end the line and forge another.
+        shown: tuple[str, ...] = (remote or "-", method, path, identity)
+        if not _plain("".join(shown)):  # one look at all four, as they nearly always are plain
+            shown = tuple(map(printable, shown))
+        shown_remote, shown_method, shown_path, shown_identity = shown
         message = '%s "%s %s" %d %d %.3fs id=%s' % (  # noqa: UP031 - logging's own layout
-            printable(remote or "-"),
-            printable(method),
-            printable(path),
+            shown_remote,
+            shown_method,
+            shown_path,
             status,
             sent,
             duration,
-            printable(identity),
+            shown_identity,
         )
         logger = self.logger
         now = time.time()
