@@ -45,9 +45,8 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 @functools.lru_cache(maxsize=4096)  # routes, methods and statuses are few: this is the set of them
 def _request_metrics(route: str, method: str, status: int) -> tuple[list[int], list[float]]:
     """The count and the durations waiting (metrics.PENDING) for one kind of answer, looked up once."""
-    return PENDING.counter(REQUESTS.labels(route, method, str(status))), PENDING.observations(
-        DURATION.labels(route)
-    )
+    count = PENDING.counter(REQUESTS.labels(route, method, str(status)))
+    return count, PENDING.observations(DURATION.labels(route))
 
 
 def count_request(request: web.Request, status: int, started: float) -> None:
