@@ -2,8 +2,8 @@
 
 Reads what `python -m bench` wrote (bench/results/latest.json unless told otherwise). The first
 table's ratios are to the nginx row of the same profile, as the run's own table shows them; when
-the run has a `floor` row (bare aiohttp), a second table gives every row's ratios to it. A run of
-several rounds (`--runs N`) adds the median of each round's ratios to its first candidate.
+the run has a `floor` row (bare aiohttp), a second table gives every row's ratios to it. With
+`--runs N`, a third gives each row's ratios to the first candidate, as the median of the runs'.
 """
 
 from __future__ import annotations
