@@ -6,9 +6,9 @@ CPU seconds per request spread 5-10% between runs on a 2-core machine, more than
 changes to gogpt are worth. Instructions do not: each candidate serves a profile's load twice
 under callgrind, a short run and a five times longer one, and the difference of the two totals
 over the difference in requests is what one request costs, start-up and shut-down cancelled
-(hashing is seeded alike; how reads coalesce still moves a run by up to about 1%). Only user-space instructions are
-counted: the kernel's share (the sockets) is left out, so ratios come out a little larger than
-CPU-time ratios, and a cache miss costs nothing here. Use it to compare versions; quote CPU
+(hashing is seeded alike; how reads coalesce still moves a run by up to about 1%). Only
+user-space instructions are counted: the kernel's share (the sockets) is left out, so ratios
+come out a little larger than CPU-time ratios, and a cache miss costs nothing here. Use it to compare versions; quote CPU
 figures from `python -m bench`. Needs valgrind (Debian: apt-get install valgrind). Loopback
 only; every run is bounded in count and time.
 """
