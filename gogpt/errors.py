@@ -16,6 +16,8 @@ from .splice import send_100_continue
 from .store import StoreUnavailable
 
 __all__ = [
+    "UPSTREAM_CONNECT_TIMEOUT",
+    "UPSTREAM_TIMEOUT",
     "ApiError",
     "UpstreamAnswer",
     "error_response",
@@ -26,6 +28,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("gogpt.errors")
+
+UPSTREAM_TIMEOUT = "upstream_timeout"  # the upstream had the call, and did not answer in time
+UPSTREAM_CONNECT_TIMEOUT = "upstream_connect_timeout"  # the call never reached it
 
 # The `type` OpenAI uses for each status; SDKs pick their exception class by status.
 _ERROR_TYPES = {
@@ -106,12 +111,15 @@ def json_object(body: bytes) -> dict[str, Any]:
 
 
 def upstream_error(exc: BaseException) -> ApiError:
-    """Map a failed upstream call to 502 (unreachable, broken) or 504 (silent), without its text.
+    """Map a failed upstream call to 502 (unreachable, broken) or 504 (no connection or no answer
+    in time), without its text. The codes tell apart a call the upstream never got.
 
     Exception texts can carry upstream URLs with credentials in them, so only the kind is told.
     """
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # a ServerTimeoutError: told apart first
+        return ApiError(504, "The upstream could not be reached in time.", code=UPSTREAM_CONNECT_TIMEOUT)
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return ApiError(504, "The upstream did not answer in time.", code="upstream_timeout")
+        return ApiError(504, "The upstream did not answer in time.", code=UPSTREAM_TIMEOUT)
     if isinstance(exc, aiohttp.ClientConnectorError):
         return ApiError(502, "The upstream could not be reached.", code="upstream_unreachable")
     return ApiError(502, "The upstream failed to answer.", code="upstream_error")

@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from .answers import content_codings
-from .errors import ApiError
+from .errors import UPSTREAM_TIMEOUT, ApiError
 from .json_watch import JsonWatch
 from .keys import CALLER
 from .ledger import LEDGER, UsageLedger, model_name
@@ -156,8 +156,9 @@ class Meter:
 
 def _left_early(kind: type[BaseException] | None, error: BaseException | None) -> bool:
     """Whether a call ended, unanswered, while the upstream was still working on it: the client
-    left (the handler was cancelled), or the upstream did not answer in time (504)."""
-    return kind is asyncio.CancelledError or (isinstance(error, ApiError) and error.status == 504)
+    left (the handler was cancelled), or the upstream had the call and did not answer in time (a
+    504, but not one for a connection that could not be made: that call never reached it)."""
+    return kind is asyncio.CancelledError or (isinstance(error, ApiError) and error.code == UPSTREAM_TIMEOUT)
 
 
 def _content_deltas(watch: EventWatch, *, chat: bool) -> int:

@@ -11,7 +11,8 @@ import gzip
 import json
 import os
 import re
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 
 import openai
 import pytest
@@ -325,6 +326,61 @@ async def test_a_call_the_upstream_refuses_is_not_usage(client: TestClient, upst
 
     upstream.respond = refuses
     assert (await client.post("/chat", json=CHAT, headers=auth)).status == 404
+    assert await usage(client) == []
+
+
+async def test_a_call_the_upstream_has_but_does_not_answer_in_time_is_estimated(
+    aiohttp_client, settings: Settings, upstream: FakeUpstream, auth
+):
+    async def thinking(request: web.Request) -> web.StreamResponse:
+        await asyncio.Event().wait()  # never answers
+        raise AssertionError
+
+    upstream.respond = thinking
+    client = await aiohttp_client(create_app(settings.with_overrides(upstream_timeout=0.3)))
+    sent = json.dumps(CHAT).encode()
+    resp = await client.post("/chat", data=sent, headers=auth)
+    assert (resp.status, (await resp.json())["error"]["code"]) == (504, "upstream_timeout")
+    assert await usage(client) == [row(prompt=len(sent) // 4, completion=0, estimated=1)]
+
+
+@pytest.fixture
+def never_connects() -> Iterator[str]:
+    """An upstream whose connections are never made, as behind a firewall that drops them: its
+    listener never accepts, and the one connection its queue has room for is taken."""
+    with socket.socket() as listener, socket.socket() as queued:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        queued.connect(listener.getsockname())  # the queue is full: the next handshakes are dropped
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.fixture
+def nothing_listens() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    ("upstream_at", "status", "code"),
+    [("never_connects", 504, "upstream_connect_timeout"), ("nothing_listens", 502, "upstream_unreachable")],
+)
+async def test_a_call_that_never_reached_the_upstream_is_not_usage(
+    aiohttp_client,
+    settings: Settings,
+    auth,
+    request: pytest.FixtureRequest,
+    upstream_at: str,
+    status: int,
+    code: str,
+):
+    api_proxy = request.getfixturevalue(upstream_at)
+    client = await aiohttp_client(
+        create_app(settings.with_overrides(api_proxy=api_proxy, upstream_timeout=0.3))
+    )
+    resp = await client.post("/chat", json=CHAT, headers=auth)
+    assert (resp.status, (await resp.json())["error"]["code"]) == (status, code)
     assert await usage(client) == []
 
 
