@@ -7,7 +7,10 @@ Starts a fake upstream (OpenAI and ChatGPT backend-api) in this process and `pyt
 clients hanging up mid-stream, upstreams cutting off, falling silent mid-stream or before their
 first byte, refused /chat bodies, and /conv replies (some abandoned) on a small pool of
 conversations, and prints gogpt's open file descriptors and RSS every few seconds. Both must
-stay flat. At the end every /conv session must be free again, and SIGTERM must end gogpt with 0.
+stay flat. At the end every /conv session must be free again, `/usage` must hold every /chat
+call the way the README's Usage section says (whole streams exact from the usage chunk gogpt
+asked for and took out again; the others estimated; refusals not counted), and SIGTERM must end
+gogpt with 0.
 Not part of the test suite: it runs for minutes. Loopback only; it stops by itself.
 """
 
@@ -36,10 +39,14 @@ UPSTREAM_TIMEOUT = 1.0  # seconds: gogpt gives up on a silent upstream after thi
 MODES = ("whole", "hang_up", "cut", "silent", "slow_start", "refused", "conv", "conv_hang_up")
 CONVERSATIONS = [f"soak-conv-{n}" for n in range(20)]  # few, so replies contend for sessions
 EVENTS = 20
+MODEL = "soak-model"  # what /chat bodies name, so /usage rows of the soak's calls are told apart
+UPSTREAM_USAGE = (11, EVENTS)  # the (prompt, completion) tokens a whole stream's usage chunk reports
+EVENTS_BEFORE_FAULT = 6  # a cut or silent stream relays n = 0..5, then breaks off
 
 
 async def fake_openai(request: web.Request) -> web.StreamResponse:
-    """Streams EVENTS events, or cuts off or falls silent after 5, or waits before answering."""
+    """Streams EVENTS events, or cuts off or falls silent after 5, or waits before answering; a
+    whole stream ends with OpenAI's usage-only chunk when the body asks for it."""
     body = await request.json()
     mode = body["mode"]
     if mode == "slow_start":
@@ -58,6 +65,15 @@ async def fake_openai(request: web.Request) -> web.StreamResponse:
             return response
         if mode == "silent" and n == 5:
             await asyncio.sleep(3600)  # gogpt's UPSTREAM_TIMEOUT cuts it
+    if (body.get("stream_options") or {}).get("include_usage"):
+        prompt, completion = UPSTREAM_USAGE
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        chunk = {"model": MODEL, "choices": [], "usage": usage}
+        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
     await response.write(b"data: [DONE]\n\n")
     return response
 
@@ -92,21 +108,27 @@ def sample(pid: int) -> tuple[int, float]:
     return fds, rss_kb / 1024
 
 
+def chat_body(mode: str) -> bytes:
+    """A /chat stream's body: the fake upstream reads its mode; a refused one is no JSON object."""
+    if mode == "refused":
+        return b'["not", "an", "object"]'
+    return json.dumps({"model": MODEL, "stream": True, "mode": mode, "messages": []}).encode()
+
+
 def conv_message(conversation_id: str) -> dict[str, str]:
     return {"content": "hello", "conversation_id": conversation_id, "parent_message_id": "p"}
 
 
 async def one_request(session: aiohttp.ClientSession, base: str, token: str, outcomes: Counter[str]) -> None:
     mode = random.choice(MODES)
-    headers = {"Authorization": token}
-    body: object
+    headers = {"Authorization": token, "Content-Type": "application/json"}
     if mode.startswith("conv"):
-        url, body = f"{base}/conv", conv_message(random.choice(CONVERSATIONS))
+        url, body = f"{base}/conv", json.dumps(conv_message(random.choice(CONVERSATIONS))).encode()
         headers["Chat-Type"] = "conversation"
     else:
-        url, body = f"{base}/chat", {"mode": mode} if mode != "refused" else ["not", "an", "object"]
+        url, body = f"{base}/chat", chat_body(mode)
     try:
-        async with session.post(url, json=body, headers=headers) as resp:
+        async with session.post(url, data=body, headers=headers) as resp:
             if mode.startswith("conv") and resp.status == 409:
                 outcomes["conv_busy"] += 1  # another client is replying in that conversation: expected
                 return
@@ -117,9 +139,46 @@ async def one_request(session: aiohttp.ClientSession, base: str, token: str, out
             data = await resp.read()
             expected = {"refused": 400, "slow_start": 504}.get(mode, 200)
             ok = resp.status == expected and (resp.status != 200 or data.endswith(b"data: [DONE]\n\n"))
+            ok = ok and not (mode == "whole" and b'"usage"' in data)  # the chunk gogpt asked for is taken out
             outcomes[mode if ok else f"{mode}:unexpected {resp.status}"] += 1
     except aiohttp.ClientPayloadError:
         outcomes[mode if mode in ("cut", "silent") else f"{mode}:cut"] += 1
+
+
+def usage_expected(outcomes: Counter[str]) -> dict[str, tuple[int, int]]:
+    """The /usage sums the soak's /chat calls must add up to, as (least, most): a hang-up's
+    completion is the events relayed before gogpt saw the client go, anything up to the whole."""
+    estimated_modes = ("hang_up", "cut", "silent", "slow_start")  # their prompt: the body's bytes / 4
+    estimated = sum(outcomes[mode] for mode in estimated_modes)
+    requests = outcomes["whole"] + estimated
+    prompt = outcomes["whole"] * UPSTREAM_USAGE[0]
+    prompt += sum(outcomes[mode] * (len(chat_body(mode)) // 4) for mode in estimated_modes)
+    completion = outcomes["whole"] * UPSTREAM_USAGE[1]
+    completion += (outcomes["cut"] + outcomes["silent"]) * EVENTS_BEFORE_FAULT
+    return {
+        "requests": (requests, requests),
+        "estimated_requests": (estimated, estimated),
+        "prompt_tokens": (prompt, prompt),
+        "completion_tokens": (completion, completion + outcomes["hang_up"] * EVENTS),
+    }
+
+
+async def usage_counted(session: aiohttp.ClientSession, base: str, requests: int) -> dict[str, int]:
+    """The soak's /chat usage as `/usage` has it, once every call is in (each worker writes its
+    calls once a second), or after 10 s."""
+    headers = {"Authorization": SECRET_KEY}
+    sums: dict[str, int] = {}
+    for _ in range(100):
+        async with session.get(
+            f"{base}/usage", params={"id": "soak", "model": MODEL}, headers=headers
+        ) as resp:
+            rows = (await resp.json())["usage"]
+        fields = ("requests", "estimated_requests", "prompt_tokens", "completion_tokens")
+        sums = {field: sum(row[field] for row in rows) for field in fields}
+        if sums["requests"] >= requests:
+            break
+        await asyncio.sleep(0.1)
+    return sums
 
 
 async def sessions_free(session: aiohttp.ClientSession, base: str, token: str) -> bool:
@@ -142,7 +201,9 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
     runner = web.AppRunner(upstream_app, handler_cancellation=True, access_log=None)
     await runner.setup()
     upstream_port, gogpt_port = free_port(), free_port()
-    await web.TCPSite(runner, "127.0.0.1", upstream_port).start()
+    # a backlog as gogpt's: with aiohttp's 128, connections from gogpt's workers overflowed it
+    # under load, their handshakes were dropped, and calls failed as connect timeouts (504)
+    await web.TCPSite(runner, "127.0.0.1", upstream_port, backlog=4096).start()
     env = {
         "PATH": os.environ.get("PATH", ""),
         "PYTHONPATH": str(Path(__file__).parent.parent),
@@ -163,6 +224,7 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
     outcomes: Counter[str] = Counter()
     samples: list[tuple[int, float]] = []
     locks_free = False
+    usage_ok, usage_report = False, {}
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             for _ in range(200):  # up to 10 s for gogpt to listen
@@ -195,6 +257,10 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
                 )
             await asyncio.gather(*clients)
             locks_free = await sessions_free(session, base, token)
+            expected = usage_expected(outcomes)
+            counted = await usage_counted(session, base, expected["requests"][0])
+            usage_ok = all(low <= counted.get(field, -1) <= high for field, (low, high) in expected.items())
+            usage_report = {"expected (least, most)": expected, "counted": counted}
         settle_started = time.monotonic()
         for _ in range(
             120
@@ -235,13 +301,15 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
                     "after_load": round(rss, 1),
                 },
                 "conv_sessions_free_after_load": locks_free,
+                "chat_usage": usage_report,
+                "chat_usage_as_expected": usage_ok,
                 "exit_status_after_sigterm": gogpt.returncode,
             },
             indent=2,
         )
     )
     unexpected = sum(count for name, count in outcomes.items() if ":" in name)
-    return 1 if unexpected or not locks_free or gogpt.returncode != 0 else 0
+    return 1 if unexpected or not locks_free or not usage_ok or gogpt.returncode != 0 else 0
 
 
 def main() -> None:
