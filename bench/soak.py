@@ -33,6 +33,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from gogpt.redis_store import MAX_CONNECTIONS
+
 SECRET_KEY = "soak-secret-key-0123456789abcdef0123456789"
 ACCESS_TOKEN = "soak-access-token-0123456789"
 UPSTREAM_TIMEOUT = 1.0  # seconds: gogpt gives up on a silent upstream after this
@@ -192,7 +194,7 @@ async def sessions_free(session: aiohttp.ClientSession, base: str, token: str) -
     return True
 
 
-async def soak(minutes: float, concurrency: int, every: float) -> int:
+async def soak(minutes: float, concurrency: int, every: float, redis_url: str | None) -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     upstream_app = web.Application()
@@ -215,6 +217,7 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
         "PORT": str(gogpt_port),
         "UPSTREAM_TIMEOUT": str(UPSTREAM_TIMEOUT),
         "SHUTDOWN_GRACE": "5",
+        **({"REDIS_URL": redis_url} if redis_url else {}),
     }
     workdir = tempfile.TemporaryDirectory(prefix="gogpt-soak-")  # for its GOGPT_DB file
     gogpt = await asyncio.create_subprocess_exec(
@@ -266,7 +269,7 @@ async def soak(minutes: float, concurrency: int, every: float) -> int:
             120
         ):  # up to 60 s: idle upstream connections close on keep-alive timers (15 s, checked every 15 s)
             fds, rss = sample(gogpt.pid)
-            if fds <= before[0] + 2:
+            if fds <= before[0] + 2 + (MAX_CONNECTIONS if redis_url else 0):  # Redis's pool stays open
                 break
             await asyncio.sleep(0.5)
         settled_in = time.monotonic() - settle_started
@@ -317,8 +320,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=3)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--every", type=float, default=10, help="seconds between samples")
+    parser.add_argument(
+        "--redis-url", help="gogpt's state in this Redis (a loopback one), not its SQLite file"
+    )
     args = parser.parse_args()
-    sys.exit(asyncio.run(soak(args.minutes, args.concurrency, args.every)))
+    sys.exit(asyncio.run(soak(args.minutes, args.concurrency, args.every, args.redis_url)))
 
 
 if __name__ == "__main__":

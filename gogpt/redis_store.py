@@ -30,6 +30,11 @@ from .store import (
 __all__ = ["RedisStore"]
 
 log = logging.getLogger("gogpt.store")
+
+# Connections to Redis per worker. A call holds one for a round trip, so a few dozen serve far
+# more calls than a worker makes; redis-py's own pool has no bound, and a burst of calls opened
+# one each (a file descriptor here, a client of Redis's 10,000 there, for every worker).
+MAX_CONNECTIONS = 64
 T = TypeVar("T")
 
 # Only the holder of a lease may extend or drop it: compare the token and act in one step.
@@ -118,12 +123,20 @@ _ROWS_PER_CALL = 500  # a script runs alone on the server: keep each short
 
 
 class RedisStore:
-    """Every call fails fast (2 s) with `StoreUnavailable` when Redis is down, which callers turn into 503."""
+    """Every call fails fast (2 s) with `StoreUnavailable` when Redis is down, which callers turn into 503.
+    At most MAX_CONNECTIONS calls are in flight; the others wait their turn (2 s at most too)."""
 
     def __init__(self, url: str, *, prefix: str = "gogpt:") -> None:
-        self._redis = redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2, health_check_interval=15
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=2,  # waiting for a free connection: fails fast too
+            decode_responses=True,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            health_check_interval=15,
         )
+        self._redis = redis.Redis.from_pool(pool)  # closed with it
         self._prefix = prefix
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)

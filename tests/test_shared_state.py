@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import pytest
+import redis.asyncio as redis
 from aiohttp.test_utils import TestClient
 from backend_api import POST, Backend, list_conv, message
 from conftest import SECRET_KEY, Clock, RedisServer
@@ -14,6 +15,7 @@ from shared_state import SharedState, gateway_pair
 
 from gogpt import Settings, create_app, mint_token
 from gogpt.policy import Policy
+from gogpt.redis_store import MAX_CONNECTIONS
 
 LIMITED = {"rate_limit": 3}  # three at once, then one every 20 s
 
@@ -134,3 +136,21 @@ async def test_redis_down_is_503_and_recovers_when_it_returns(
     assert "Redis is unavailable" in caplog.text
     await redis_server.start()
     assert (await client.post("/chat", json={}, headers=auth)).status == 200
+
+
+async def test_a_burst_of_calls_holds_a_bounded_number_of_redis_connections(
+    aiohttp_client, settings: Settings, redis_server: RedisServer, auth
+):
+    """Each rate-limited call asks Redis once; 300 at once must not open 300 connections to it
+    (nor a file descriptor each in gogpt), since every worker of every instance would."""
+    client = await aiohttp_client(
+        create_app(settings.with_overrides(redis_url=redis_server.url, rate_limit=1000))
+    )
+    calls = [client.post("/chat", json={}, headers=auth) for _ in range(300)]
+    assert {resp.status for resp in await asyncio.gather(*calls)} == {200}
+    watcher = redis.Redis(port=redis_server.port)
+    try:
+        connected = (await watcher.info("clients"))["connected_clients"]
+    finally:
+        await watcher.aclose()
+    assert connected - 1 <= MAX_CONNECTIONS  # the watcher is one
