@@ -9,8 +9,8 @@ first byte, refused /chat bodies, and /conv replies (some abandoned) on a small 
 conversations, and prints gogpt's open file descriptors and RSS every few seconds. Both must
 stay flat. At the end every /conv session must be free again, `/usage` must hold every /chat
 call the way the README's Usage section says (whole streams exact from the usage chunk gogpt
-asked for and took out again; the others estimated; refusals not counted), and SIGTERM must end
-gogpt with 0.
+asked for and took out again; the others estimated; refusals not counted), the token's budget
+(`/me`) must have spent just that and hold nothing more, and SIGTERM must end gogpt with 0.
 Not part of the test suite: it runs for minutes. Loopback only; it stops by itself.
 """
 
@@ -44,6 +44,7 @@ EVENTS = 20
 MODEL = "soak-model"  # what /chat bodies name, so /usage rows of the soak's calls are told apart
 UPSTREAM_USAGE = (11, EVENTS)  # the (prompt, completion) tokens a whole stream's usage chunk reports
 EVENTS_BEFORE_FAULT = 6  # a cut or silent stream relays n = 0..5, then breaks off
+BUDGET = 10**12  # the soak token's: held against by every /chat call, never reached
 
 
 async def fake_openai(request: web.Request) -> web.StreamResponse:
@@ -183,6 +184,19 @@ async def usage_counted(session: aiohttp.ClientSession, base: str, requests: int
     return sums
 
 
+async def budget_kept(session: aiohttp.ClientSession, base: str, token: str, used: int) -> dict[str, int]:
+    """The soak token's budget as `/me` tells it, once it has spent `used` (its calls' usage), or
+    after 10 s: what it spent, and what its calls still hold (none once they have all ended)."""
+    me: dict[str, int] = {}
+    for _ in range(100):
+        async with session.get(f"{base}/me", headers={"Authorization": token}) as resp:
+            me = await resp.json()
+        if me["used"] >= used:
+            break
+        await asyncio.sleep(0.1)
+    return {"used": me["used"], "held": me["budget"] - me["used"] - me["remaining"]}
+
+
 async def sessions_free(session: aiohttp.ClientSession, base: str, token: str) -> bool:
     """Every conversation takes a new reply: no /conv lease was left behind."""
     headers = {"Authorization": token, "Chat-Type": "conversation"}
@@ -238,8 +252,10 @@ async def soak(minutes: float, concurrency: int, every: float, redis_url: str | 
                 except aiohttp.ClientConnectionError:
                     await asyncio.sleep(0.05)
             from gogpt import mint_token
+            from gogpt.policy import Policy
 
-            token = mint_token(SECRET_KEY, "soak", 1)
+            # a budget never reached: every call holds its worst case, and gives back what it did not use
+            token = mint_token(SECRET_KEY, "soak", 1, policy=Policy(budget=BUDGET, period="total"))
             before = sample(gogpt.pid)
             deadline = time.monotonic() + minutes * 60
 
@@ -263,7 +279,10 @@ async def soak(minutes: float, concurrency: int, every: float, redis_url: str | 
             expected = usage_expected(outcomes)
             counted = await usage_counted(session, base, expected["requests"][0])
             usage_ok = all(low <= counted.get(field, -1) <= high for field, (low, high) in expected.items())
-            usage_report = {"expected (least, most)": expected, "counted": counted}
+            spent = counted.get("prompt_tokens", 0) + counted.get("completion_tokens", 0)  # /conv uses none
+            budget = await budget_kept(session, base, token, spent)
+            usage_ok = usage_ok and budget == {"used": spent, "held": 0}
+            usage_report = {"expected (least, most)": expected, "counted": counted, "budget": budget}
         settle_started = time.monotonic()
         for _ in range(
             120
