@@ -27,7 +27,7 @@ from .keys import STORE
 from .metrics import TOKENS, USAGE_DROPPED
 from .store import Store, StoreUnavailable, UsageRow
 
-__all__ = ["LEDGER", "UsageLedger", "model_name", "usage_ledger"]
+__all__ = ["LEDGER", "MAX_MODELS_PER_DAY", "UsageLedger", "model_name", "usage_ledger"]
 
 log = logging.getLogger("gogpt.usage")
 
@@ -36,6 +36,9 @@ _MAX_WAITING_ROWS = 10_000  # distinct (id, day, model) kept while the store is 
 _MAX_MODEL_LABELS = 100  # gogpt_tokens_total's model values; the rest are counted as "other"
 _CALLS_ENDING_WAIT = 5.0  # seconds the shutdown waits for cancelled calls to settle their usage
 _MAX_MODEL_CHARS = 256
+# Models an identity's calls are kept under per day in each worker, past which they are kept
+# under "other": callers name models, and each name would be a row kept for ever.
+MAX_MODELS_PER_DAY = 100
 
 _Key = tuple[str, str, str]  # (id, day, model)
 # (id, day, model, the model the upstream named, estimated)
@@ -55,6 +58,8 @@ class UsageLedger:
         self._store_down = False
         self._dropping = False
         self._model_labels: set[str] = set()
+        self._models_of: dict[tuple[str, str], set[str]] = {}  # (id, day) → the models kept under
+        self._latest_days: list[str] = []
 
     def call_started(self) -> None:
         self._open_calls += 1
@@ -103,7 +108,8 @@ class UsageLedger:
                 added[1] += completion
             row = self._adding.get((identity, day, model))
             if row is None:
-                row = self._adding[identity, day, model] = [0, 0, 0, 0]
+                model = self._row_model(identity, day, model)
+                row = self._adding.setdefault((identity, day, model), [0, 0, 0, 0])
             row[0] += requests
             row[1] += prompt
             row[2] += completion
@@ -164,6 +170,22 @@ class UsageLedger:
                 self._max_waiting_rows,
             )
             self._dropping = True
+
+    def _row_model(self, identity: str, day: str, model: str) -> str:
+        """The model a row of `identity`'s on `day` is kept under: `model`, or "other" past the
+        bound. Only the two latest days are remembered: a call is kept under the day it started."""
+        models = self._models_of.get((identity, day))
+        if models is None:
+            if day not in self._latest_days:  # a new day: the day before yesterday is forgotten
+                self._latest_days = sorted({*self._latest_days, day})[-2:]
+                kept = self._latest_days
+                self._models_of = {key: seen for key, seen in self._models_of.items() if key[1] in kept}
+            models = self._models_of[identity, day] = set()
+        if model not in models:
+            if len(models) >= MAX_MODELS_PER_DAY:
+                return "other"
+            models.add(model)
+        return model
 
     def _model_label(self, reported_model: str | None) -> str:
         """Checked here, once a second, not in every call."""

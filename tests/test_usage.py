@@ -34,6 +34,7 @@ from prometheus_client import REGISTRY
 
 from gogpt import Settings, create_app, mint_token
 from gogpt.json_parser import INLINE_BYTES
+from gogpt.ledger import MAX_MODELS_PER_DAY
 from gogpt.metrics import PENDING
 
 
@@ -540,6 +541,22 @@ async def test_usage_adds_up_per_identity_and_model(client: TestClient, openai_c
         row(requests=2, prompt=18, completion=6),
         row(id="bob"),
     ]
+
+
+async def test_a_caller_naming_ever_new_models_adds_a_bounded_number_of_rows(
+    client: TestClient, openai_chat: OpenAIChat, auth
+):
+    """Model names come from callers, and each would be a row kept for ever: past the bound, an
+    identity's calls of the day are kept under `other`, still every one of them counted."""
+    models = [f"model-{n}" for n in range(MAX_MODELS_PER_DAY + 3)]
+    for model in models:
+        await (await client.post("/chat", json={**CHAT, "model": model}, headers=auth)).read()
+    rows = {entry["model"]: entry for entry in await usage(client)}
+    assert set(rows) == {*models[:MAX_MODELS_PER_DAY], "other"}
+    assert rows["other"] == row(model="other", requests=3, prompt=27, completion=9)
+    bob = {"Authorization": f"Bearer {mint_token(SECRET_KEY, 'bob', 1)}"}
+    await (await client.post("/chat", json={**CHAT, "model": models[-1]}, headers=bob)).read()
+    assert await usage(client, id="bob") == [row(id="bob", model=models[-1])]  # each identity its own
 
 
 async def test_the_token_metric_counts_by_the_model_the_upstream_named(

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from gogpt import Settings, create_app
 from gogpt.keys import STORE
-from gogpt.ledger import UsageLedger
+from gogpt.ledger import MAX_MODELS_PER_DAY, UsageLedger
 from gogpt.memory_store import MemoryStore
 from gogpt.redis_store import RedisStore
 from gogpt.sqlite_store import SqliteStore
@@ -164,6 +164,21 @@ async def test_usage_made_while_the_store_is_down_is_written_when_it_is_back(
 class DownStore(MemoryStore):
     async def add_usage(self, batch: str, rows) -> None:  # type: ignore[no-untyped-def]
         raise StoreUnavailable()
+
+
+async def test_the_bound_on_an_identity_s_models_starts_again_each_day():
+    store = MemoryStore()
+    ledger = UsageLedger(store)
+    days = ("2026-01-01", "2026-01-02", "2026-01-03")
+    for day in days:  # in the order a worker sees them, the days before forgotten
+        for n in range(MAX_MODELS_PER_DAY + 1):
+            ledger.record("a", day, f"m{n}", prompt=1, completion=1, estimated=False, reported_model=None)
+            ledger.add_up()
+    assert await ledger.flush()
+    rows = await store.usage(UsageQuery())
+    for day in days:
+        kept = {row.model: row.requests for row in rows if row.day == day}
+        assert len(kept) == MAX_MODELS_PER_DAY + 1 and kept["other"] == 1
 
 
 async def test_past_the_bound_usage_waiting_for_the_store_is_dropped_counted_and_logged(caplog):
