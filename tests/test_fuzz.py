@@ -462,6 +462,7 @@ def _as_orjson_reads(digits: str) -> int | float:
 @example(text=b'{"a": "\xed\xa0\x80"}')
 @example(text=b'{"a": NaN, "b": 1e400}')
 @example(text=b'{"max_tokens": 100000000000000000000000000000}')
+@example(text='{"a": -9223372036854775809}'.encode("utf-16-le"))  # past 64 bits, in a text orjson refuses
 def test_gogpt_s_json_parse_takes_and_refuses_what_json_loads_does_but_reads_huge_integers_as_floats(
     text: bytes,
 ):
