@@ -4,8 +4,9 @@ orjson parses them in a third of json's time (a 110-byte usage chunk: 300 ns aga
 small chat body: 450 against 1,250). Where orjson refuses a text (NaN, a lone surrogate, deep
 nesting, UTF-16), json.loads has the last word, so what is taken or refused is what json.loads
 takes or refuses. One difference stays: an integer beyond 64 bits comes back as a float, as orjson
-reads it (and json.loads is told to read it so too, whichever parses the text). No count gogpt reads is that large; a reader takes a float for no count, and a budget
-takes a float limit as its ceiling, so such a number changes nothing gogpt decides.
+reads it (json.loads is told to read it so too). No count gogpt reads is that large; a reader
+takes a float for no count, and a budget takes a float limit as its ceiling, so such a number
+changes nothing gogpt decides.
 
 The child parser (json_child.py) runs without site-packages and parses with json alone.
 """

@@ -35,6 +35,7 @@ log = logging.getLogger("gogpt.store")
 # more calls than a worker makes; redis-py's own pool has no bound, and a burst of calls opened
 # one each (a file descriptor here, a client of Redis's 10,000 there, for every worker).
 MAX_CONNECTIONS = 64
+
 T = TypeVar("T")
 
 # Only the holder of a lease may extend or drop it: compare the token and act in one step.
