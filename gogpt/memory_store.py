@@ -176,10 +176,11 @@ class MemoryStore:
     async def settle_budget(self, key: str, hold: str, spent: int, hold_ttl: float, expires: float) -> None:
         now = time.time()
         kept = self._budget(key, now)
-        amount, _ = kept.holds.get(hold, (0, 0.0))
-        if amount < 0:  # settled already
+        kept.forget_settled(now)
+        if hold in kept.settled:  # settled already
             return
-        kept.holds[hold] = (-1, now + hold_ttl)
+        kept.holds.pop(hold, None)
+        kept.settled[hold] = now + hold_ttl
         kept.used += spent
         kept.expires = max(kept.expires, expires)
 
@@ -198,20 +199,28 @@ class MemoryStore:
 
 
 class _MemoryBudget:
-    """A budget in the process: what is used, and the holds by id (amount -1: settled)."""
+    """A budget in the process: what is used, the holds of calls in flight by id, and the holds
+    settled lately (kept apart, so that summing the holds reads the calls in flight only)."""
 
-    __slots__ = ("expires", "holds", "used")
+    __slots__ = ("expires", "holds", "settled", "used")
 
     def __init__(self) -> None:
         self.used = 0
         self.expires = 0.0
         self.holds: dict[str, tuple[int, float]] = {}  # hold id: (amount, expires)
+        self.settled: dict[str, float] = {}  # hold id: expires, in the order settled (so, of expiry)
 
     def state(self, now: float) -> BudgetState:
         held = 0
         for hold, (amount, expires) in list(self.holds.items()):
             if expires <= now:
                 del self.holds[hold]
-            elif amount > 0:
+            else:
                 held += amount
         return BudgetState(self.used, held)
+
+    def forget_settled(self, now: float) -> None:
+        """Drop the settled holds that have expired: the first ones, as each lasts as long."""
+        settled = self.settled
+        while settled and next(iter(settled.values())) <= now:
+            del settled[next(iter(settled))]

@@ -87,9 +87,12 @@ end
 redis.call('set', KEYS[3], ARGV[5])
 return {redis.call('hget', KEYS[1], ARGV[1]), redis.call('hget', KEYS[2], ARGV[1])}
 """
-# Budgets: a hash with `used`, and a hash of the holds in flight, "amount expires_ms" by hold id
-# (amount -1: settled, kept until it expires so a settle sent again counts once). Reserving reads,
-# checks and holds in one script, so no other instance's call comes in between.
+# Budgets: a hash with `used`, a hash of the holds in flight, "amount expires_ms" by hold id, and
+# a sorted set of the holds settled lately, by when each is forgotten, so a settle sent again
+# counts once. Reserving reads, checks and holds in one script, so no other instance's call comes
+# in between; it reads the holds in flight alone. (Settled holds used to stay in the hash, as
+# amount -1, until they expired: every reservation read the last hour's calls of the token, and
+# held Redis for longer the busier the token was. The script still passes over such entries.)
 _RESERVE_BUDGET = """
 local now = tonumber(ARGV[1])
 local used = tonumber(redis.call('hget', KEYS[1], 'used') or '0')
@@ -111,10 +114,14 @@ redis.call('pexpireat', KEYS[2], ARGV[6])
 return {1, used, held}
 """
 _SETTLE_BUDGET = """
+redis.call('zremrangebyscore', KEYS[3], '-inf', ARGV[5])
+if redis.call('zscore', KEYS[3], ARGV[1]) then return 0 end
 local kept = redis.call('hget', KEYS[2], ARGV[1])
 if kept and string.sub(kept, 1, 3) == '-1 ' then return 0 end
-redis.call('hset', KEYS[2], ARGV[1], '-1 ' .. ARGV[3])
+redis.call('hdel', KEYS[2], ARGV[1])
+redis.call('zadd', KEYS[3], ARGV[3], ARGV[1])
 redis.call('hincrby', KEYS[1], 'used', ARGV[2])
+redis.call('pexpireat', KEYS[3], ARGV[4])
 redis.call('pexpireat', KEYS[1], ARGV[4])
 redis.call('pexpireat', KEYS[2], ARGV[4])
 return 1
@@ -291,8 +298,15 @@ class RedisStore:
 
     async def settle_budget(self, key: str, hold: str, spent: int, hold_ttl: float, expires: float) -> None:
         now = wall_clock_us() // 1000
-        args: list[str | int] = [hold, spent, now + _ms(hold_ttl), max(_ms(expires), now + _ms(hold_ttl))]
-        await self._call(self._settle_budget(keys=self._budget_keys(key), args=args))
+        args: list[str | int] = [
+            hold,
+            spent,
+            now + _ms(hold_ttl),
+            max(_ms(expires), now + _ms(hold_ttl)),
+            now,
+        ]
+        keys = [*self._budget_keys(key), f"{self._prefix}{key}:settled"]
+        await self._call(self._settle_budget(keys=keys, args=args))
 
     async def budget_state(self, key: str) -> BudgetState:
         budget, holds = self._budget_keys(key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 
 import jwt
 import openai
@@ -22,7 +23,9 @@ from serving import new_connections
 from shared_state import SharedState
 
 from gogpt import Settings, create_app, mint_token
+from gogpt.memory_store import MemoryStore
 from gogpt.policy import Policy
+from gogpt.store import BudgetState
 
 PROMPT_TOKENS = 20  # what the fake upstream reports for every prompt
 
@@ -253,6 +256,27 @@ async def test_a_hold_left_by_a_dead_worker_lapses(
     assert (await client.post("/chat", data=chat(), headers=headers)).status == 429
     await asyncio.sleep(expires - asyncio.get_running_loop().time() + 0.05)  # the hold's own expiry
     assert (await client.post("/chat", data=chat(), headers=headers)).status == 200
+
+
+async def test_a_settlement_sent_again_counts_once_and_settled_calls_hold_nothing(shared: SharedState):
+    store = MemoryStore() if shared.kind == "memory" else await shared.open_another()
+    key, far = "budget:t:total", time.time() + 86400
+    try:
+        for n in range(3):
+            taken, _ = await store.reserve_budget(key, f"call-{n}", 100, 1000, 60, far)
+            assert taken
+        await store.settle_budget(key, "call-0", 40, 60, far)
+        await store.settle_budget(key, "call-0", 40, 60, far)  # sent again: its answer was lost
+        await store.settle_budget(key, "call-1", 0, 60, far)  # a call that made no usage
+        assert await store.budget_state(key) == BudgetState(used=40, held=100)
+        await store.settle_budget(key, "lapsed", 5, 60, far)  # its hold had lapsed: still counted
+        assert await store.budget_state(key) == BudgetState(used=45, held=100)
+        taken, state = await store.reserve_budget(key, "call-3", 855, 1000, 60, far)
+        assert (taken, state) == (True, BudgetState(used=45, held=100))
+        taken, state = await store.reserve_budget(key, "call-4", 1, 1000, 60, far)
+        assert (taken, state) == (False, BudgetState(used=45, held=955))
+    finally:
+        await store.close()
 
 
 async def test_spending_is_kept_while_redis_is_down_and_written_when_it_is_back(
