@@ -305,11 +305,10 @@ class RedisStore:
             max(_ms(expires), now + _ms(hold_ttl)),
             now,
         ]
-        keys = [*self._budget_keys(key), f"{self._prefix}{key}:settled"]
-        await self._call(self._settle_budget(keys=keys, args=args))
+        await self._call(self._settle_budget(keys=self._budget_keys(key), args=args))
 
     async def budget_state(self, key: str) -> BudgetState:
-        budget, holds = self._budget_keys(key)
+        budget, holds, _ = self._budget_keys(key)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hget(budget, "used")
             pipe.hgetall(holds)
@@ -322,7 +321,8 @@ class RedisStore:
         return BudgetState(int(used or 0), held)
 
     def _budget_keys(self, key: str) -> list[str]:
-        return [self._prefix + key, f"{self._prefix}{key}:holds"]
+        """The budget's hash, its holds in flight and its holds settled lately, as the scripts take them."""
+        return [self._prefix + key, f"{self._prefix}{key}:holds", f"{self._prefix}{key}:settled"]
 
 
 def _ms(seconds: float) -> int:
