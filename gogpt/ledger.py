@@ -181,22 +181,22 @@ class UsageLedger:
                 kept = self._latest_days
                 self._models_of = {key: seen for key, seen in self._models_of.items() if key[1] in kept}
             models = self._models_of[identity, day] = set()
-        if model not in models:
-            if len(models) >= MAX_MODELS_PER_DAY:
-                return "other"
-            models.add(model)
-        return model
+        return _kept_or_other(models, model, MAX_MODELS_PER_DAY)
 
     def _model_label(self, reported_model: str | None) -> str:
         """Checked here, once a second, not in every call."""
         if not reported_model:
             return "unreported"
-        model = model_name(reported_model)
-        if model not in self._model_labels:
-            if len(self._model_labels) >= _MAX_MODEL_LABELS:
-                return "other"
-            self._model_labels.add(model)
-        return model
+        return _kept_or_other(self._model_labels, model_name(reported_model), _MAX_MODEL_LABELS)
+
+
+def _kept_or_other(kept: set[str], model: str, bound: int) -> str:
+    """`model`, noted in `kept`, or "other" once `kept` holds `bound` models and not this one."""
+    if model not in kept:
+        if len(kept) >= bound:
+            return "other"
+        kept.add(model)
+    return model
 
 
 def model_name(model: object) -> str:

@@ -298,13 +298,8 @@ class RedisStore:
 
     async def settle_budget(self, key: str, hold: str, spent: int, hold_ttl: float, expires: float) -> None:
         now = wall_clock_us() // 1000
-        args: list[str | int] = [
-            hold,
-            spent,
-            now + _ms(hold_ttl),
-            max(_ms(expires), now + _ms(hold_ttl)),
-            now,
-        ]
+        forgotten = now + _ms(hold_ttl)  # when the settled hold is dropped from the settled set
+        args: list[str | int] = [hold, spent, forgotten, max(_ms(expires), forgotten), now]
         await self._call(self._settle_budget(keys=self._budget_keys(key), args=args))
 
     async def budget_state(self, key: str) -> BudgetState:
